@@ -1,0 +1,345 @@
+//! The decoding boundary: raw ring-buffer bytes → domain [`Transition`].
+//!
+//! This is the only place that knows the wire layout (`tcpwait_common::TransitionEvent`).
+//! Unknown states and families, truncated and oversize records become a [`DecodeError`] that
+//! the caller counts; nothing here is fatal.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use tcpwait_common::{AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent};
+
+/// A kernel TCP state (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [TcpState; 12] = [
+        Self::Established,
+        Self::SynSent,
+        Self::SynRecv,
+        Self::FinWait1,
+        Self::FinWait2,
+        Self::TimeWait,
+        Self::Close,
+        Self::CloseWait,
+        Self::LastAck,
+        Self::Listen,
+        Self::Closing,
+        Self::NewSynRecv,
+    ];
+
+    /// The name as the kernel spells it, without the `TCP_` prefix (`CLOSE_WAIT`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Established => "ESTABLISHED",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::FinWait1 => "FIN_WAIT1",
+            Self::FinWait2 => "FIN_WAIT2",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// Parses a state name, case-insensitively, with or without `TCP_`, `-` for `_` allowed.
+    pub fn from_name(s: &str) -> Option<Self> {
+        let norm = s.trim().to_ascii_uppercase().replace('-', "_");
+        let norm = norm.strip_prefix("TCP_").unwrap_or(&norm);
+        Self::ALL.into_iter().find(|st| st.name() == norm)
+    }
+}
+
+impl TryFrom<u8> for TcpState {
+    type Error = DecodeError;
+
+    fn try_from(v: u8) -> Result<Self, DecodeError> {
+        Self::ALL
+            .get(usize::from(v).wrapping_sub(1))
+            .copied()
+            .ok_or(DecodeError::UnknownState(v))
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The kernel's identity of a socket: the address of its `struct sock`. Unique while the socket
+/// lives; the kernel may reuse it after the socket is freed (after CLOSE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u64);
+
+impl fmt::Display for SocketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// A task name (`comm`): up to 16 bytes as the kernel stores them, NUL-padded.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    /// The bytes before the first NUL.
+    pub fn as_bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        &self.0[..end]
+    }
+
+    /// The name as text, invalid UTF-8 replaced. Control characters are kept: escape them
+    /// (see `output::escape_control`) before showing them on a terminal.
+    pub fn to_string_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string_lossy())
+    }
+}
+
+/// The task that was on CPU when the transition ran. In softirq context this is *not* the
+/// socket's owner (DESIGN.md, "attribution trap").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Thread group id (the process id users see).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Task name.
+    pub comm: Comm,
+}
+
+/// One TCP state transition, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel socket identity.
+    pub sock: SocketId,
+    /// Local address.
+    pub saddr: IpAddr,
+    /// Local port.
+    pub sport: u16,
+    /// Remote address.
+    pub daddr: IpAddr,
+    /// Remote port.
+    pub dport: u16,
+    /// State before.
+    pub old: TcpState,
+    /// State after.
+    pub new: TcpState,
+    /// Task on CPU.
+    pub task: Task,
+}
+
+impl Transition {
+    /// 4 or 6.
+    pub fn family(&self) -> u8 {
+        if self.saddr.is_ipv4() { 4 } else { 6 }
+    }
+}
+
+/// Why a ring-buffer record could not be decoded. Each is counted, never fatal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event ({TRANSITION_EVENT_SIZE} bytes)")]
+    Truncated(usize),
+    #[error("record of {0} bytes is longer than an event ({TRANSITION_EVENT_SIZE} bytes)")]
+    Oversize(usize),
+    #[error("unknown TCP state {0}")]
+    UnknownState(u8),
+    #[error("unknown address family {0}")]
+    UnknownFamily(u16),
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+    match bytes.len() {
+        n if n < TRANSITION_EVENT_SIZE => return Err(DecodeError::Truncated(n)),
+        n if n > TRANSITION_EVENT_SIZE => return Err(DecodeError::Oversize(n)),
+        _ => {}
+    }
+    // SAFETY: the length is exactly the size of `TransitionEvent`, every bit pattern is valid
+    // for it (integers only), and `read_unaligned` makes no alignment assumption.
+    let ev: TransitionEvent =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TransitionEvent>()) };
+    let (saddr, daddr) = match ev.family {
+        AF_INET => (v4(&ev.saddr), v4(&ev.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    Ok(Transition {
+        ts_ns: ev.ts_ns,
+        sock: SocketId(ev.skaddr),
+        saddr,
+        sport: ev.sport,
+        daddr,
+        dport: ev.dport,
+        old: TcpState::try_from(ev.oldstate)?,
+        new: TcpState::try_from(ev.newstate)?,
+        task: Task {
+            pid: (ev.pid_tgid >> 32) as u32,
+            tid: ev.pid_tgid as u32,
+            comm: Comm(ev.comm),
+        },
+    })
+}
+
+fn v4(a: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+}
+
+/// Counts of records that could not be decoded, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeErrors {
+    pub truncated: u64,
+    pub oversize: u64,
+    pub unknown_state: u64,
+    pub unknown_family: u64,
+}
+
+impl DecodeErrors {
+    /// Counts one error.
+    pub fn count(&mut self, e: DecodeError) {
+        match e {
+            DecodeError::Truncated(_) => self.truncated += 1,
+            DecodeError::Oversize(_) => self.oversize += 1,
+            DecodeError::UnknownState(_) => self.unknown_state += 1,
+            DecodeError::UnknownFamily(_) => self.unknown_family += 1,
+        }
+    }
+
+    /// All malformed records.
+    pub fn total(&self) -> u64 {
+        self.truncated + self.oversize + self.unknown_state + self.unknown_family
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-made wire bytes, laid out field by field as the kernel program writes them.
+    fn wire(family: u16, old: u8, new: u8) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TRANSITION_EVENT_SIZE);
+        b.extend_from_slice(&1_234_567_890u64.to_le_bytes()); // ts_ns
+        b.extend_from_slice(&0xffff_8880_1234_5678u64.to_le_bytes()); // skaddr
+        b.extend_from_slice(&((4242u64 << 32) | 4243).to_le_bytes()); // pid_tgid
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        if family == AF_INET6 {
+            saddr[15] = 1; // ::1
+            daddr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        } else {
+            saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        }
+        b.extend_from_slice(&saddr);
+        b.extend_from_slice(&daddr);
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"curl\x1b");
+        b.extend_from_slice(&comm);
+        b.extend_from_slice(&8080u16.to_le_bytes());
+        b.extend_from_slice(&54321u16.to_le_bytes());
+        b.extend_from_slice(&family.to_le_bytes());
+        b.push(old);
+        b.push(new);
+        assert_eq!(b.len(), TRANSITION_EVENT_SIZE);
+        b
+    }
+
+    #[test]
+    fn decodes_ipv4() {
+        let t = decode(&wire(AF_INET, 1, 8)).expect("valid record");
+        assert_eq!(t.ts_ns, 1_234_567_890);
+        assert_eq!(t.sock, SocketId(0xffff_8880_1234_5678));
+        assert_eq!(t.saddr, "127.0.0.1".parse::<IpAddr>().expect("literal"));
+        assert_eq!(t.daddr, "10.1.2.3".parse::<IpAddr>().expect("literal"));
+        assert_eq!((t.sport, t.dport), (8080, 54321));
+        assert_eq!((t.old, t.new), (TcpState::Established, TcpState::CloseWait));
+        assert_eq!((t.task.pid, t.task.tid), (4242, 4243));
+        assert_eq!(t.task.comm.as_bytes(), b"curl\x1b");
+        assert_eq!(t.family(), 4);
+    }
+
+    #[test]
+    fn decodes_ipv6() {
+        let t = decode(&wire(AF_INET6, 4, 5)).expect("valid record");
+        assert_eq!(t.saddr, "::1".parse::<IpAddr>().expect("literal"));
+        assert_eq!(t.daddr, "2001:db8::2".parse::<IpAddr>().expect("literal"));
+        assert_eq!((t.old, t.new), (TcpState::FinWait1, TcpState::FinWait2));
+        assert_eq!(t.family(), 6);
+    }
+
+    #[test]
+    fn rejects_truncated_and_oversize() {
+        let good = wire(AF_INET, 1, 8);
+        assert_eq!(decode(&good[..79]), Err(DecodeError::Truncated(79)));
+        assert_eq!(decode(&[]), Err(DecodeError::Truncated(0)));
+        let mut big = good.clone();
+        big.extend_from_slice(&[0; 8]);
+        assert_eq!(decode(&big), Err(DecodeError::Oversize(88)));
+    }
+
+    #[test]
+    fn unknown_values_are_errors() {
+        assert_eq!(
+            decode(&wire(AF_INET, 0, 8)),
+            Err(DecodeError::UnknownState(0))
+        );
+        assert_eq!(
+            decode(&wire(AF_INET, 1, 13)),
+            Err(DecodeError::UnknownState(13))
+        );
+        assert_eq!(decode(&wire(1, 1, 8)), Err(DecodeError::UnknownFamily(1)));
+        let mut errs = DecodeErrors::default();
+        errs.count(DecodeError::UnknownState(0));
+        errs.count(DecodeError::Truncated(3));
+        assert_eq!(
+            (errs.unknown_state, errs.truncated, errs.total()),
+            (1, 1, 2)
+        );
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for st in TcpState::ALL {
+            assert_eq!(TcpState::try_from(st as u8), Ok(st));
+            assert_eq!(TcpState::from_name(st.name()), Some(st));
+        }
+        assert_eq!(
+            TcpState::from_name("tcp_close-wait"),
+            Some(TcpState::CloseWait)
+        );
+        assert_eq!(TcpState::from_name("closewait"), None);
+    }
+}

@@ -1,0 +1,56 @@
+//! The `tcpwait` binary: parse arguments, set up logging, run a command, map errors to an
+//! exit code (1 for runtime errors, 2 for usage errors — clap's own).
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+mod cli;
+mod event;
+mod filter;
+mod output;
+mod probe;
+mod trace;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcpwait: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the cause and its fix, then the chain of underlying errors.
+            eprintln!("tcpwait: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        cli::Command::Trace(args) => trace::run(args).await,
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "tcpwait=debug,info",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("TCPWAIT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,283 @@
+//! How transitions are shown: one text line or one JSON object per transition.
+//!
+//! Anything that comes from a process (its `comm`, later its command line) is escaped before it
+//! reaches a terminal: a task can name itself with escape sequences.
+use std::{borrow::Cow, fmt::Write as _, io, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::event::Transition;
+
+/// Converts kernel CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns, measured once at start.
+    offset_ns: i128,
+}
+
+impl Clock {
+    /// Measures the offset between the two clocks now.
+    pub fn now() -> Self {
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        Self {
+            offset_ns: i128::from(real) - i128::from(mono),
+        }
+    }
+
+    /// A clock with a given offset, for tests.
+    #[cfg(test)]
+    pub fn with_offset(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    /// Wall-clock ns since the Unix epoch for a monotonic timestamp.
+    pub fn wall_ns(&self, mono_ns: u64) -> i128 {
+        i128::from(mono_ns) + self.offset_ns
+    }
+}
+
+/// Reads a clock in ns.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec; both clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Escapes control characters (C0, DEL, C1) as `\xNN` / `\u{NNNN}`, and a backslash as `\\`, so
+/// process-supplied text cannot move the cursor, recolour, or forge lines on a terminal.
+pub fn escape_control(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() || c == '\\') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x100 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `addr:port`, with IPv6 addresses in brackets.
+pub fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// `HH:MM:SS.uuuuuu` UTC for a wall-clock time in ns since the epoch.
+pub fn time_of_day(wall_ns: i128) -> String {
+    let us = wall_ns.div_euclid(1_000);
+    let day_us = us.rem_euclid(86_400 * 1_000_000);
+    let (s, frac) = (day_us / 1_000_000, day_us % 1_000_000);
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        frac
+    )
+}
+
+/// Who holds the socket, when known (filled by the daemon; `trace` leaves it empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerView {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One transition as printed, text or JSON; the schema of `trace --json` and `tail --json`.
+#[derive(Serialize)]
+pub struct TransitionRecord<'a> {
+    /// CLOCK_MONOTONIC ns (the kernel's timestamp).
+    pub ts_ns: u64,
+    /// Kernel socket address, hex.
+    pub skaddr: String,
+    /// On-CPU process id (not necessarily the owner).
+    pub pid: u32,
+    /// On-CPU thread id.
+    pub tid: u32,
+    /// On-CPU task name.
+    pub comm: Cow<'a, str>,
+    /// 4 or 6.
+    pub family: u8,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    /// Old state, kernel spelling (`ESTABLISHED`).
+    pub old: &'static str,
+    /// New state.
+    pub new: &'static str,
+    /// Milliseconds spent in `old`, when the socket was seen entering it.
+    pub ms_in_old: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_comm: Option<String>,
+}
+
+impl<'a> TransitionRecord<'a> {
+    /// Builds the record of a transition.
+    pub fn new(t: &'a Transition, ns_in_old: Option<u64>, owner: Option<&OwnerView>) -> Self {
+        Self {
+            ts_ns: t.ts_ns,
+            skaddr: t.sock.to_string(),
+            pid: t.task.pid,
+            tid: t.task.tid,
+            comm: t.task.comm.to_string_lossy(),
+            family: t.family(),
+            saddr: t.saddr.to_string(),
+            sport: t.sport,
+            daddr: t.daddr.to_string(),
+            dport: t.dport,
+            old: t.old.name(),
+            new: t.new.name(),
+            ms_in_old: ns_in_old.map(|ns| ns as f64 / 1e6),
+            owner_pid: owner.map(|o| o.pid),
+            owner_comm: owner.map(|o| o.comm.clone()),
+        }
+    }
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// The header line of the text format.
+pub const TEXT_HEADER: &str = "TIME(UTC)        PID     COMM             LOCAL -> REMOTE                                 OLD -> NEW                 MS";
+
+/// Writes one transition in the chosen format, newline-terminated.
+pub fn write_record(
+    w: &mut impl io::Write,
+    format: Format,
+    clock: &Clock,
+    r: &TransitionRecord<'_>,
+) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            serde_json::to_writer(&mut *w, r).map_err(io::Error::other)?;
+            w.write_all(b"\n")
+        }
+        Format::Text => {
+            let ms = r
+                .ms_in_old
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
+            let (s, d) = (
+                endpoint(
+                    r.saddr.parse().expect("saddr is an IpAddr's rendering"),
+                    r.sport,
+                ),
+                endpoint(
+                    r.daddr.parse().expect("daddr is an IpAddr's rendering"),
+                    r.dport,
+                ),
+            );
+            let owner = match (&r.owner_pid, &r.owner_comm) {
+                (Some(pid), Some(comm)) => format!("  owner={pid}/{}", escape_control(comm)),
+                _ => String::new(),
+            };
+            writeln!(
+                w,
+                "{} {:<7} {:<16} {:<47} {:<26} {ms}{owner}",
+                time_of_day(clock.wall_ns(r.ts_ns)),
+                r.pid,
+                escape_control(&r.comm),
+                format!("{s} -> {d}"),
+                format!("{} -> {}", r.old, r.new),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, SocketId, Task, TcpState};
+
+    fn sample() -> Transition {
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"evil\x1b[");
+        Transition {
+            ts_ns: 5_000_000_000,
+            sock: SocketId(0xffff_0000_0000_1000),
+            saddr: "::1".parse().expect("literal"),
+            sport: 8080,
+            daddr: "::1".parse().expect("literal"),
+            dport: 40000,
+            old: TcpState::Established,
+            new: TcpState::CloseWait,
+            task: Task {
+                pid: 10,
+                tid: 11,
+                comm: Comm(comm),
+            },
+        }
+    }
+
+    #[test]
+    fn escapes_control_characters() {
+        assert_eq!(escape_control("plain"), "plain");
+        assert_eq!(
+            escape_control("a\x1b[31mb\n\u{85}\\"),
+            "a\\x1b[31mb\\x0a\\x85\\\\"
+        );
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let t = sample();
+        let r = TransitionRecord::new(&t, Some(1_500_000), None);
+        let mut buf = Vec::new();
+        write_record(&mut buf, Format::Json, &Clock::with_offset(0), &r).expect("write");
+        let v: serde_json::Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert_eq!(v["ts_ns"], 5_000_000_000u64);
+        assert_eq!(v["pid"], 10);
+        assert_eq!(v["comm"], "evil\u{1b}[");
+        assert_eq!(v["family"], 6);
+        assert_eq!(v["saddr"], "::1");
+        assert_eq!(v["sport"], 8080);
+        assert_eq!(v["dport"], 40000);
+        assert_eq!(v["old"], "ESTABLISHED");
+        assert_eq!(v["new"], "CLOSE_WAIT");
+        assert_eq!(v["ms_in_old"], 1.5);
+        assert_eq!(v["skaddr"], "0xffff000000001000");
+        assert!(v.get("owner_pid").is_none());
+        // serde_json escapes the ESC byte itself: the raw line holds no control character.
+        assert!(!buf[..buf.len() - 1].iter().any(|b| b.is_ascii_control()));
+    }
+
+    #[test]
+    fn text_line_is_escaped_and_complete() {
+        let t = sample();
+        let r = TransitionRecord::new(&t, None, None);
+        let mut buf = Vec::new();
+        // 1 h 2 min 3.000004 s after midnight.
+        let clock = Clock::with_offset(3_723_000_004_000 - 5_000_000_000);
+        write_record(&mut buf, Format::Text, &clock, &r).expect("write");
+        let line = String::from_utf8(buf).expect("utf-8");
+        assert!(
+            line.starts_with("01:02:03.000004 10      evil\\x1b[ "),
+            "{line}"
+        );
+        assert!(line.contains("[::1]:8080 -> [::1]:40000"), "{line}");
+        assert!(line.contains("ESTABLISHED -> CLOSE_WAIT"), "{line}");
+        assert!(line.trim_end().ends_with(" -"), "{line}");
+    }
+}

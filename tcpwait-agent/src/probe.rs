@@ -1,0 +1,376 @@
+//! The kernel side, seen from the agent: load and attach the eBPF program, read the ring
+//! buffer, read the kernel's loss counters. The only module that uses aya.
+//!
+//! Errors a user can meet (no privileges, no BPF, no tracefs, no tracepoint) become
+//! [`ProbeError`] variants whose message names the cause and the fix.
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcpwait_common::{counter, record};
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::debug;
+
+/// The tracepoint tcpwait attaches to.
+pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
+
+/// Where tracefs is mounted, or may be mounted, in the order the kernel documents.
+const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Failures of loading or attaching the kernel program, each with its fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "permission denied loading the BPF program: run tcpwait as root (sudo), or grant it \
+         CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"
+    )]
+    PermissionDenied(#[source] anyhow::Error),
+    #[error(
+        "this kernel does not provide BPF (the bpf() system call is unavailable): tcpwait needs \
+         Linux 5.8 or newer built with CONFIG_BPF_SYSCALL=y"
+    )]
+    BpfUnavailable(#[source] anyhow::Error),
+    #[error(
+        "tracefs is not mounted and mounting it failed: run `mount -t tracefs tracefs \
+         /sys/kernel/tracing` (needs CAP_SYS_ADMIN), or run tcpwait as root"
+    )]
+    TracefsUnavailable(#[source] io::Error),
+    #[error(
+        "tracepoint {category}:{name} not found under {}: tcpwait needs Linux 4.16 or newer \
+         built with CONFIG_TRACEPOINTS=y", tracefs.display()
+    )]
+    TracepointAbsent {
+        category: String,
+        name: String,
+        tracefs: PathBuf,
+    },
+    #[error(
+        "tracepoint record layout differs from the one tcpwait was built for: field `{field}` \
+         is at offset {found:?}, expected {expected:?} (offset, size); please report this kernel \
+         version"
+    )]
+    LayoutMismatch {
+        field: &'static str,
+        expected: (usize, usize),
+        found: Option<(usize, usize)>,
+    },
+    #[error("failed to load the BPF program")]
+    Load(#[source] anyhow::Error),
+    #[error("failed to attach to tracepoint {0}")]
+    Attach(String, #[source] anyhow::Error),
+}
+
+impl ProbeError {
+    /// Classifies a load/attach failure by the OS error inside it.
+    fn classify(err: anyhow::Error, otherwise: impl FnOnce(anyhow::Error) -> Self) -> Self {
+        match errno_in_chain(&*err) {
+            // Unprivileged bpf() fails with EPERM; EACCES is the verifier's refusal, not a privilege.
+            Some(libc::EPERM) => Self::PermissionDenied(err),
+            Some(libc::ENOSYS) => Self::BpfUnavailable(err),
+            _ => otherwise(err),
+        }
+    }
+}
+
+/// The first OS error code found walking an error's source chain.
+fn errno_in_chain(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(code) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Counters the kernel keeps about the program: what it sent, what it could not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events submitted to the ring buffer (all CPUs).
+    pub sent: u64,
+    /// Events dropped because the ring buffer was full (all CPUs).
+    pub reserve_failed: u64,
+    /// Runs the kernel skipped because the tracepoint fired while a BPF program was already
+    /// running on that CPU (`recursion_misses` in the program's fdinfo; kernel ≥ 5.12).
+    pub recursion_misses: u64,
+    /// Total program run time, when BPF statistics are enabled (`kernel.bpf_stats_enabled`).
+    pub run_time_ns: u64,
+    /// Program runs counted with `run_time_ns`.
+    pub run_count: u64,
+}
+
+/// The loaded, attached kernel program and its ring buffer.
+pub struct Probe {
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    prog_fd: i32,
+    // Dropping `Ebpf` detaches the program and frees the maps; keep it last.
+    _ebpf: Ebpf,
+}
+
+/// The eBPF object built by `build.rs` from `tcpwait-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwait"));
+
+impl Probe {
+    /// Loads the program and attaches it to `category:name` (normally [`TRACEPOINT`]; tests
+    /// point it elsewhere to exercise the "tracepoint absent" path). Must run inside a tokio
+    /// runtime (the ring buffer registers with its reactor).
+    pub fn attach(category: &str, name: &str) -> Result<Self, ProbeError> {
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
+            // The program logs nothing on its per-event path; no log map is the normal case.
+            debug!(error = %e, "aya-log not initialised");
+        }
+        let program: &mut TracePoint = ebpf
+            .program_mut("inet_sock_set_state")
+            .expect("the object defines inet_sock_set_state")
+            .try_into()
+            .expect("inet_sock_set_state is a tracepoint program");
+        program
+            .load()
+            .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+        let tracefs = ensure_tracefs()?;
+        let dir = tracefs.join("events").join(category).join(name);
+        let format = std::fs::read_to_string(dir.join("format")).map_err(|_| {
+            ProbeError::TracepointAbsent {
+                category: category.into(),
+                name: name.into(),
+                tracefs: tracefs.clone(),
+            }
+        })?;
+        if (category, name) == TRACEPOINT {
+            check_layout(&parse_format(&format))?;
+        }
+        program.attach(category, name).map_err(|e| {
+            ProbeError::classify(e.into(), |e| {
+                ProbeError::Attach(format!("{category}:{name}"), e)
+            })
+        })?;
+        let prog_fd = program
+            .fd()
+            .map_err(|e| ProbeError::Load(e.into()))?
+            .as_fd()
+            .as_raw_fd();
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
+            .map_err(|e| ProbeError::Load(e.into()))?;
+        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer until drop.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| ProbeError::Load(anyhow::anyhow!("register ring buffer: {e}")))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .expect("the object defines COUNTERS"),
+        )
+        .map_err(|e| ProbeError::Load(e.into()))?;
+        Ok(Self {
+            ring,
+            counters,
+            prog_fd,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Waits until the kernel signals data (it does so once per batch, see
+    /// `tcpwait_common::WAKEUP_BYTES`); callers also drain on a timer.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands every pending record to `f`, in order; returns how many there were.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
+
+    /// Reads the kernel-side counters.
+    pub fn counters(&self) -> io::Result<KernelCounters> {
+        let sum = |index: u32| -> io::Result<u64> {
+            let values = self.counters.get(&index, 0).map_err(io::Error::other)?;
+            Ok(values.iter().sum())
+        };
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))?;
+        let info = parse_fdinfo(&fdinfo);
+        Ok(KernelCounters {
+            sent: sum(counter::SENT)?,
+            reserve_failed: sum(counter::RESERVE_FAILED)?,
+            recursion_misses: info.get("recursion_misses").copied().unwrap_or(0),
+            run_time_ns: info.get("run_time_ns").copied().unwrap_or(0),
+            run_count: info.get("run_cnt").copied().unwrap_or(0),
+        })
+    }
+}
+
+/// BPF memory is charged to the cgroup on kernels ≥ 5.11; older ones need RLIMIT_MEMLOCK
+/// raised. Where it cannot be raised (some hosts forbid it), go on: load errors will tell.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Returns where tracefs is mounted, mounting it at `/sys/kernel/tracing` if it is not.
+fn ensure_tracefs() -> Result<PathBuf, ProbeError> {
+    for p in TRACEFS_PATHS {
+        if Path::new(p).join("events").is_dir() {
+            return Ok(p.into());
+        }
+    }
+    let target = TRACEFS_PATHS[0];
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in literal");
+    let (src, dst, fstype) = (c("tracefs"), c(target), c("tracefs"));
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(ProbeError::TracefsUnavailable(io::Error::last_os_error()));
+    }
+    debug!(path = target, "mounted tracefs");
+    Ok(target.into())
+}
+
+/// Parses a tracepoint `format` file into field name → (offset, size).
+pub fn parse_format(text: &str) -> HashMap<String, (usize, usize)> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let mut decl = None;
+        let mut offset = None;
+        let mut size = None;
+        for part in line.trim().split(';') {
+            let part = part.trim();
+            if let Some(d) = part.strip_prefix("field:") {
+                decl = Some(d);
+            } else if let Some(o) = part.strip_prefix("offset:") {
+                offset = o.parse().ok();
+            } else if let Some(s) = part.strip_prefix("size:") {
+                size = s.parse().ok();
+            }
+        }
+        if let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) {
+            let last = decl.rsplit([' ', '*']).next().unwrap_or(decl);
+            let name = last.split('[').next().unwrap_or(last);
+            fields.insert(name.to_owned(), (offset, size));
+        }
+    }
+    fields
+}
+
+/// Checks the running kernel's record layout against the one the program reads.
+fn check_layout(found: &HashMap<String, (usize, usize)>) -> Result<(), ProbeError> {
+    for (field, offset, size) in record::FIELDS {
+        let got = found.get(field).copied();
+        if got != Some((offset, size)) {
+            return Err(ProbeError::LayoutMismatch {
+                field,
+                expected: (offset, size),
+                found: got,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Parses `/proc/<pid>/fdinfo/<fd>` of a BPF program: `key:\tvalue` lines, numeric ones kept.
+pub fn parse_fdinfo(text: &str) -> HashMap<&str, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The format file of Linux 6.18, as read on the project's machines.
+    const FORMAT_6_18: &str = include_str!("../tests/fixtures/inet_sock_set_state.format");
+
+    #[test]
+    fn parses_the_kernel_format_file() {
+        let f = parse_format(FORMAT_6_18);
+        assert_eq!(f["skaddr"], (8, 8));
+        assert_eq!(f["saddr_v6"], (40, 16));
+        assert_eq!(f["common_pid"], (4, 4));
+        assert_eq!(f.len(), 15);
+        check_layout(&f).expect("6.18 matches the built-in layout");
+    }
+
+    #[test]
+    fn layout_mismatch_names_the_field() {
+        let mut f = parse_format(FORMAT_6_18);
+        f.insert("sport".into(), (26, 2));
+        let err = check_layout(&f).expect_err("moved field");
+        assert!(
+            matches!(err, ProbeError::LayoutMismatch { field: "sport", .. }),
+            "{err}"
+        );
+        f.remove("daddr_v6");
+        f.insert("sport".into(), (24, 2));
+        let err = check_layout(&f).expect_err("missing field");
+        assert!(
+            err.to_string().contains("`daddr_v6` is at offset None"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parses_prog_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1053\nprog_type:\t5\n\
+                    prog_jited:\t1\nprog_tag:\t3b185187f1855c4c\nmemlock:\t4096\nprog_id:\t42\n\
+                    run_time_ns:\t1500\nrun_cnt:\t3\nrecursion_misses:\t7\nverified_insns:\t90\n";
+        let m = parse_fdinfo(text);
+        assert_eq!(m["recursion_misses"], 7);
+        assert_eq!(m["run_time_ns"], 1500);
+        assert_eq!(m["run_cnt"], 3);
+        assert!(!m.contains_key("prog_tag"));
+    }
+
+    #[test]
+    fn errno_is_found_in_the_chain() {
+        let inner = io::Error::from_raw_os_error(libc::EPERM);
+        let err = anyhow::Error::new(inner).context("load map");
+        assert!(matches!(
+            ProbeError::classify(err, ProbeError::Load),
+            ProbeError::PermissionDenied(_)
+        ));
+        let err = anyhow::Error::new(io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(matches!(
+            ProbeError::classify(err, ProbeError::Load),
+            ProbeError::BpfUnavailable(_)
+        ));
+    }
+}

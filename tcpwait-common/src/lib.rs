@@ -1,0 +1,119 @@
+//! Wire types shared by the kernel program (`tcpwait-ebpf`) and the agent.
+//!
+//! Everything here crosses the ring buffer or a BPF map as raw bytes, so every type is
+//! `#[repr(C)]`, `Copy`, built from fixed-width integers with explicit padding, and its size
+//! is asserted at compile time. States and families stay raw integers on the wire: the agent
+//! converts them into domain types once, at its decoding boundary, and counts values it does
+//! not know instead of failing.
+#![no_std]
+
+/// One TCP state transition, as the kernel program submits it into the ring buffer.
+///
+/// Keep in sync with the decoder in `tcpwait-agent/src/event.rs`, which reads these bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitionEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds since boot.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub skaddr: u64,
+    /// `bpf_get_current_pid_tgid()` of the task on CPU: tgid in the upper 32 bits.
+    /// This task is *not* the socket's owner in softirq context (see DESIGN.md).
+    pub pid_tgid: u64,
+    /// Source address: IPv4 in the first 4 bytes (network order), or IPv6.
+    pub saddr: [u8; 16],
+    /// Destination address, laid out as `saddr`.
+    pub daddr: [u8; 16],
+    /// `comm` of the task on CPU, NUL-padded.
+    pub comm: [u8; 16],
+    /// Local port, host byte order (the tracepoint converts it).
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// Kernel `TCP_*` state before the transition.
+    pub oldstate: u8,
+    /// Kernel `TCP_*` state after the transition.
+    pub newstate: u8,
+}
+
+/// Size of [`TransitionEvent`] on the wire.
+pub const TRANSITION_EVENT_SIZE: usize = 80;
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
+
+/// `AF_INET` as the kernel spells it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6` as the kernel spells it.
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`: the only protocol the kernel program forwards.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Indices into the per-CPU `COUNTERS` array map.
+pub mod counter {
+    /// Events submitted into the ring buffer.
+    pub const SENT: u32 = 0;
+    /// Events dropped because `bpf_ringbuf_reserve` failed (ring full).
+    pub const RESERVE_FAILED: u32 = 1;
+    /// Number of counters; the size of the map.
+    pub const COUNT: u32 = 2;
+}
+
+/// Ring buffer size in bytes: a power of two and a multiple of the page size.
+/// 8 MiB holds ~100k events (80 bytes + 8 bytes of header each): over half a second of the
+/// maximum loopback rate measured on the project's machines, ~140k transitions/s.
+pub const RING_BYTES: u32 = 8 << 20;
+
+/// The kernel program asks for a wake-up only when at least this many bytes are pending.
+/// Batching wake-ups matters: a per-event wake-up costs 5–10 µs on the project's machines.
+/// The agent polls on a short timer too, so a quiet socket is never stuck in the ring.
+pub const WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// The record layout of the classic tracepoint `sock:inet_sock_set_state`, as its format file
+/// (`/sys/kernel/tracing/events/sock/inet_sock_set_state/format`) gives it; stable since Linux
+/// 4.16. The kernel program reads these offsets; the agent checks them against the running
+/// kernel's format file before it attaches, and refuses to attach on a mismatch.
+pub mod record {
+    /// `(field name, offset, size)` for every field the kernel program reads.
+    pub const FIELDS: [(&str, usize, usize); 11] = [
+        ("skaddr", SKADDR, 8),
+        ("oldstate", OLDSTATE, 4),
+        ("newstate", NEWSTATE, 4),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("protocol", PROTOCOL, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
+    /// `const void *skaddr`.
+    pub const SKADDR: usize = 8;
+    /// `int oldstate`.
+    pub const OLDSTATE: usize = 16;
+    /// `int newstate`.
+    pub const NEWSTATE: usize = 20;
+    /// `__u16 sport`, host order.
+    pub const SPORT: usize = 24;
+    /// `__u16 dport`, host order.
+    pub const DPORT: usize = 26;
+    /// `__u16 family`.
+    pub const FAMILY: usize = 28;
+    /// `__u16 protocol`.
+    pub const PROTOCOL: usize = 30;
+    /// `__u8 saddr[4]`.
+    pub const SADDR: usize = 32;
+    /// `__u8 daddr[4]`.
+    pub const DADDR: usize = 36;
+    /// `__u8 saddr_v6[16]`.
+    pub const SADDR_V6: usize = 40;
+    /// `__u8 daddr_v6[16]`.
+    pub const DADDR_V6: usize = 56;
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `TransitionEvent` is `repr(C)`, has no padding (size asserted above), and every
+// field is an integer or an integer array, so every bit pattern is a valid value.
+unsafe impl aya::Pod for TransitionEvent {}

@@ -1,0 +1,103 @@
+//! Build and setup helpers, so a fresh machine needs two commands (see README.md):
+//! `cargo xtask run` (setup, build, start tcpwait) and `cargo xtask test` (setup, all tests).
+//!
+//! `setup` is idempotent: it installs the pinned toolchain's `rust-src` and a bpf-linker built
+//! against that toolchain's own LLVM into the ignored `.build/` area, and does nothing (in well
+//! under a second) when both are already there.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(about = "tcpwait build and setup helpers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install rust-src and bpf-linker (idempotent).
+    Setup,
+    /// Setup, build in release mode, and run `tcpwait` with the given arguments (as root).
+    Run {
+        /// Arguments for `tcpwait` (default: `trace`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let root = workspace_root();
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(&root),
+        Cmd::Run { args } => {
+            setup::setup(&root)?;
+            cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
+            let args = if args.is_empty() {
+                vec!["trace".to_owned()]
+            } else {
+                args
+            };
+            let bin = root.join("target/release/tcpwait");
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("start {}", bin.display()))?;
+            if !status.success() {
+                bail!("tcpwait exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            setup::setup(&root)?;
+            setup::install_test_packages()?;
+            // Privileged tests are `#[ignore]`d so a plain `cargo test` (no root) runs the unit
+            // tier only; this command runs every tier.
+            let mut cmd = vec!["test", "--workspace", "--", "--include-ignored"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&root, &cmd)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned()
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}

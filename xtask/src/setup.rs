@@ -1,0 +1,140 @@
+//! Idempotent installation of what the eBPF build and the tests need.
+//!
+//! bpf-linker must link the same LLVM major as rustc, so it is built against the pinned
+//! toolchain's own `libLLVM` (DESIGN.md, "Toolchain"): `LLVM_PREFIX` points at a directory whose
+//! `lib/` holds `libLLVM.so` and the soname file, both symlinks to the toolchain's library.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The bpf-linker release that supports LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests use: `iproute2` (network namespaces), `util-linux` (`setpriv`).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("ss", "iproute2"),
+];
+
+pub fn setup(root: &Path) -> Result<()> {
+    let sysroot = output(
+        Command::new("rustc")
+            .args(["--print", "sysroot"])
+            .current_dir(root),
+    )?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    ensure_rust_src(root, &sysroot)?;
+    ensure_bpf_linker(root, &sysroot)
+}
+
+fn ensure_rust_src(root: &Path, sysroot: &Path) -> Result<()> {
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    let toolchain = sysroot
+        .file_name()
+        .context("sysroot has a name")?
+        .to_string_lossy()
+        .into_owned();
+    eprintln!("xtask: installing rust-src for {toolchain}");
+    run(Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", &toolchain])
+        .current_dir(root))
+}
+
+fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
+    let tools = root.join(".build/tools");
+    let bin = tools.join("bin/bpf-linker");
+    if bin.exists() {
+        if let Ok(v) = output(Command::new(&bin).arg("--version")) {
+            if v.contains(BPF_LINKER_VERSION) {
+                return Ok(());
+            }
+        }
+    }
+    let lib = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("read {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is this a rustup toolchain?",
+                lib.display()
+            )
+        })?;
+    let major = libllvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .context("LLVM version in library name")?
+        .to_owned();
+    let prefix = root.join(".build/llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&libllvm), &link)
+            .with_context(|| format!("symlink {}", link.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--force", "--no-default-features"])
+        .args(["--features", &format!("llvm-{major}")])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .arg("--root")
+        .arg(&tools)
+        .env("LLVM_PREFIX", &prefix)
+        .current_dir(root))
+}
+
+/// Installs the Debian packages the privileged tests use, when a command is missing.
+pub fn install_test_packages() -> Result<()> {
+    let mut missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).exists()))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
