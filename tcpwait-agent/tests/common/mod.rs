@@ -1,0 +1,281 @@
+//! Test support: real peer processes holding real sockets, the real `tcpwait` binary, and
+//! bounded polls.
+//!
+//! Peer processes are this test executable re-executed in a "role" (see [`role_main`]): each
+//! names itself with `prctl(PR_SET_NAME)` so its comm is distinct, and is driven line by line
+//! over stdin/stdout.
+#![allow(dead_code, reason = "each test binary uses a different part of this module")]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+/// The `tcpwait` binary built by cargo for this test run.
+pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Panics unless this runs as root: privileged tests need the real kernel program.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "privileged test: run as root (cargo xtask test does, in CI)");
+}
+
+/// Lines a child writes, collected by a reader thread.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    pub fn spawn_reader(&self, r: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().expect("lines lock").push(line);
+            }
+        });
+    }
+
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().expect("lines lock").clone()
+    }
+
+    /// Waits until some line contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.snapshot().iter().any(|l| l.contains(needle)))
+    }
+}
+
+/// A running `tcpwait` process with its stdout and stderr collected.
+pub struct Tcpwait {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Tcpwait {
+    /// Starts `tcpwait <args>` and waits until it says it is tracing.
+    pub fn start(args: &[&str], ready: &str) -> Self {
+        let mut child = Command::new(TCPWAIT)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpwait");
+        let (stdout, stderr) = (Lines::default(), Lines::default());
+        stdout.spawn_reader(child.stdout.take().expect("piped stdout"));
+        stderr.spawn_reader(child.stderr.take().expect("piped stderr"));
+        let mut me = Self { child, stdout, stderr };
+        if !me.stderr.wait_for(ready, Duration::from_secs(20)) {
+            let _ = me.child.kill();
+            panic!("tcpwait did not get ready; stderr: {:?}", me.stderr.snapshot());
+        }
+        me
+    }
+
+    /// stdout lines parsed as JSON (panics on a line that is not).
+    pub fn json(&self) -> Vec<Value> {
+        self.stdout
+            .snapshot()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Sends a signal and waits (bounded) for exit; returns the exit code.
+    pub fn stop(&mut self, signal: i32) -> i32 {
+        // SAFETY: kill with a valid pid and signal number.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait tcpwait") {
+                // Let the reader threads take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "tcpwait did not exit after signal {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tcpwait {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A peer process (server or client role) driven over stdin/stdout.
+pub struct Peer {
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    /// Starts this test executable in `role` with `args`, named `comm`.
+    pub fn spawn(role: &str, comm: &str, args: &[String]) -> Self {
+        let exe = std::env::current_exe().expect("test executable path");
+        let mut child = Command::new(exe)
+            .args(["--exact", "common_role_entry", "--nocapture", "--include-ignored"])
+            .env("TCPWAIT_TEST_ROLE", role)
+            .env("TCPWAIT_TEST_COMM", comm)
+            .env("TCPWAIT_TEST_ARGS", args.join(" "))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn peer");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Self { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads lines until one starts with `prefix`; returns the rest of it.
+    pub fn expect_line(&mut self, prefix: &str) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).expect("read peer stdout");
+            assert!(n > 0, "peer exited before printing {prefix:?}");
+            if let Some(rest) = line.trim_end().strip_prefix(prefix) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").expect("write peer stdin");
+        self.stdin.flush().expect("flush peer stdin");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server peer: listens on `addr` (port 0 = any), accepts `n` connections and closes each
+/// accepted socket at once; prints `port <P>` when listening and `accepted <n>` when done.
+pub fn server(comm: &str, addr: &str, n: usize) -> (Peer, u16) {
+    let mut p = Peer::spawn("server", comm, &[addr.to_owned(), n.to_string()]);
+    let port = p.expect_line("port").parse().expect("port number");
+    (p, port)
+}
+
+/// A client peer: connects `n` sockets to `addr`, prints `connected <local ports…>`, holds them
+/// until told `close`, then closes them and prints `closed`.
+pub fn client(comm: &str, addr: SocketAddr, n: usize) -> (Peer, Vec<u16>) {
+    let mut p = Peer::spawn("client", comm, &[addr.to_string(), n.to_string()]);
+    let ports = p
+        .expect_line("connected")
+        .split_whitespace()
+        .map(|s| s.parse().expect("port number"))
+        .collect();
+    (p, ports)
+}
+
+/// Entry point of a peer role, called by each test binary's `common_role_entry` test.
+pub fn role_main() {
+    let Ok(role) = std::env::var("TCPWAIT_TEST_ROLE") else { return };
+    let comm = std::env::var("TCPWAIT_TEST_COMM").expect("role has a comm");
+    let cname = std::ffi::CString::new(comm).expect("comm has no NUL");
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes by the kernel).
+    unsafe { libc::prctl(libc::PR_SET_NAME, cname.as_ptr()) };
+    let args: Vec<String> = std::env::var("TCPWAIT_TEST_ARGS")
+        .expect("role has args")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    match role.as_str() {
+        "server" => {
+            let listener = TcpListener::bind(args[0].as_str()).expect("bind");
+            let n: usize = args[1].parse().expect("count");
+            writeln!(out, "port {}", listener.local_addr().expect("addr").port()).expect("out");
+            out.flush().expect("flush");
+            for _ in 0..n {
+                let (s, _) = listener.accept().expect("accept");
+                drop(s);
+            }
+            writeln!(out, "accepted {n}").expect("out");
+            out.flush().expect("flush");
+            // Keep the listener until told to stop (or stdin closes).
+            for line in stdin.lock().lines() {
+                if line.map(|l| l == "exit").unwrap_or(true) {
+                    break;
+                }
+            }
+        }
+        "client" => {
+            let addr: SocketAddr = args[0].parse().expect("addr");
+            let n: usize = args[1].parse().expect("count");
+            let mut socks: Vec<TcpStream> =
+                (0..n).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+            let ports: Vec<String> = socks
+                .iter()
+                .map(|s| s.local_addr().expect("addr").port().to_string())
+                .collect();
+            writeln!(out, "connected {}", ports.join(" ")).expect("out");
+            out.flush().expect("flush");
+            for line in stdin.lock().lines() {
+                match line.as_deref() {
+                    Ok("close") => {
+                        socks.clear();
+                        writeln!(out, "closed").expect("out");
+                        out.flush().expect("flush");
+                    }
+                    Ok("exit") | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+    std::process::exit(0);
+}
+
+/// Records of one socket (by local port and remote port), in order.
+pub fn of_socket(records: &[Value], sport: u16, dport: u16) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["sport"] == sport && r["dport"] == dport)
+        .cloned()
+        .collect()
+}
+
+/// `OLD>NEW` strings of records.
+pub fn edges(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| format!("{}>{}", r["old"].as_str().expect("old"), r["new"].as_str().expect("new")))
+        .collect()
+}

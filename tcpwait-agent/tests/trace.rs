@@ -1,0 +1,151 @@
+//! `tcpwait trace` on the real kernel, with real processes holding real sockets.
+//!
+//! Kernel behaviour exercised (DESIGN.md): one loopback connection makes exactly 10
+//! transitions — client CLOSE→SYN_SENT→ESTABLISHED→CLOSE_WAIT→LAST_ACK→CLOSE when the server
+//! closes first, accepted socket LISTEN→SYN_RECV→ESTABLISHED→FIN_WAIT1→FIN_WAIT2→CLOSE — plus 2
+//! per listener (CLOSE→LISTEN→CLOSE). TIME_WAIT is never a transition.
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+
+#[test]
+#[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
+fn common_role_entry() {
+    role_main();
+}
+
+const READY: &str = "tracing TCP state transitions";
+
+fn records_of_sock(all: &[Value], skaddr: &Value) -> Vec<Value> {
+    all.iter().filter(|r| &r["skaddr"] == skaddr).cloned().collect()
+}
+
+fn find(all: &[Value], sport: u16, dport: u16, edge: &str) -> Option<Value> {
+    of_socket(all, sport, dport).into_iter().find(|r| edges(std::slice::from_ref(r))[0] == edge)
+}
+
+/// A server closes first; a separate client process keeps its socket open in CLOSE_WAIT, then
+/// closes it.
+fn close_wait_lifecycle(ip: &str, family: u64) {
+    require_root();
+    let mut tw = Tcpwait::start(&["trace", "--json"], READY);
+    let (mut srv, port) = server("tw-server", &format!("{ip}:0"), 1);
+    let addr: SocketAddr = format!("{ip}:{port}").replace("::1:", "[::1]:").parse().expect("addr");
+    let (mut cli, cports) = client("tw-client", addr, 1);
+    let cport = cports[0];
+    srv.expect_line("accepted");
+
+    let both = wait_until(Duration::from_secs(5), || {
+        let all = tw.json();
+        find(&all, cport, port, "ESTABLISHED>CLOSE_WAIT").is_some()
+            && find(&all, port, cport, "FIN_WAIT1>FIN_WAIT2").is_some()
+    });
+    assert!(both, "no CLOSE_WAIT / FIN_WAIT2 transitions: {:?}", tw.stdout.snapshot());
+
+    cli.send("close");
+    cli.expect_line("closed");
+    let closed = wait_until(Duration::from_secs(5), || {
+        find(&tw.json(), cport, port, "LAST_ACK>CLOSE").is_some()
+            && find(&tw.json(), port, cport, "FIN_WAIT2>CLOSE").is_some()
+    });
+    assert!(closed, "client close not seen: {:?}", tw.stdout.snapshot());
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+
+    let all = tw.json();
+    let cw = find(&all, cport, port, "ESTABLISHED>CLOSE_WAIT").expect("seen above");
+    let client_sock = records_of_sock(&all, &cw["skaddr"]);
+    assert_eq!(
+        edges(&client_sock),
+        [
+            "CLOSE>SYN_SENT",
+            "SYN_SENT>ESTABLISHED",
+            "ESTABLISHED>CLOSE_WAIT",
+            "CLOSE_WAIT>LAST_ACK",
+            "LAST_ACK>CLOSE"
+        ]
+    );
+    for r in &client_sock[1..] {
+        assert_eq!((r["saddr"].as_str(), r["daddr"].as_str()), (Some(ip), Some(ip)));
+        assert_eq!((&r["sport"], &r["dport"], &r["family"]), (&cport.into(), &port.into(), &family.into()));
+    }
+    // connect() and close() run in the owner's context; the entry into CLOSE_WAIT does not.
+    let last_ack = &client_sock[3];
+    assert_eq!(last_ack["pid"], cli.pid());
+    assert_eq!(last_ack["comm"], "tw-client");
+    assert_eq!(client_sock[0]["pid"], cli.pid());
+    // Time in CLOSE_WAIT is measured from the socket's entry into it.
+    assert!(last_ack["ms_in_old"].as_f64().expect("entry seen") > 0.0);
+
+    let fw2 = find(&all, port, cport, "FIN_WAIT1>FIN_WAIT2").expect("seen above");
+    let server_sock = records_of_sock(&all, &fw2["skaddr"]);
+    assert_eq!(
+        edges(&server_sock),
+        [
+            "LISTEN>SYN_RECV",
+            "SYN_RECV>ESTABLISHED",
+            "ESTABLISHED>FIN_WAIT1",
+            "FIN_WAIT1>FIN_WAIT2",
+            "FIN_WAIT2>CLOSE"
+        ]
+    );
+    for r in &server_sock {
+        assert_eq!((r["saddr"].as_str(), r["daddr"].as_str()), (Some(ip), Some(ip)));
+        assert_eq!((&r["sport"], &r["dport"], &r["family"]), (&port.into(), &cport.into(), &family.into()));
+    }
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(summary.contains(" 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"), "{summary}");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn close_wait_lifecycle_ipv4() {
+    close_wait_lifecycle("127.0.0.1", 4);
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn close_wait_lifecycle_ipv6() {
+    close_wait_lifecycle("::1", 6);
+}
+
+/// A free loopback port: bound once by the test, then released for the server.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn every_transition_of_n_connections_is_captured() {
+    require_root();
+    const N: usize = 200;
+    let port = free_port();
+    let mut tw = Tcpwait::start(&["trace", "--json", "--port", &port.to_string()], READY);
+    let (mut srv, got) = server("tw-server", &format!("127.0.0.1:{port}"), N);
+    assert_eq!(got, port);
+    let (mut cli, _) = client("tw-client", format!("127.0.0.1:{port}").parse().expect("addr"), N);
+    srv.expect_line("accepted");
+    cli.send("close");
+    cli.expect_line("closed");
+    srv.send("exit");
+    let _ = srv.child.wait();
+    let expected = 10 * N + 2;
+    let all_seen = wait_until(Duration::from_secs(10), || tw.stdout.snapshot().len() >= expected);
+    assert!(all_seen, "saw {} of {expected}", tw.stdout.snapshot().len());
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+
+    let all = tw.json();
+    assert_eq!(all.len(), expected, "exactly 10 per connection + 2 for the listener");
+    let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
+    for edge in [
+        "CLOSE>SYN_SENT", "SYN_SENT>ESTABLISHED", "ESTABLISHED>CLOSE_WAIT", "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE", "LISTEN>SYN_RECV", "SYN_RECV>ESTABLISHED", "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2", "FIN_WAIT2>CLOSE",
+    ] {
+        assert_eq!(count(edge), N, "{edge}");
+    }
+    assert_eq!((count("CLOSE>LISTEN"), count("LISTEN>CLOSE")), (1, 1));
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(summary.contains(&format!(", {expected} printed, 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)")), "{summary}");
+}
