@@ -76,7 +76,8 @@ fn run() -> Result<()> {
             setup::install_test_packages()?;
             // Privileged tests are `#[ignore]`d so a plain `cargo test` (no root) runs the unit
             // tier only; this command runs every tier.
-            let mut cmd = vec!["test", "--workspace", "--", "--include-ignored"];
+            // The default members: every crate but the eBPF one, which only builds for the BPF target.
+            let mut cmd = vec!["test", "--", "--include-ignored"];
             cmd.extend(args.iter().map(String::as_str));
             cargo(&root, &cmd)
         }
