@@ -49,12 +49,11 @@ fn ensure_rust_src(root: &Path, sysroot: &Path) -> Result<()> {
 fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
     let tools = root.join(".build/tools");
     let bin = tools.join("bin/bpf-linker");
-    if bin.exists() {
-        if let Ok(v) = output(Command::new(&bin).arg("--version")) {
-            if v.contains(BPF_LINKER_VERSION) {
-                return Ok(());
-            }
-        }
+    if bin.exists()
+        && let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     let lib = sysroot.join("lib");
     let libllvm = std::fs::read_dir(&lib)
