@@ -29,6 +29,89 @@ pub enum Command {
     /// CLOSE_WAIT that is the peer or an idle task, not the socket's owner. Ctrl-C or SIGTERM
     /// stops and prints a summary of transitions seen and lost.
     Trace(TraceArgs),
+    /// Run the agent in the foreground: track every socket, attribute CLOSE_WAIT sockets to the
+    /// processes holding them, and raise alerts.
+    ///
+    /// A process fires an alert when it holds a CLOSE_WAIT socket older than --close-wait-age
+    /// or more than --close-wait-count CLOSE_WAIT sockets; it resolves when the process closes
+    /// them or exits. Alerts are printed on stdout as they fire and resolve. `tcpwait status`
+    /// and `tcpwait tail` talk to the running agent through --socket. SIGINT or SIGTERM stops.
+    Run(RunArgs),
+    /// Ask the running agent which processes hold CLOSE_WAIT sockets, with ages and peers.
+    Status(StatusArgs),
+    /// Stream the running agent's live transition log, with owners (same format and filters as
+    /// `trace`, plus owner_pid / owner_comm).
+    Tail(TailArgs),
+}
+
+/// Arguments of `tcpwait run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Path of the API socket (mode 0600) for `status` and `tail`.
+    #[arg(long, env = "TCPWAIT_SOCKET", default_value = crate::api::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// Alert when a process holds a CLOSE_WAIT socket at least this old (e.g. 60, 90s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub close_wait_age: std::time::Duration,
+    /// Alert when a process holds more than this many CLOSE_WAIT sockets.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub close_wait_count: u32,
+    /// Most sockets tracked at once; past it new sockets are not tracked and are counted as
+    /// table overflow (about 100 bytes each).
+    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_sockets: u64,
+    /// How often the CLOSE_WAIT table is compared with the kernel's (inet_diag) and repaired;
+    /// it is also repaired at once after any lost event.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: std::time::Duration,
+    /// Print alerts as JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Drop every event instead of tracking it, so only reconciliation fills the table. For
+    /// tests of reconciliation only.
+    #[arg(long, hide = true)]
+    pub test_withhold_events: bool,
+    /// Transitions a `tail` client may lag behind (default 16384). For tests only.
+    #[arg(long, hide = true, default_value_t = crate::api::TAIL_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub test_tail_backlog: usize,
+}
+
+/// Arguments of `tcpwait status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Path of the agent's API socket.
+    #[arg(long, env = "TCPWAIT_SOCKET", default_value = crate::api::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// The full report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `tcpwait tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Path of the agent's API socket.
+    #[arg(long, env = "TCPWAIT_SOCKET", default_value = crate::api::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// One JSON object per line (the keys of `trace --json`, plus owner_pid and owner_comm
+    /// when the holder is known).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A duration: plain seconds (`2`, `0.5`) or with units (`90s`, `5m`, `1h 30m`).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => std::time::Duration::from_secs_f64(secs),
+        Ok(_) => return Err("must be a positive number of seconds".into()),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 60, 90s, 5m)"))?,
+    };
+    if d.is_zero() {
+        return Err("must be positive".into());
+    }
+    Ok(d)
 }
 
 /// Arguments of `tcpwait trace`.
@@ -125,7 +208,9 @@ mod tests {
             "-6",
         ])
         .expect("valid flags");
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else {
+            panic!("trace expected")
+        };
         let f = args.filter.to_filter();
         assert_eq!(f.pids, vec![5]);
         assert_eq!(f.ports, vec![80, 443]);
@@ -135,12 +220,31 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2"), Ok(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            parse_duration("0.5"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("5m"),
+            Ok(std::time::Duration::from_secs(300))
+        );
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("nan").is_err());
+    }
+
+    #[test]
     fn rejects_bad_flags() {
         for bad in [
             vec!["tcpwait", "trace", "--state", "nope"],
             vec!["tcpwait", "trace", "--port", "70000"],
             vec!["tcpwait", "trace", "-4", "-6"],
             vec!["tcpwait", "trace", "--bogus"],
+            vec!["tcpwait", "run", "--close-wait-age", "0"],
+            vec!["tcpwait", "run", "--close-wait-age", "-3"],
+            vec!["tcpwait", "run", "--close-wait-age", "soon"],
+            vec!["tcpwait", "run", "--close-wait-count", "0"],
         ] {
             let err = Cli::try_parse_from(&bad).expect_err("invalid flags");
             assert_eq!(err.exit_code(), 2, "{bad:?}");

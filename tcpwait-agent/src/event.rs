@@ -82,6 +82,20 @@ impl TryFrom<u8> for TcpState {
     }
 }
 
+impl serde::Serialize for TcpState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TcpState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown TCP state {name:?}")))
+    }
+}
+
 impl fmt::Display for TcpState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -112,6 +126,10 @@ impl Comm {
 
     /// The name as text, invalid UTF-8 replaced. Control characters are kept: escape them
     /// (see `output::escape_control`) before showing them on a terminal.
+    #[expect(
+        clippy::wrong_self_convention,
+        reason = "borrows from self, like OsStr's"
+    )]
     pub fn to_string_lossy(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(self.as_bytes())
     }

@@ -2,7 +2,8 @@
 use crate::event::{TcpState, Transition};
 
 /// A conjunction of optional criteria; an empty list means "any".
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Filter {
     /// On-CPU pid or owner pid.
     pub pids: Vec<u32>,

@@ -4,12 +4,18 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+mod api;
 mod cli;
+mod client;
+mod daemon;
 mod event;
 mod filter;
+mod model;
 mod output;
+mod owners;
 mod probe;
 mod trace;
+mod tracker;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -37,6 +43,16 @@ fn main() -> ExitCode {
 async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Trace(args) => trace::run(args).await,
+        cli::Command::Run(args) => daemon::run(args).await,
+        cli::Command::Status(args) => client::status(&args.socket, args.json).await,
+        cli::Command::Tail(args) => {
+            let format = if args.json {
+                output::Format::Json
+            } else {
+                output::Format::Text
+            };
+            client::tail(&args.socket, args.filter.to_filter(), format).await
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! reaches a terminal: a task can name itself with escape sequences.
 use std::{borrow::Cow, fmt::Write as _, io, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::Transition;
 
@@ -100,7 +100,7 @@ pub struct OwnerView {
 }
 
 /// One transition as printed, text or JSON; the schema of `trace --json` and `tail --json`.
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TransitionRecord<'a> {
     /// CLOCK_MONOTONIC ns (the kernel's timestamp).
     pub ts_ns: u64,
@@ -119,14 +119,16 @@ pub struct TransitionRecord<'a> {
     pub daddr: String,
     pub dport: u16,
     /// Old state, kernel spelling (`ESTABLISHED`).
-    pub old: &'static str,
+    pub old: Cow<'a, str>,
     /// New state.
-    pub new: &'static str,
+    pub new: Cow<'a, str>,
     /// Milliseconds spent in `old`, when the socket was seen entering it.
     pub ms_in_old: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Holder of the socket (the daemon's `tail`; absent from `trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Holder's task name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_comm: Option<String>,
 }
 
@@ -144,8 +146,8 @@ impl<'a> TransitionRecord<'a> {
             sport: t.sport,
             daddr: t.daddr.to_string(),
             dport: t.dport,
-            old: t.old.name(),
-            new: t.new.name(),
+            old: Cow::Borrowed(t.old.name()),
+            new: Cow::Borrowed(t.new.name()),
             ms_in_old: ns_in_old.map(|ns| ns as f64 / 1e6),
             owner_pid: owner.map(|o| o.pid),
             owner_comm: owner.map(|o| o.comm.clone()),

@@ -9,14 +9,20 @@ use common::*;
 /// Runs tcpwait and returns (exit code, stderr).
 fn run(cmd: &mut Command) -> (i32, String) {
     let out = cmd.output().expect("run tcpwait");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line(stderr: &str, starts: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line expected: {stderr}");
     assert!(lines[0].starts_with(starts), "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -62,17 +68,35 @@ fn deny_bpf_syscall() -> std::io::Result<()> {
     const BPF_RET_K: u16 = 0x06;
     let filter = [
         // A = seccomp_data.nr
-        libc::sock_filter { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: 0 },
-        libc::sock_filter { code: BPF_JMP_JEQ_K, jt: 0, jf: 1, k: libc::SYS_bpf as u32 },
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: BPF_JMP_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_bpf as u32,
+        },
         libc::sock_filter {
             code: BPF_RET_K,
             jt: 0,
             jf: 0,
             k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
         },
-        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
     ];
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
     // SAFETY: prctl with valid arguments; `prog` outlives the call, the kernel copies it.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
@@ -118,10 +142,22 @@ fn bad_flags_exit_2() {
 
 #[test]
 fn help_explains() {
-    let out = Command::new(TCPWAIT).args(["trace", "--help"]).output().expect("run");
+    let out = Command::new(TCPWAIT)
+        .args(["trace", "--help"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
-    for needle in ["--json", "--pid", "--comm", "--port", "--state", "--ipv4", "--ipv6", "CLOSE_WAIT"] {
+    for needle in [
+        "--json",
+        "--pid",
+        "--comm",
+        "--port",
+        "--state",
+        "--ipv4",
+        "--ipv6",
+        "CLOSE_WAIT",
+    ] {
         assert!(help.contains(needle), "{needle} missing from: {help}");
     }
     assert!(!help.contains("--tracepoint"), "test-only flag is hidden");

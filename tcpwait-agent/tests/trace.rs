@@ -19,11 +19,16 @@ fn common_role_entry() {
 const READY: &str = "tracing TCP state transitions";
 
 fn records_of_sock(all: &[Value], skaddr: &Value) -> Vec<Value> {
-    all.iter().filter(|r| &r["skaddr"] == skaddr).cloned().collect()
+    all.iter()
+        .filter(|r| &r["skaddr"] == skaddr)
+        .cloned()
+        .collect()
 }
 
 fn find(all: &[Value], sport: u16, dport: u16, edge: &str) -> Option<Value> {
-    of_socket(all, sport, dport).into_iter().find(|r| edges(std::slice::from_ref(r))[0] == edge)
+    of_socket(all, sport, dport)
+        .into_iter()
+        .find(|r| edges(std::slice::from_ref(r))[0] == edge)
 }
 
 /// A server closes first; a separate client process keeps its socket open in CLOSE_WAIT, then
@@ -32,7 +37,10 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
     require_root();
     let mut tw = Tcpwait::start(&["trace", "--json"], READY);
     let (mut srv, port) = server("tw-server", &format!("{ip}:0"), 1);
-    let addr: SocketAddr = format!("{ip}:{port}").replace("::1:", "[::1]:").parse().expect("addr");
+    let addr: SocketAddr = format!("{ip}:{port}")
+        .replace("::1:", "[::1]:")
+        .parse()
+        .expect("addr");
     let (mut cli, cports) = client("tw-client", addr, 1);
     let cport = cports[0];
     srv.expect_line("accepted");
@@ -42,7 +50,11 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
         find(&all, cport, port, "ESTABLISHED>CLOSE_WAIT").is_some()
             && find(&all, port, cport, "FIN_WAIT1>FIN_WAIT2").is_some()
     });
-    assert!(both, "no CLOSE_WAIT / FIN_WAIT2 transitions: {:?}", tw.stdout.snapshot());
+    assert!(
+        both,
+        "no CLOSE_WAIT / FIN_WAIT2 transitions: {:?}",
+        tw.stdout.snapshot()
+    );
 
     cli.send("close");
     cli.expect_line("closed");
@@ -67,8 +79,14 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
         ]
     );
     for r in &client_sock[1..] {
-        assert_eq!((r["saddr"].as_str(), r["daddr"].as_str()), (Some(ip), Some(ip)));
-        assert_eq!((&r["sport"], &r["dport"], &r["family"]), (&cport.into(), &port.into(), &family.into()));
+        assert_eq!(
+            (r["saddr"].as_str(), r["daddr"].as_str()),
+            (Some(ip), Some(ip))
+        );
+        assert_eq!(
+            (&r["sport"], &r["dport"], &r["family"]),
+            (&cport.into(), &port.into(), &family.into())
+        );
     }
     // connect() and close() run in the owner's context; the entry into CLOSE_WAIT does not.
     let last_ack = &client_sock[3];
@@ -91,11 +109,20 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
         ]
     );
     for r in &server_sock {
-        assert_eq!((r["saddr"].as_str(), r["daddr"].as_str()), (Some(ip), Some(ip)));
-        assert_eq!((&r["sport"], &r["dport"], &r["family"]), (&port.into(), &cport.into(), &family.into()));
+        assert_eq!(
+            (r["saddr"].as_str(), r["daddr"].as_str()),
+            (Some(ip), Some(ip))
+        );
+        assert_eq!(
+            (&r["sport"], &r["dport"], &r["family"]),
+            (&port.into(), &cport.into(), &family.into())
+        );
     }
     let summary = tw.stderr.snapshot().join("\n");
-    assert!(summary.contains(" 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"), "{summary}");
+    assert!(
+        summary.contains(" 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -112,7 +139,11 @@ fn close_wait_lifecycle_ipv6() {
 
 /// A free loopback port: bound once by the test, then released for the server.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 #[test]
@@ -124,24 +155,41 @@ fn every_transition_of_n_connections_is_captured() {
     let mut tw = Tcpwait::start(&["trace", "--json", "--port", &port.to_string()], READY);
     let (mut srv, got) = server("tw-server", &format!("127.0.0.1:{port}"), N);
     assert_eq!(got, port);
-    let (mut cli, _) = client("tw-client", format!("127.0.0.1:{port}").parse().expect("addr"), N);
+    let (mut cli, _) = client(
+        "tw-client",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        N,
+    );
     srv.expect_line("accepted");
     cli.send("close");
     cli.expect_line("closed");
     srv.send("exit");
     let _ = srv.child.wait();
     let expected = 10 * N + 2;
-    let all_seen = wait_until(Duration::from_secs(10), || tw.stdout.snapshot().len() >= expected);
+    let all_seen = wait_until(Duration::from_secs(10), || {
+        tw.stdout.snapshot().len() >= expected
+    });
     assert!(all_seen, "saw {} of {expected}", tw.stdout.snapshot().len());
     assert_eq!(tw.stop(libc::SIGINT), 0);
 
     let all = tw.json();
-    assert_eq!(all.len(), expected, "exactly 10 per connection + 2 for the listener");
+    assert_eq!(
+        all.len(),
+        expected,
+        "exactly 10 per connection + 2 for the listener"
+    );
     let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
     for edge in [
-        "CLOSE>SYN_SENT", "SYN_SENT>ESTABLISHED", "ESTABLISHED>CLOSE_WAIT", "CLOSE_WAIT>LAST_ACK",
-        "LAST_ACK>CLOSE", "LISTEN>SYN_RECV", "SYN_RECV>ESTABLISHED", "ESTABLISHED>FIN_WAIT1",
-        "FIN_WAIT1>FIN_WAIT2", "FIN_WAIT2>CLOSE",
+        "CLOSE>SYN_SENT",
+        "SYN_SENT>ESTABLISHED",
+        "ESTABLISHED>CLOSE_WAIT",
+        "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE",
+        "LISTEN>SYN_RECV",
+        "SYN_RECV>ESTABLISHED",
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
     ] {
         assert_eq!(count(edge), N, "{edge}");
     }

@@ -4,7 +4,10 @@
 //! Peer processes are this test executable re-executed in a "role" (see [`role_main`]): each
 //! names itself with `prctl(PR_SET_NAME)` so its comm is distinct, and is driven line by line
 //! over stdin/stdout.
-#![allow(dead_code, reason = "each test binary uses a different part of this module")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -37,7 +40,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "privileged test: run as root (cargo xtask test does, in CI)");
+    assert_eq!(
+        euid, 0,
+        "privileged test: run as root (cargo xtask test does, in CI)"
+    );
 }
 
 /// Lines a child writes, collected by a reader thread.
@@ -61,7 +67,9 @@ impl Lines {
 
     /// Waits until some line contains `needle`.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        wait_until(timeout, || self.snapshot().iter().any(|l| l.contains(needle)))
+        wait_until(timeout, || {
+            self.snapshot().iter().any(|l| l.contains(needle))
+        })
     }
 }
 
@@ -85,10 +93,17 @@ impl Tcpwait {
         let (stdout, stderr) = (Lines::default(), Lines::default());
         stdout.spawn_reader(child.stdout.take().expect("piped stdout"));
         stderr.spawn_reader(child.stderr.take().expect("piped stderr"));
-        let mut me = Self { child, stdout, stderr };
+        let mut me = Self {
+            child,
+            stdout,
+            stderr,
+        };
         if !me.stderr.wait_for(ready, Duration::from_secs(20)) {
             let _ = me.child.kill();
-            panic!("tcpwait did not get ready; stderr: {:?}", me.stderr.snapshot());
+            panic!(
+                "tcpwait did not get ready; stderr: {:?}",
+                me.stderr.snapshot()
+            );
         }
         me
     }
@@ -113,7 +128,10 @@ impl Tcpwait {
                 std::thread::sleep(Duration::from_millis(100));
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "tcpwait did not exit after signal {signal}");
+            assert!(
+                Instant::now() < deadline,
+                "tcpwait did not exit after signal {signal}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -138,7 +156,12 @@ impl Peer {
     pub fn spawn(role: &str, comm: &str, args: &[String]) -> Self {
         let exe = std::env::current_exe().expect("test executable path");
         let mut child = Command::new(exe)
-            .args(["--exact", "common_role_entry", "--nocapture", "--include-ignored"])
+            .args([
+                "--exact",
+                "common_role_entry",
+                "--nocapture",
+                "--include-ignored",
+            ])
             .env("TCPWAIT_TEST_ROLE", role)
             .env("TCPWAIT_TEST_COMM", comm)
             .env("TCPWAIT_TEST_ARGS", args.join(" "))
@@ -149,7 +172,11 @@ impl Peer {
             .expect("spawn peer");
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        Self { child, stdin, stdout }
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -204,7 +231,9 @@ pub fn client(comm: &str, addr: SocketAddr, n: usize) -> (Peer, Vec<u16>) {
 
 /// Entry point of a peer role, called by each test binary's `common_role_entry` test.
 pub fn role_main() {
-    let Ok(role) = std::env::var("TCPWAIT_TEST_ROLE") else { return };
+    let Ok(role) = std::env::var("TCPWAIT_TEST_ROLE") else {
+        return;
+    };
     let comm = std::env::var("TCPWAIT_TEST_COMM").expect("role has a comm");
     let cname = std::ffi::CString::new(comm).expect("comm has no NUL");
     // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes by the kernel).
@@ -238,8 +267,9 @@ pub fn role_main() {
         "client" => {
             let addr: SocketAddr = args[0].parse().expect("addr");
             let n: usize = args[1].parse().expect("count");
-            let mut socks: Vec<TcpStream> =
-                (0..n).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+            let mut socks: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
             let ports: Vec<String> = socks
                 .iter()
                 .map(|s| s.local_addr().expect("addr").port().to_string())
@@ -258,9 +288,62 @@ pub fn role_main() {
                 }
             }
         }
+        "forker" => {
+            // One socket, then fork: parent and child both hold it.
+            let addr: SocketAddr = args[0].parse().expect("addr");
+            let sock = TcpStream::connect(addr).expect("connect");
+            // SAFETY: the child only calls async-signal-safe functions (prctl, pause, _exit).
+            let child = unsafe { libc::fork() };
+            if child == 0 {
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    loop {
+                        libc::pause();
+                    }
+                }
+            }
+            let port = sock.local_addr().expect("addr").port();
+            writeln!(out, "connected {port} child {child}").expect("out");
+            out.flush().expect("flush");
+            for line in stdin.lock().lines() {
+                if line.map(|l| l == "exit").unwrap_or(true) {
+                    break;
+                }
+            }
+            // SAFETY: kill the forked child we own.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);
+}
+
+/// A unique API socket path for one test.
+pub fn api_socket(name: &str) -> String {
+    format!("/tmp/tcpwait-test-{}-{name}.sock", std::process::id())
+}
+
+/// Runs `tcpwait status --json` against `socket` and parses the report.
+pub fn status(socket: &str) -> Value {
+    let out = std::process::Command::new(TCPWAIT)
+        .args(["status", "--json", "--socket", socket])
+        .output()
+        .expect("run tcpwait status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// The status entry of process `pid`, if listed.
+pub fn process_in(status: &Value, pid: u32) -> Option<Value> {
+    status["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .cloned()
 }
 
 /// Records of one socket (by local port and remote port), in order.
@@ -276,6 +359,12 @@ pub fn of_socket(records: &[Value], sport: u16, dport: u16) -> Vec<Value> {
 pub fn edges(records: &[Value]) -> Vec<String> {
     records
         .iter()
-        .map(|r| format!("{}>{}", r["old"].as_str().expect("old"), r["new"].as_str().expect("new")))
+        .map(|r| {
+            format!(
+                "{}>{}",
+                r["old"].as_str().expect("old"),
+                r["new"].as_str().expect("new")
+            )
+        })
         .collect()
 }

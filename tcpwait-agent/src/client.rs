@@ -1,0 +1,185 @@
+//! `tcpwait status` and `tcpwait tail`: clients of the daemon's API socket.
+use std::{
+    io::{self, Write as _},
+    path::Path,
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+};
+
+use crate::{
+    api::{Request, StatusReport, TailLine},
+    filter::Filter,
+    output::{Clock, Format, TEXT_HEADER, escape_control, write_record},
+};
+
+/// Failure to reach the daemon.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot reach the tcpwait daemon at {path}: start it with `sudo tcpwait run` (or pass the \
+     --socket it listens on)"
+)]
+pub struct NotRunning {
+    path: String,
+    #[source]
+    source: io::Error,
+}
+
+async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| NotRunning {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let mut line = serde_json::to_vec(request).context("encode request")?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .await
+        .context("send request to the daemon")?;
+    Ok(stream)
+}
+
+/// `tcpwait status`.
+pub async fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let stream = connect(path, &Request::Status).await?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .await
+        .context("read the daemon's answer")?;
+    let report: StatusReport = serde_json::from_str(&line)
+        .with_context(|| format!("unexpected answer from the daemon: {}", line.trim()))?;
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_status(&mut out, &report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(s: f64, lower_bound: bool) -> String {
+    let ge = if lower_bound { "≥" } else { "" };
+    match s {
+        s if s < 120.0 => format!("{ge}{s:.1}s"),
+        s if s < 7200.0 => format!("{ge}{:.1}m", s / 60.0),
+        s => format!("{ge}{:.1}h", s / 3600.0),
+    }
+}
+
+fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
+    writeln!(
+        out,
+        "tcpwait: up {}, {} sockets tracked, {} transitions, lost: ring {} recursion {} malformed {}",
+        age(r.uptime_s, false),
+        r.tracked_sockets,
+        r.counters.transitions,
+        r.counters.lost_ring_full,
+        r.counters.lost_recursion_misses,
+        r.counters.malformed
+    )?;
+    if r.processes.is_empty() && r.unowned.is_empty() {
+        return writeln!(out, "no process holds CLOSE_WAIT sockets");
+    }
+    for a in &r.alerts {
+        writeln!(
+            out,
+            "ALERT {} pid {} ({}) {} sockets, oldest {}, firing for {}",
+            a.rule,
+            a.pid,
+            escape_control(&a.comm),
+            a.count,
+            age(a.oldest_age_s, false),
+            age(a.firing_for_s, false)
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<8} {:<16} {:>6} {:>9}  PEERS / COMMAND",
+        "PID", "COMM", "CW", "OLDEST"
+    )?;
+    for p in &r.processes {
+        let peers: Vec<String> = p
+            .peers
+            .iter()
+            .map(|x| format!("{}×{}", x.addr, x.count))
+            .collect();
+        writeln!(
+            out,
+            "{:<8} {:<16} {:>6} {:>9}  {}",
+            p.pid,
+            escape_control(&p.comm),
+            p.count,
+            age(p.oldest_age_s, p.oldest_age_is_lower_bound),
+            peers.join(" ")
+        )?;
+        writeln!(out, "{:44}{}", "", escape_control(&p.cmdline))?;
+        for s in &p.sockets {
+            let recv_q = s.recv_q.map_or_else(|| "?".to_owned(), |q| q.to_string());
+            writeln!(
+                out,
+                "    {} -> {}  age {}  recv-q {recv_q}",
+                s.local,
+                s.remote,
+                age(s.age_s, s.age_is_lower_bound)
+            )?;
+        }
+    }
+    for s in &r.unowned {
+        writeln!(
+            out,
+            "?        (owner unknown)          {} -> {}  age {}",
+            s.local,
+            s.remote,
+            age(s.age_s, s.age_is_lower_bound)
+        )?;
+    }
+    Ok(())
+}
+
+/// `tcpwait tail`.
+pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result<ExitCode> {
+    let stream = connect(path, &Request::Tail { filter }).await?;
+    let mut lines = BufReader::new(stream).lines();
+    let clock = Clock::now();
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    if format == Format::Text {
+        writeln!(out, "{TEXT_HEADER}")?;
+        out.flush()?;
+    }
+    let mut missed = 0u64;
+    loop {
+        let line = tokio::select! {
+            l = lines.next_line() => l.context("read from the daemon")?,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(line) = line else { break };
+        let written = match serde_json::from_str::<TailLine<'_>>(&line) {
+            Ok(TailLine::Missed { missed: n }) => {
+                missed += n;
+                eprintln!("tcpwait: this client fell behind and missed {n} transitions");
+                Ok(())
+            }
+            Ok(TailLine::Record(r)) if format == Format::Text => {
+                write_record(&mut out, format, &clock, &r)
+            }
+            Ok(TailLine::Record(_)) => writeln!(out, "{line}"),
+            Err(e) => anyhow::bail!("unexpected line from the daemon ({e}): {line}"),
+        };
+        match written.and_then(|()| out.flush()) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break,
+            r => r.context("write to stdout")?,
+        }
+    }
+    if missed > 0 {
+        eprintln!("tcpwait: {missed} transitions missed in total");
+    }
+    Ok(ExitCode::SUCCESS)
+}

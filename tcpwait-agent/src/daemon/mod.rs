@@ -1,0 +1,340 @@
+//! `tcpwait run`: the agent. One task owns all state — the probe, the tracker, the alert
+//! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
+//! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
+//! clients) talk to it through channels; nothing is shared behind a lock.
+mod report;
+mod resolver;
+
+use std::{
+    collections::HashMap,
+    io::{self, Write as _},
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{broadcast, mpsc},
+    time::Instant,
+};
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, Command, TailItem},
+    cli::RunArgs,
+    event::{DecodeErrors, TcpState, decode},
+    model::Tuple,
+    output::{OwnerView, clock_ns},
+    probe::{KernelCounters, Probe, TRACEPOINT},
+    trace::DRAIN_INTERVAL,
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
+};
+use resolver::{Resolver, Snapshot};
+
+/// Owner snapshots are taken at most this often while sockets wait for their owner.
+const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The states reconciled with inet_diag and attributed to processes.
+const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
+
+/// Everything the state task owns.
+struct Daemon {
+    tracker: Tracker,
+    probe: Probe,
+    resolver: Resolver,
+    tail: broadcast::Sender<Arc<TailItem>>,
+    tail_missed: Arc<AtomicU64>,
+    args: RunArgs,
+    started_ns: u64,
+    started: Instant,
+    /// Since when the table holds every socket: agent start, or the last loss.
+    complete_since_ns: u64,
+    transitions: u64,
+    malformed: DecodeErrors,
+    kernel: KernelCounters,
+    /// A snapshot request is in flight (at most one).
+    in_flight: bool,
+    /// Sockets entered CLOSE_WAIT without a known owner since the last request.
+    owners_wanted: bool,
+    last_request: Option<Instant>,
+    next_reconcile: Instant,
+    /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
+    /// still show them, and must not bring them back.
+    left_during_snapshot: HashMap<Tuple, u64>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (category, name) = TRACEPOINT;
+    let probe = Probe::attach(category, name)?;
+    let listener = api::bind(&args.socket).await?;
+    let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
+    let (tail, _) = broadcast::channel(args.test_tail_backlog);
+    let tail_missed = Arc::new(AtomicU64::new(0));
+    tokio::spawn(api::serve(
+        listener,
+        cmd_tx,
+        tail.clone(),
+        tail_missed.clone(),
+    ));
+
+    let config = TrackerConfig {
+        max_sockets: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
+        rules: vec![Rule {
+            name: "close_wait_leak".into(),
+            state: TcpState::CloseWait,
+            max_age_ns: Some(u64::try_from(args.close_wait_age.as_nanos()).unwrap_or(u64::MAX)),
+            max_count: Some(args.close_wait_count),
+        }],
+    };
+    let now = clock_ns(libc::CLOCK_MONOTONIC);
+    let mut d = Daemon {
+        tracker: Tracker::new(config),
+        probe,
+        resolver,
+        tail,
+        tail_missed,
+        started_ns: now,
+        started: Instant::now(),
+        complete_since_ns: now,
+        transitions: 0,
+        malformed: DecodeErrors::default(),
+        kernel: KernelCounters::default(),
+        in_flight: false,
+        owners_wanted: false,
+        last_request: None,
+        next_reconcile: Instant::now() + args.reconcile_interval,
+        left_during_snapshot: HashMap::new(),
+        args,
+    };
+    // Bootstrap: the sockets already in CLOSE_WAIT, with their owners.
+    d.request_snapshot();
+    eprintln!(
+        "tcpwait: agent running on {category}:{name}; API on {} (tcpwait status, tcpwait tail); \
+         SIGINT/SIGTERM to stop",
+        d.args.socket.display()
+    );
+
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = d.next_wakeup();
+        tokio::select! {
+            r = d.probe.readable() => r.context("wait for the ring buffer")?,
+            _ = tick.tick() => d.on_tick(),
+            _ = tokio::time::sleep_until(deadline) => {}
+            Some(snapshot) = d.resolver.snapshots.recv() => {
+                d.drain();
+                d.on_snapshot(snapshot);
+            }
+            Some(cmd) = cmd_rx.recv() => {
+                d.drain();
+                d.on_command(cmd);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+        d.drain();
+        d.evaluate();
+        d.maybe_request();
+    }
+    d.drain();
+    d.evaluate();
+    let summary = d.summary();
+    drop(d); // detaches the probe
+    eprintln!("tcpwait: stopped; {summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Daemon {
+    fn now_ns(&self) -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC)
+    }
+
+    /// The next instant the loop must wake without an event: the tracker's earliest alert
+    /// deadline, or the periodic reconciliation.
+    fn next_wakeup(&self) -> Instant {
+        let mut at = self.next_reconcile;
+        if let Some(deadline) = self.tracker.next_deadline() {
+            let now = self.now_ns();
+            let wait = Duration::from_nanos(deadline.saturating_sub(now));
+            at = at.min(Instant::now() + wait);
+        }
+        at
+    }
+
+    fn drain(&mut self) {
+        let withhold = self.args.test_withhold_events;
+        let mut needs = false;
+        let publish = self.tail.receiver_count() > 0;
+        let mut items = Vec::new();
+        let Self {
+            probe,
+            tracker,
+            malformed,
+            transitions,
+            left_during_snapshot,
+            in_flight,
+            ..
+        } = self;
+        probe.drain(|bytes| match decode(bytes) {
+            Ok(t) => {
+                *transitions += 1;
+                if withhold {
+                    return;
+                }
+                let entered = if publish {
+                    tracker.socket(t.sock, t.ts_ns)
+                } else {
+                    None
+                };
+                if *in_flight && t.old == TcpState::CloseWait {
+                    let tuple = Tuple {
+                        saddr: t.saddr,
+                        sport: t.sport,
+                        daddr: t.daddr,
+                        dport: t.dport,
+                    };
+                    left_during_snapshot.insert(tuple, t.ts_ns);
+                }
+                let applied = tracker.apply(&t);
+                needs |= applied.needs_owners;
+                if publish {
+                    let ns_in_old = entered
+                        .filter(|e| !e.age_is_lower_bound && e.state == t.old)
+                        .map(|e| t.ts_ns.saturating_sub(e.entered_ns));
+                    let owner = tracker.owners_of(t.sock).first().and_then(|k| {
+                        tracker.process_info(k).map(|p| OwnerView {
+                            pid: p.key.pid,
+                            comm: p.comm.clone(),
+                        })
+                    });
+                    items.push(Arc::new(TailItem {
+                        transition: t,
+                        ns_in_old,
+                        owner,
+                    }));
+                }
+            }
+            Err(e) => malformed.count(e),
+        });
+        self.owners_wanted |= needs;
+        for item in items {
+            // No receiver left is fine: nobody is tailing.
+            let _ = self.tail.send(item);
+        }
+    }
+
+    /// Reads the kernel's loss counters; any new loss makes the table incomplete: repair it.
+    fn on_tick(&mut self) {
+        match self.probe.counters() {
+            Ok(k) => {
+                let lost = k.reserve_failed + k.recursion_misses;
+                if lost > self.kernel.reserve_failed + self.kernel.recursion_misses {
+                    warn!(
+                        ring_full = k.reserve_failed,
+                        recursion_misses = k.recursion_misses,
+                        "events lost in the kernel; reconciling with inet_diag"
+                    );
+                    self.complete_since_ns = self.now_ns();
+                    self.next_reconcile = Instant::now();
+                }
+                self.kernel = k;
+            }
+            Err(e) => warn!(error = %e, "cannot read the kernel's counters"),
+        }
+    }
+
+    fn maybe_request(&mut self) {
+        if self.in_flight {
+            return;
+        }
+        let now = Instant::now();
+        let resolve = self.owners_wanted
+            && self
+                .last_request
+                .is_none_or(|t| now >= t + MIN_RESOLVE_INTERVAL);
+        if resolve || now >= self.next_reconcile {
+            self.request_snapshot();
+        }
+    }
+
+    fn request_snapshot(&mut self) {
+        self.owners_wanted = false;
+        self.in_flight = true;
+        self.last_request = Some(Instant::now());
+        self.next_reconcile = Instant::now() + self.args.reconcile_interval;
+        self.resolver.request(RECONCILED.to_vec());
+    }
+
+    fn on_snapshot(&mut self, snapshot: Snapshot) {
+        self.in_flight = false;
+        if let Some(e) = &snapshot.error {
+            warn!(error = %e, "owner snapshot failed");
+            self.left_during_snapshot.clear();
+            return;
+        }
+        let left = std::mem::take(&mut self.left_during_snapshot);
+        let truth: Vec<_> = snapshot
+            .sockets
+            .into_iter()
+            .filter(|(d, _)| left.get(&d.tuple).is_none_or(|&at| at < snapshot.taken_ns))
+            .collect();
+        let report = self.tracker.reconcile(
+            &truth,
+            &snapshot.states,
+            snapshot.taken_ns,
+            self.complete_since_ns.max(self.started_ns),
+        );
+        if report.added + report.removed + report.corrected > 0 {
+            info!(
+                added = report.added,
+                removed = report.removed,
+                corrected = report.corrected,
+                "reconciled the CLOSE_WAIT table with inet_diag"
+            );
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let report = report::status(self);
+                let _ = reply.send(report);
+            }
+        }
+    }
+
+    fn evaluate(&mut self) {
+        let now = self.now_ns();
+        let changes = self.tracker.evaluate(now);
+        if changes.is_empty() {
+            return;
+        }
+        let mut out = io::stdout().lock();
+        for change in &changes {
+            let line = report::alert_line(change, now, self.args.json);
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                warn!(error = %e, "cannot print alert");
+            }
+            if let AlertChange::Firing(a) = change {
+                info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
+            }
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} transitions, lost: ring buffer full {}, kernel recursion misses {}, malformed {}",
+            self.transitions,
+            self.kernel.reserve_failed,
+            self.kernel.recursion_misses,
+            self.malformed.total()
+        )
+    }
+}

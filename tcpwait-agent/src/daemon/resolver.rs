@@ -1,0 +1,99 @@
+//! The owner resolver: a thread that takes inet_diag snapshots and maps socket inodes to the
+//! processes holding them (`/proc/<pid>/fd`). It owns the procfs scanner and its cache; the
+//! daemon's state task asks it for snapshots over a channel and receives them as messages, so
+//! the blocking netlink and /proc work never stalls the ring-buffer reader.
+//!
+//! One request is in flight at a time (the daemon enforces it), so the /proc scan rate is
+//! bounded by its own duration and by the daemon's minimum interval.
+use std::{collections::HashSet, path::PathBuf, sync::mpsc as std_mpsc, thread};
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::{
+    event::TcpState,
+    model::{DiagSocket, ProcessInfo},
+    output::clock_ns,
+    owners::{diag, procs::ProcScanner},
+};
+
+/// One inet_diag snapshot with the holders of each socket.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// CLOCK_MONOTONIC ns when the dump started: the table is newer than the snapshot for
+    /// every socket that changed after it.
+    pub taken_ns: u64,
+    /// The states the snapshot is complete for.
+    pub states: Vec<TcpState>,
+    /// Sockets in those states, each with the processes holding it (empty: none found).
+    pub sockets: Vec<(DiagSocket, Vec<ProcessInfo>)>,
+    /// Why the snapshot is empty, if it failed.
+    pub error: Option<String>,
+}
+
+/// Handle to the resolver thread.
+pub struct Resolver {
+    requests: std_mpsc::Sender<Vec<TcpState>>,
+    /// Snapshots, in request order.
+    pub snapshots: mpsc::Receiver<Snapshot>,
+}
+
+impl Resolver {
+    /// Starts the thread; `proc_root` is normally `/proc`.
+    pub fn spawn(proc_root: PathBuf) -> std::io::Result<Self> {
+        let (req_tx, req_rx) = std_mpsc::channel::<Vec<TcpState>>();
+        let (snap_tx, snap_rx) = mpsc::channel(4);
+        thread::Builder::new()
+            .name("tcpwait-owners".into())
+            .spawn(move || {
+                let mut scanner = ProcScanner::new(proc_root);
+                while let Ok(states) = req_rx.recv() {
+                    let snapshot = take(&mut scanner, states);
+                    if snap_tx.blocking_send(snapshot).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            requests: req_tx,
+            snapshots: snap_rx,
+        })
+    }
+
+    /// Asks for a snapshot of `states`; the answer arrives on [`Resolver::snapshots`].
+    pub fn request(&self, states: Vec<TcpState>) {
+        if self.requests.send(states).is_err() {
+            warn!("owner resolver thread is gone");
+        }
+    }
+}
+
+fn take(scanner: &mut ProcScanner, states: Vec<TcpState>) -> Snapshot {
+    let taken_ns = clock_ns(libc::CLOCK_MONOTONIC);
+    let dump = match diag::dump_tcp(&states) {
+        Ok(d) => d,
+        Err(e) => {
+            return Snapshot {
+                taken_ns,
+                states,
+                sockets: Vec::new(),
+                error: Some(format!("inet_diag dump failed: {e}")),
+            };
+        }
+    };
+    let inodes: HashSet<u64> = dump.iter().map(|d| d.inode).filter(|&i| i != 0).collect();
+    let mut holders = scanner.holders(&inodes);
+    let sockets = dump
+        .into_iter()
+        .map(|d| {
+            let owners = holders.remove(&d.inode).unwrap_or_default();
+            (d, owners)
+        })
+        .collect();
+    Snapshot {
+        taken_ns,
+        states,
+        sockets,
+        error: None,
+    }
+}

@@ -1,0 +1,428 @@
+//! The socket table: one compact [`Slot`] per live socket in a slab, found by kernel socket
+//! address ([`SocketId`]) and by 4-tuple.
+//!
+//! Memory is the concern here (target: ≤ 150 bytes per tracked socket at 1,000,000 sockets), so:
+//! - a slot is 64 bytes: no `String`, no `Vec`; owners are `u32` process indices, the first one
+//!   inline and any further ones in a side map (several owners are rare: fork, fd passing);
+//! - both indices map to a `u32` slab index, never to the slot itself;
+//! - the tuple index is keyed by a 64-bit keyed hash of the tuple (16 bytes a bucket instead of
+//!   44 for `HashMap<Tuple, u32>`); the slot holds the real tuple, so a lookup compares it, and
+//!   the rare tuples whose hash is already taken by another tuple go to a small spill map.
+//!
+//! Estimate at 1,000,000 sockets (hashbrown rounds buckets up to a power of two at 7/8 load,
+//! i.e. 2^21 buckets here, the worst case): slab 64 B × 1.05 + by-id 17 B × 2.1 + by-tuple
+//! 17 B × 2.1 ≈ 138 B per socket. [`Table::approx_heap_bytes`] computes it from capacities.
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use crate::{
+    event::{SocketId, TcpState},
+    model::Tuple,
+};
+
+/// `Slot::owner` when no owner is known.
+pub(super) const NO_OWNER: u32 = u32::MAX;
+/// `Slot::recv_q` when Recv-Q is unknown (transitions do not carry it; inet_diag does). A real
+/// Recv-Q never reaches it: the receive buffer is capped far below 4 GiB (`tcp_rmem`).
+pub(super) const RECV_Q_UNKNOWN: u32 = u32::MAX;
+const FLAG_LOWER_BOUND: u8 = 1;
+const FLAG_MORE_OWNERS: u8 = 2;
+
+/// Index of a state in per-state arrays (`TcpState` discriminants are 1..=12).
+pub(super) fn state_index(state: TcpState) -> usize {
+    state as usize - 1
+}
+
+/// A 4-tuple stored flat (38 bytes, no enum padding). IPv4 addresses are stored IPv4-mapped
+/// and flagged, so an IPv4 socket and a dual-stack IPv6 socket with a mapped address differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct CompactTuple {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    v4: bool,
+}
+
+impl CompactTuple {
+    pub(super) fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Self {
+        let flat = |a: IpAddr| match a {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        Self {
+            saddr: flat(saddr),
+            daddr: flat(daddr),
+            sport,
+            dport,
+            v4: saddr.is_ipv4(),
+        }
+    }
+
+    pub(super) fn from_tuple(t: &Tuple) -> Self {
+        Self::new(t.saddr, t.sport, t.daddr, t.dport)
+    }
+
+    fn addr(&self, octets: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(octets);
+        match (self.v4, v6.to_ipv4_mapped()) {
+            (true, Some(v4)) => IpAddr::V4(v4),
+            (true, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (false, _) => IpAddr::V6(v6),
+        }
+    }
+
+    /// The remote address (the "peer" of per-process aggregates).
+    pub(super) fn peer(&self) -> IpAddr {
+        self.addr(self.daddr)
+    }
+
+    pub(super) fn to_tuple(self) -> Tuple {
+        Tuple {
+            saddr: self.addr(self.saddr),
+            sport: self.sport,
+            daddr: self.addr(self.daddr),
+            dport: self.dport,
+        }
+    }
+
+    /// Only connected sockets are indexed: a listener has dport 0, and a connecting socket has
+    /// sport 0 until `inet_hash_connect` picks a port, after CLOSE→SYN_SENT.
+    pub(super) fn indexable(&self) -> bool {
+        self.sport != 0 && self.dport != 0
+    }
+}
+
+/// One tracked socket. 64 bytes; see the module comment.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Slot {
+    pub(super) id: SocketId,
+    /// When the socket entered `state` (CLOCK_MONOTONIC ns); the latest possible entry time
+    /// when [`Slot::lower_bound`] holds.
+    pub(super) entered_ns: u64,
+    pub(super) tuple: CompactTuple,
+    /// First owner (process index), or [`NO_OWNER`].
+    pub(super) owner: u32,
+    /// Recv-Q bytes from the last inet_diag snapshot, or [`RECV_Q_UNKNOWN`].
+    pub(super) recv_q: u32,
+    /// `None` marks a free slot.
+    pub(super) state: Option<TcpState>,
+    flags: u8,
+}
+
+impl Slot {
+    /// True when `entered_ns` is only an upper bound of the entry time (age is "at least").
+    pub(super) fn lower_bound(&self) -> bool {
+        self.flags & FLAG_LOWER_BOUND != 0
+    }
+
+    pub(super) fn recv_q(&self) -> Option<u32> {
+        (self.recv_q != RECV_Q_UNKNOWN).then_some(self.recv_q)
+    }
+}
+
+/// Hasher for keys that already are uniform 64-bit hashes: passes them through.
+#[derive(Default)]
+pub(super) struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Tuple → slot, keyed by a keyed 64-bit hash of the tuple. Generic over the hasher so a test
+/// can force collisions.
+pub(super) struct TupleIndex<S = RandomState> {
+    hasher: S,
+    main: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
+    /// Tuples whose hash slot in `main` holds another tuple (≈ n²/2⁶⁵ of them: none in practice).
+    spill: HashMap<CompactTuple, u32>,
+}
+
+impl<S: BuildHasher> TupleIndex<S> {
+    pub(super) fn with_hasher(hasher: S) -> Self {
+        Self {
+            hasher,
+            main: HashMap::default(),
+            spill: HashMap::new(),
+        }
+    }
+
+    pub(super) fn get(&self, slots: &[Slot], t: &CompactTuple) -> Option<u32> {
+        let h = self.hasher.hash_one(t);
+        if let Some(&s) = self.main.get(&h)
+            && slots[s as usize].tuple == *t
+        {
+            return Some(s);
+        }
+        self.spill.get(t).copied()
+    }
+
+    /// Indexes `t` → `slot`; returns the slot that was indexed under the same tuple before (a
+    /// duplicate tuple: another network namespace, or a missed CLOSE). The newer one wins.
+    pub(super) fn insert(&mut self, slots: &[Slot], t: CompactTuple, slot: u32) -> Option<u32> {
+        let h = self.hasher.hash_one(t);
+        match self.main.get_mut(&h) {
+            None => {
+                self.main.insert(h, slot);
+                self.spill.remove(&t)
+            }
+            Some(s) if slots[*s as usize].tuple == t => Some(std::mem::replace(s, slot)),
+            Some(_) => self.spill.insert(t, slot),
+        }
+    }
+
+    /// Removes `t` → `slot` if that is what is indexed (a duplicate may have replaced it).
+    pub(super) fn remove(&mut self, t: &CompactTuple, slot: u32) {
+        let h = self.hasher.hash_one(t);
+        if self.main.get(&h) == Some(&slot) {
+            self.main.remove(&h);
+        } else if self.spill.get(t) == Some(&slot) {
+            self.spill.remove(t);
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.main.len() + self.spill.len()
+    }
+
+    fn approx_heap_bytes(&self) -> usize {
+        bucket_bytes(self.main.capacity(), 16) + bucket_bytes(self.spill.capacity(), 44)
+    }
+}
+
+/// hashbrown keeps `capacity` at 7/8 of its power-of-two bucket count, plus one control byte a
+/// bucket.
+fn bucket_bytes(capacity: usize, entry: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    (capacity * 8 / 7).next_power_of_two() * (entry + 1)
+}
+
+/// The slab and its two indices, kept consistent by every method.
+pub(super) struct Table<S = RandomState> {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_id: HashMap<SocketId, u32>,
+    tuples: TupleIndex<S>,
+    /// Owners after the first, for the few sockets with several.
+    more_owners: HashMap<u32, Vec<u32>>,
+    by_state: [u64; 12],
+}
+
+impl Table<RandomState> {
+    pub(super) fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<S: BuildHasher> Table<S> {
+    pub(super) fn with_hasher(hasher: S) -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            tuples: TupleIndex::with_hasher(hasher),
+            more_owners: HashMap::new(),
+            by_state: [0; 12],
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub(super) fn by_state(&self) -> [u64; 12] {
+        self.by_state
+    }
+
+    pub(super) fn slot_of(&self, id: SocketId) -> Option<u32> {
+        self.by_id.get(&id).copied()
+    }
+
+    pub(super) fn find_tuple(&self, t: &CompactTuple) -> Option<u32> {
+        self.tuples.get(&self.slots, t)
+    }
+
+    pub(super) fn tuple_index_len(&self) -> usize {
+        self.tuples.len()
+    }
+
+    pub(super) fn get(&self, slot: u32) -> &Slot {
+        &self.slots[slot as usize]
+    }
+
+    /// Live slots.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state.is_some())
+            .map(|(i, s)| (i as u32, s))
+    }
+
+    /// Inserts a socket the table does not hold. Returns its slot and, if its tuple was already
+    /// indexed for another slot, that slot.
+    pub(super) fn insert(
+        &mut self,
+        id: SocketId,
+        state: TcpState,
+        entered_ns: u64,
+        lower_bound: bool,
+        tuple: CompactTuple,
+    ) -> (u32, Option<u32>) {
+        let slot = Slot {
+            id,
+            entered_ns,
+            tuple,
+            owner: NO_OWNER,
+            recv_q: RECV_Q_UNKNOWN,
+            state: Some(state),
+            flags: if lower_bound { FLAG_LOWER_BOUND } else { 0 },
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(id, idx);
+        self.by_state[state_index(state)] += 1;
+        let displaced = tuple
+            .indexable()
+            .then(|| self.tuples.insert(&self.slots, tuple, idx))
+            .flatten();
+        (idx, displaced)
+    }
+
+    /// Frees a slot; returns what it held (owners included, for unlinking).
+    pub(super) fn remove(&mut self, slot: u32) -> (Slot, Vec<u32>) {
+        let owners = self.owners(slot);
+        let s = self.slots[slot as usize];
+        self.tuples.remove(&s.tuple, slot);
+        if self.by_id.get(&s.id) == Some(&slot) {
+            self.by_id.remove(&s.id);
+        }
+        if let Some(state) = s.state {
+            self.by_state[state_index(state)] -= 1;
+        }
+        self.more_owners.remove(&slot);
+        let freed = &mut self.slots[slot as usize];
+        freed.state = None;
+        freed.owner = NO_OWNER;
+        freed.flags = 0;
+        self.free.push(slot);
+        (s, owners)
+    }
+
+    pub(super) fn set_state(&mut self, slot: u32, state: TcpState, entered_ns: u64, lb: bool) {
+        let s = &mut self.slots[slot as usize];
+        if let Some(old) = s.state {
+            self.by_state[state_index(old)] -= 1;
+        }
+        self.by_state[state_index(state)] += 1;
+        s.state = Some(state);
+        s.entered_ns = entered_ns;
+        s.flags = (s.flags & !FLAG_LOWER_BOUND) | if lb { FLAG_LOWER_BOUND } else { 0 };
+    }
+
+    /// Changes a slot's tuple, keeping the index consistent. Returns a displaced slot as
+    /// [`Table::insert`] does.
+    pub(super) fn set_tuple(&mut self, slot: u32, tuple: CompactTuple) -> Option<u32> {
+        let old = self.slots[slot as usize].tuple;
+        if old == tuple {
+            return None;
+        }
+        self.tuples.remove(&old, slot);
+        self.slots[slot as usize].tuple = tuple;
+        tuple
+            .indexable()
+            .then(|| self.tuples.insert(&self.slots, tuple, slot))
+            .flatten()
+    }
+
+    pub(super) fn set_recv_q(&mut self, slot: u32, recv_q: u32) {
+        self.slots[slot as usize].recv_q = recv_q.min(RECV_Q_UNKNOWN - 1);
+    }
+
+    /// Gives a slot a new identity (a synthetic entry meets its kernel address).
+    pub(super) fn rekey(&mut self, slot: u32, id: SocketId) {
+        let old = self.slots[slot as usize].id;
+        if self.by_id.get(&old) == Some(&slot) {
+            self.by_id.remove(&old);
+        }
+        self.by_id.insert(id, slot);
+        self.slots[slot as usize].id = id;
+    }
+
+    pub(super) fn has_owner(&self, slot: u32) -> bool {
+        self.slots[slot as usize].owner != NO_OWNER
+    }
+
+    /// The process indices that own a slot.
+    pub(super) fn owners(&self, slot: u32) -> Vec<u32> {
+        let s = &self.slots[slot as usize];
+        let mut v = Vec::new();
+        if s.owner != NO_OWNER {
+            v.push(s.owner);
+        }
+        if s.flags & FLAG_MORE_OWNERS != 0
+            && let Some(more) = self.more_owners.get(&slot)
+        {
+            v.extend_from_slice(more);
+        }
+        v
+    }
+
+    /// Replaces a slot's owners (deduplicated by the caller).
+    pub(super) fn set_owners(&mut self, slot: u32, owners: &[u32]) {
+        let s = &mut self.slots[slot as usize];
+        s.owner = owners.first().copied().unwrap_or(NO_OWNER);
+        if owners.len() > 1 {
+            s.flags |= FLAG_MORE_OWNERS;
+            self.more_owners.insert(slot, owners[1..].to_vec());
+        } else {
+            s.flags &= !FLAG_MORE_OWNERS;
+            self.more_owners.remove(&slot);
+        }
+    }
+
+    pub(super) fn remove_owner(&mut self, slot: u32, proc_idx: u32) {
+        let owners: Vec<u32> = self
+            .owners(slot)
+            .into_iter()
+            .filter(|&p| p != proc_idx)
+            .collect();
+        self.set_owners(slot, &owners);
+    }
+
+    pub(super) fn approx_heap_bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<Slot>()
+            + self.free.capacity() * 4
+            + bucket_bytes(self.by_id.capacity(), 16)
+            + self.tuples.approx_heap_bytes()
+            + bucket_bytes(self.more_owners.capacity(), 28)
+            + self
+                .more_owners
+                .values()
+                .map(|v| v.capacity() * 4)
+                .sum::<usize>()
+    }
+}

@@ -1,0 +1,197 @@
+//! Bootstrap and reconciliation against inet_diag, and synthetic entries meeting transitions.
+use super::*;
+
+const CW: &[TcpState] = &[TcpState::CloseWait];
+
+#[test]
+fn reconcile_adds_missing_sockets_aged_from_agent_start() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    // At bootstrap (agent started at 900 s) a CLOSE_WAIT socket exists, ACK clock unknown.
+    let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
+    let r = t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    assert_eq!(
+        r,
+        ReconcileReport {
+            added: 1,
+            ..ReconcileReport::default()
+        }
+    );
+    let id = synthetic_id(7_001);
+    assert!(is_synthetic(id) && !is_synthetic(sock(1)));
+    assert_eq!(t.socket_by_tuple(&tuple(1)), Some(id));
+    let d = t.socket(id, 1000 * SEC).expect("added");
+    assert_eq!(
+        (d.state, d.entered_ns, d.age_ns),
+        (TcpState::CloseWait, 900 * SEC, 100 * SEC)
+    );
+    assert!(d.age_is_lower_bound);
+    assert_eq!(d.recv_q, Some(10));
+    assert_eq!(t.owners_of(id), vec![key(10)]);
+    // "Age ≥ 100 s" already exceeds 60 s: the alert fires and says the age is a lower bound.
+    let changes = t.evaluate(1000 * SEC);
+    let [AlertChange::Firing(a)] = changes.as_slice() else {
+        panic!("expected one firing alert, got {changes:?}");
+    };
+    assert_eq!(
+        (a.oldest_age_ns, a.oldest_is_lower_bound),
+        (100 * SEC, true)
+    );
+    assert_eq!(t.counters().repairs_added, 1);
+}
+
+#[test]
+fn reconcile_takes_the_tighter_of_agent_start_and_last_ack_recv() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let truth = vec![
+        // Last ACK (the peer's FIN) 250 s ago: older than the agent, the ACK bound is tighter.
+        (diag(1, TcpState::CloseWait, Some(250_000)), vec![]),
+        // 50 s ago: younger than the agent's 100 s, the agent bound is tighter.
+        (diag(2, TcpState::CloseWait, Some(50_000)), vec![]),
+        // ESTABLISHED is not in the reconciled states: ignored.
+        (diag(3, TcpState::Established, Some(1)), vec![]),
+    ];
+    let r = t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    assert_eq!(r.added, 2);
+    let entered = |n: u64| {
+        t.socket(synthetic_id(7_000 + n), 1000 * SEC)
+            .map(|d| (d.entered_ns, d.age_ns))
+    };
+    // 1000 s − (250 s − one jiffy of margin) = 750.01 s.
+    assert_eq!(
+        entered(1),
+        Some((
+            750 * SEC + ACK_CLOCK_MARGIN_NS,
+            250 * SEC - ACK_CLOCK_MARGIN_NS
+        ))
+    );
+    assert_eq!(entered(2), Some((900 * SEC, 100 * SEC)));
+    assert_eq!(entered(3), None);
+    assert_eq!(t.len(), 2);
+}
+
+#[test]
+fn reconcile_removes_gone_corrects_states_and_counts_repairs() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    close_wait(&mut t, 1, 10 * SEC, 10); // CLOSE_WAIT→LAST_ACK event lost: gone from inet_diag
+    close_wait(&mut t, 2, 20 * SEC, 10); // still there
+    t.apply(&tr(3, TcpState::SynRecv, TcpState::Established, 30 * SEC)); // FIN event lost
+    t.apply(&tr(4, TcpState::SynRecv, TcpState::Established, 40 * SEC)); // not reconciled
+    let truth = vec![
+        (diag(2, TcpState::CloseWait, Some(30_000)), vec![]),
+        (diag(3, TcpState::CloseWait, Some(5_000)), vec![info(11)]),
+    ];
+    let r = t.reconcile(&truth, CW, 50 * SEC, 0);
+    assert_eq!(
+        r,
+        ReconcileReport {
+            removed: 1,
+            corrected: 1,
+            ..ReconcileReport::default()
+        }
+    );
+    assert_eq!(t.socket(sock(1), 50 * SEC), None);
+    // Tracked sockets keep their exact entry; known owners stay when inet_diag gives none.
+    let d2 = t.socket(sock(2), 50 * SEC).expect("kept");
+    assert_eq!(
+        (d2.entered_ns, d2.age_is_lower_bound, d2.recv_q),
+        (20 * SEC, false, Some(20))
+    );
+    assert_eq!(t.owners_of(sock(2)), vec![key(10)]);
+    // Corrected: entered CLOSE_WAIT no later than the ACK bound 50 − (5 − 0.01) s.
+    let d3 = t.socket(sock(3), 50 * SEC).expect("corrected");
+    assert_eq!(d3.state, TcpState::CloseWait);
+    assert_eq!(
+        (d3.entered_ns, d3.age_is_lower_bound),
+        (45 * SEC + ACK_CLOCK_MARGIN_NS, true)
+    );
+    assert_eq!(t.owners_of(sock(3)), vec![key(11)]);
+    assert_eq!(
+        t.socket(sock(4), 50 * SEC).map(|d| d.state),
+        Some(TcpState::Established)
+    );
+    let c = t.counters();
+    assert_eq!(
+        (c.repairs_added, c.repairs_removed, c.repairs_corrected),
+        (0, 1, 1)
+    );
+    // The next identical snapshot repairs nothing; the cumulative counters stay.
+    let r = t.reconcile(&truth, CW, 51 * SEC, 0);
+    assert_eq!(r, ReconcileReport::default());
+    assert_eq!(t.counters().repairs_removed, 1);
+}
+
+#[test]
+fn a_synthetic_entry_is_rekeyed_by_the_first_real_transition() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let truth = vec![
+        (diag(1, TcpState::CloseWait, None), vec![info(10)]),
+        (diag(2, TcpState::CloseWait, None), vec![info(10)]),
+    ];
+    t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    // The owner finally closes socket 1: CLOSE_WAIT→LAST_ACK under its kernel address.
+    let a = t.apply(&tr(1, TcpState::CloseWait, TcpState::LastAck, 1001 * SEC));
+    assert_eq!(
+        a.change,
+        TableChange::Rekeyed {
+            from: synthetic_id(7_001)
+        }
+    );
+    assert_eq!(t.socket(synthetic_id(7_001), 1001 * SEC), None);
+    let d = t.socket(sock(1), 1002 * SEC).expect("rekeyed");
+    assert_eq!(
+        (d.state, d.entered_ns, d.age_is_lower_bound),
+        (TcpState::LastAck, 1001 * SEC, false)
+    );
+    assert_eq!(
+        (d.recv_q, t.socket_by_tuple(&tuple(1))),
+        (Some(10), Some(sock(1)))
+    );
+    assert_eq!(t.owners_of(sock(1)), vec![key(10)], "owners carry over");
+    assert_eq!(t.counters().rekeyed, 1);
+    // A queued ESTABLISHED→CLOSE_WAIT of socket 2 (same state) gives its exact entry time.
+    t.apply(&tr(
+        2,
+        TcpState::Established,
+        TcpState::CloseWait,
+        950 * SEC,
+    ));
+    let d = t.socket(sock(2), 1002 * SEC).expect("rekeyed");
+    assert_eq!((d.entered_ns, d.age_is_lower_bound), (950 * SEC, false));
+    // Its CLOSE removes it under the kernel address.
+    t.apply(&tr(2, TcpState::CloseWait, TcpState::Close, 1003 * SEC));
+    assert_eq!((t.len(), t.counters().close_untracked), (1, 0));
+}
+
+#[test]
+fn after_an_overflow_missing_sockets_are_not_aged_from_agent_start() {
+    let mut t = Tracker::new(TrackerConfig {
+        max_sockets: 1,
+        ..TrackerConfig::default()
+    });
+    t.apply(&tr(1, TcpState::SynRecv, TcpState::Established, 10 * SEC));
+    // Socket 2 enters CLOSE_WAIT at 20 s while the table is full: refused.
+    t.apply(&tr(2, TcpState::Established, TcpState::CloseWait, 20 * SEC));
+    t.apply(&tr(1, TcpState::Established, TcpState::Close, 30 * SEC));
+    let truth = vec![(diag(2, TcpState::CloseWait, None), vec![])];
+    assert_eq!(t.reconcile(&truth, CW, 40 * SEC, 0).added, 1);
+    let d = t.socket(synthetic_id(7_002), 40 * SEC).expect("added");
+    assert_eq!(
+        (d.entered_ns, d.age_ns, d.age_is_lower_bound),
+        (20 * SEC, 20 * SEC, true)
+    );
+}
+
+#[test]
+fn a_new_socket_does_not_inherit_a_stale_synthetic_entry() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
+    t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    // The socket went away unseen; a new one with the same tuple starts from CLOSE.
+    let mut syn = tr(1, TcpState::Close, TcpState::SynRecv, 1001 * SEC);
+    syn.sock = sock(77);
+    assert_eq!(t.apply(&syn).change, TableChange::Inserted);
+    assert_eq!(t.socket(synthetic_id(7_001), 1001 * SEC), None);
+    assert_eq!(t.socket_by_tuple(&tuple(1)), Some(sock(77)));
+    assert_eq!((t.owners_of(sock(77)), t.len()), (vec![], 1));
+    assert_eq!((t.counters().reused_address, t.counters().rekeyed), (1, 0));
+}

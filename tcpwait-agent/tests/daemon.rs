@@ -1,0 +1,388 @@
+//! `tcpwait run` with `status` and `tail`, on the real kernel with real processes.
+//!
+//! Kernel behaviour exercised (DESIGN.md, "attribution trap"): ESTABLISHED→CLOSE_WAIT runs in
+//! softirq — on loopback in the *peer's* close() — so the on-CPU task is never the owner; the
+//! owner comes from inet_diag (inode) and /proc/<pid>/fd.
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+#[test]
+#[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
+fn common_role_entry() {
+    role_main();
+}
+
+const READY: &str = "agent running";
+
+fn daemon(socket: &str, extra: &[&str]) -> Tcpwait {
+    let mut args = vec!["run", "--json", "--socket", socket];
+    args.extend_from_slice(extra);
+    Tcpwait::start(&args, READY)
+}
+
+/// Alert lines (JSON) the daemon printed.
+fn alerts(tw: &Tcpwait) -> Vec<Value> {
+    tw.json()
+        .into_iter()
+        .filter(|v| v.get("alert").is_some())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn close_wait_leak_fires_for_the_holder_and_resolves() {
+    require_root();
+    let sock = api_socket("leak");
+    let mut tw = daemon(&sock, &["--close-wait-age", "2"]);
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 5);
+    let (mut cli, _) = client(
+        "tw-leaky",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        5,
+    );
+    srv.expect_line("accepted");
+    let closed_at = Instant::now();
+
+    let fired = wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty());
+    let fired_after = closed_at.elapsed();
+    assert!(
+        fired,
+        "no alert; stdout {:?} stderr {:?}",
+        tw.stdout.snapshot(),
+        tw.stderr.snapshot()
+    );
+    assert!(
+        fired_after >= Duration::from_secs(2) && fired_after <= Duration::from_secs(3),
+        "fired {fired_after:?} after the server closed"
+    );
+    let a = &alerts(&tw)[0];
+    assert_eq!(a["alert"], "firing");
+    assert_eq!(a["rule"], "close_wait_leak");
+    assert_eq!(a["pid"], cli.pid());
+    assert_eq!(a["comm"], "tw-leaky");
+    assert_eq!(a["count"], 5);
+    assert_eq!(a["peers"][0]["addr"], "127.0.0.1");
+    assert_eq!(a["peers"][0]["count"], 5);
+    let age = a["oldest_age_s"].as_f64().expect("age");
+    assert!((2.0..2.5).contains(&age), "oldest age at fire {age}");
+
+    let st = status(&sock);
+    let p = process_in(&st, cli.pid()).expect("client listed");
+    assert_eq!(p["count"], 5);
+    assert_eq!(p["comm"], "tw-leaky");
+    assert_eq!(p["oldest_age_is_lower_bound"], false);
+    assert_eq!(p["sockets"].as_array().expect("sockets").len(), 5);
+    for s in p["sockets"].as_array().expect("sockets") {
+        assert_eq!(s["remote"], format!("127.0.0.1:{port}"));
+        assert_eq!(s["recv_q"], 0);
+    }
+    assert!(
+        process_in(&st, srv.pid()).is_none(),
+        "the server is never blamed"
+    );
+    assert_eq!(st["alerts"].as_array().expect("alerts").len(), 1);
+
+    cli.send("close");
+    cli.expect_line("closed");
+    let closed = Instant::now();
+    let resolved = wait_until(Duration::from_secs(2), || alerts(&tw).len() >= 2);
+    let resolved_after = closed.elapsed();
+    assert!(resolved, "not resolved: {:?}", tw.stdout.snapshot());
+    assert!(
+        resolved_after <= Duration::from_secs(1),
+        "resolved after {resolved_after:?}"
+    );
+    let all = alerts(&tw);
+    assert_eq!(all.len(), 2, "exactly one firing, one resolved: {all:?}");
+    assert_eq!(
+        (all[1]["alert"].as_str(), &all[1]["pid"]),
+        (Some("resolved"), &cli.pid().into())
+    );
+    assert!(all.iter().all(|a| a["pid"] != srv.pid()));
+    assert!(process_in(&status(&sock), cli.pid()).is_none());
+    assert_eq!(tw.stop(libc::SIGTERM), 0);
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn count_rule_fires_before_the_age_threshold() {
+    require_root();
+    let sock = api_socket("count");
+    let tw = daemon(
+        &sock,
+        &["--close-wait-count", "10", "--close-wait-age", "60"],
+    );
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 20);
+    let (cli, _) = client(
+        "tw-many",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        20,
+    );
+    srv.expect_line("accepted");
+    let closed_at = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty()),
+        "no alert"
+    );
+    assert!(closed_at.elapsed() < Duration::from_secs(5));
+    let a = &alerts(&tw)[0];
+    assert_eq!(
+        (&a["alert"], &a["pid"]),
+        (&"firing".into(), &cli.pid().into())
+    );
+    assert!(a["count"].as_u64().expect("count") > 10, "{a}");
+    assert!(a["oldest_age_s"].as_f64().expect("age") < 60.0);
+    assert!(wait_until(Duration::from_secs(3), || {
+        process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == 20)
+    }));
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn sockets_that_predate_the_agent_are_listed_with_an_age_bound() {
+    require_root();
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 3);
+    let (cli, _) = client(
+        "tw-old",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        3,
+    );
+    srv.expect_line("accepted");
+    // The CLOSE_WAIT sockets exist before the agent starts.
+    assert!(wait_until(Duration::from_secs(2), || ss_close_wait_to(
+        port
+    ) == 3));
+    let sock = api_socket("pre");
+    let started = Instant::now();
+    let _tw = daemon(&sock, &[]);
+    let listed = wait_until(Duration::from_secs(3), || {
+        process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == 3)
+    });
+    assert!(listed, "not listed within 3 s: {}", status(&sock));
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let p = process_in(&status(&sock), cli.pid()).expect("listed");
+    assert_eq!(p["comm"], "tw-old");
+    assert_eq!(p["oldest_age_is_lower_bound"], true);
+    for s in p["sockets"].as_array().expect("sockets") {
+        assert_eq!(s["age_is_lower_bound"], true);
+        assert!(s["age_s"].as_f64().expect("age") > 0.0);
+    }
+}
+
+/// CLOSE_WAIT sockets towards `port`, as `ss` sees them.
+fn ss_close_wait_to(port: u16) -> usize {
+    ss_close_wait()
+        .iter()
+        .filter(|(_, remote)| remote.ends_with(&format!(":{port}")))
+        .count()
+}
+
+/// (local, remote) of every CLOSE_WAIT socket, from `ss -Htan state close-wait`.
+fn ss_close_wait() -> Vec<(String, String)> {
+    let out = std::process::Command::new("ss")
+        .args(["-Htan", "state", "close-wait"])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4).then(|| (f[2].to_owned(), f[3].to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_socket_inherited_across_fork_lists_both_holders() {
+    require_root();
+    let sock = api_socket("fork");
+    let _tw = daemon(&sock, &[]);
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 1);
+    let mut forker = Peer::spawn("forker", "tw-forker", &[format!("127.0.0.1:{port}")]);
+    let line = forker.expect_line("connected");
+    let child: u32 = line
+        .split_whitespace()
+        .nth(2)
+        .expect("child pid")
+        .parse()
+        .expect("pid");
+    srv.expect_line("accepted");
+    let both = wait_until(Duration::from_secs(3), || {
+        let st = status(&sock);
+        process_in(&st, forker.pid()).is_some_and(|p| p["count"] == 1)
+            && process_in(&st, child).is_some_and(|p| p["count"] == 1)
+    });
+    assert!(both, "both holders expected: {}", status(&sock));
+    let st = status(&sock);
+    let (a, b) = (
+        process_in(&st, forker.pid()).expect("parent"),
+        process_in(&st, child).expect("child"),
+    );
+    assert_eq!(a["sockets"][0]["local"], b["sockets"][0]["local"]);
+    assert_eq!(a["sockets"][0]["remote"], format!("127.0.0.1:{port}"));
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn reconciliation_repairs_a_table_that_missed_every_event() {
+    require_root();
+    let sock = api_socket("reconcile");
+    let _tw = daemon(
+        &sock,
+        &["--test-withhold-events", "--reconcile-interval", "1"],
+    );
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 4);
+    let (mut cli, _) = client(
+        "tw-unseen",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        4,
+    );
+    srv.expect_line("accepted");
+    let tracked = |st: &Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = st["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .flat_map(|p| p["sockets"].as_array().expect("sockets").clone())
+            .chain(st["unowned"].as_array().expect("unowned").iter().cloned())
+            .map(|s| {
+                (
+                    s["local"].as_str().expect("local").to_owned(),
+                    s["remote"].as_str().expect("remote").to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let matches = wait_until(Duration::from_secs(5), || {
+        let mut truth = ss_close_wait();
+        truth.sort();
+        ss_close_wait_to(port) == 4 && tracked(&status(&sock)) == truth
+    });
+    assert!(
+        matches,
+        "table {:?} vs ss {:?}",
+        tracked(&status(&sock)),
+        ss_close_wait()
+    );
+    let st = status(&sock);
+    assert_eq!(
+        st["counters"]["transitions"].as_u64().map(|n| n > 0),
+        Some(true)
+    );
+    assert!(st["counters"]["reconcile_added"].as_u64().expect("added") >= 4);
+    assert_eq!(process_in(&st, cli.pid()).expect("owner found")["count"], 4);
+
+    cli.send("close");
+    cli.expect_line("closed");
+    let gone = wait_until(Duration::from_secs(5), || {
+        process_in(&status(&sock), cli.pid()).is_none()
+    });
+    assert!(gone, "closed sockets still tracked: {}", status(&sock));
+    assert!(
+        status(&sock)["counters"]["reconcile_removed"]
+            .as_u64()
+            .expect("removed")
+            >= 4
+    );
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
+    require_root();
+    let sock = api_socket("tail");
+    let tw = daemon(
+        &sock,
+        &["--close-wait-age", "2", "--test-tail-backlog", "64"],
+    );
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 300);
+    let port_s = port.to_string();
+    let tail = |name: &str| {
+        let t = Tcpwait::start(
+            &["tail", "--json", "--port", &port_s, "--socket", &sock],
+            "",
+        );
+        let _ = name;
+        t
+    };
+    let (t1, t2) = (tail("one"), tail("two"));
+    // A client that asks for the stream and never reads it.
+    let mut stuck = UnixStream::connect(&sock).expect("connect API");
+    stuck
+        .write_all(br#"{"tail":{"filter":{}}}"#)
+        .expect("request");
+    stuck.write_all(b"\n").expect("request");
+    std::thread::sleep(Duration::from_millis(200)); // let the three subscribe
+
+    let (mut cli, _) = client(
+        "tw-tailed",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        300,
+    );
+    srv.expect_line("accepted");
+    let closed_at = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty()));
+    let fired_after = closed_at.elapsed();
+    assert!(
+        fired_after <= Duration::from_secs(3),
+        "alert delayed: {fired_after:?}"
+    );
+    cli.send("close");
+    cli.expect_line("closed");
+    // 300 connections: 10 transitions each; the listener's CLOSE→LISTEN predates the tails.
+    let expected = 3000;
+    for t in [&t1, &t2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || t.stdout.snapshot().len()
+                >= expected),
+            "a tail got {} of {expected}",
+            t.stdout.snapshot().len()
+        );
+    }
+    let key = |v: &Value| format!("{}{}{}{}", v["skaddr"], v["old"], v["new"], v["ts_ns"]);
+    let (a, b) = (t1.json(), t2.json());
+    assert_eq!(a.len(), expected);
+    assert_eq!(
+        a.iter().map(key).collect::<Vec<_>>(),
+        b.iter().map(key).collect::<Vec<_>>()
+    );
+    let last_acks: Vec<&Value> = a.iter().filter(|r| r["old"] == "CLOSE_WAIT").collect();
+    assert_eq!(last_acks.len(), 300);
+    for r in last_acks {
+        assert_eq!(r["owner_pid"], cli.pid(), "{r}");
+        assert_eq!(r["owner_comm"], "tw-tailed");
+    }
+    // The stuck client now reads: it was told how much it missed.
+    let mut missed = 0;
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for line in BufReader::new(&stuck).lines() {
+        let Ok(line) = line else { break };
+        let v: Value = serde_json::from_str(&line).expect("JSON line");
+        if let Some(n) = v.get("missed") {
+            missed += n.as_u64().expect("count");
+        }
+        if v["old"] == "LAST_ACK" && v["dport"] == port {
+            break;
+        }
+    }
+    assert!(missed > 0, "the stuck client was not told what it missed");
+    assert!(
+        status(&sock)["counters"]["tail_missed"]
+            .as_u64()
+            .expect("counter")
+            >= missed
+    );
+}
