@@ -50,7 +50,14 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TailLine<'a> {
-    Missed { missed: u64 },
+    /// First line of a stream: the client is subscribed, nothing after this is missed
+    /// silently.
+    Subscribed {
+        subscribed: bool,
+    },
+    Missed {
+        missed: u64,
+    },
     Record(TransitionRecord<'a>),
 }
 
@@ -247,6 +254,11 @@ async fn client(
         }
         Request::Tail { filter } => {
             let mut buf = Vec::with_capacity(64 * 1024);
+            serde_json::to_writer(&mut buf, &TailLine::Subscribed { subscribed: true })
+                .map_err(io::Error::other)?;
+            buf.push(b'\n');
+            write.write_all(&buf).await?;
+            buf.clear();
             loop {
                 let item = match tail.recv().await {
                     Ok(item) => item,

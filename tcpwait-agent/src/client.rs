@@ -162,6 +162,13 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         };
         let Some(line) = line else { break };
         let written = match serde_json::from_str::<TailLine<'_>>(&line) {
+            Ok(TailLine::Subscribed { .. }) => {
+                eprintln!(
+                    "tcpwait: following the agent's transitions at {}; Ctrl-C to stop",
+                    path.display()
+                );
+                Ok(())
+            }
             Ok(TailLine::Missed { missed: n }) => {
                 missed += n;
                 eprintln!("tcpwait: this client fell behind and missed {n} transitions");

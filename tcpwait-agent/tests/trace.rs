@@ -137,15 +137,6 @@ fn close_wait_lifecycle_ipv6() {
     close_wait_lifecycle("::1", 6);
 }
 
-/// A free loopback port: bound once by the test, then released for the server.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[test]
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
 fn every_transition_of_n_connections_is_captured() {

@@ -235,6 +235,9 @@ pub fn role_main() {
         return;
     };
     let comm = std::env::var("TCPWAIT_TEST_COMM").expect("role has a comm");
+    // The process's comm (what /proc/<pid>/stat shows) is its main thread's; this code runs
+    // in a test thread, whose name is what the kernel reports for syscalls made here.
+    std::fs::write("/proc/self/comm", &comm).expect("name the process");
     let cname = std::ffi::CString::new(comm).expect("comm has no NUL");
     // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes by the kernel).
     unsafe { libc::prctl(libc::PR_SET_NAME, cname.as_ptr()) };
@@ -316,6 +319,15 @@ pub fn role_main() {
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);
+}
+
+/// A free loopback port: bound once by the test, then released for a server.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A unique API socket path for one test.
