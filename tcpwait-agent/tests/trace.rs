@@ -160,8 +160,13 @@ fn every_transition_of_n_connections_is_captured() {
     let all_seen = wait_until(Duration::from_secs(10), || {
         tw.stdout.snapshot().len() >= expected
     });
-    assert!(all_seen, "saw {} of {expected}", tw.stdout.snapshot().len());
     assert_eq!(tw.stop(libc::SIGINT), 0);
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(
+        all_seen,
+        "saw {} of {expected}; {summary}",
+        tw.stdout.snapshot().len()
+    );
 
     let all = tw.json();
     assert_eq!(
@@ -185,6 +190,5 @@ fn every_transition_of_n_connections_is_captured() {
         assert_eq!(count(edge), N, "{edge}");
     }
     assert_eq!((count("CLOSE>LISTEN"), count("LISTEN>CLOSE")), (1, 1));
-    let summary = tw.stderr.snapshot().join("\n");
     assert!(summary.contains(&format!(", {expected} printed, 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)")), "{summary}");
 }

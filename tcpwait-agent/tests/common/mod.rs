@@ -251,6 +251,11 @@ pub fn role_main() {
     match role.as_str() {
         "server" => {
             let listener = TcpListener::bind(args[0].as_str()).expect("bind");
+            // std listens with a backlog of 128: a burst of connections would overflow the
+            // accept queue, the kernel would drop handshake ACKs and retransmit for seconds.
+            // listen() again raises the backlog (capped by net.core.somaxconn, 4096).
+            // SAFETY: listen on a socket fd this process owns.
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
             let n: usize = args[1].parse().expect("count");
             writeln!(out, "port {}", listener.local_addr().expect("addr").port()).expect("out");
             out.flush().expect("flush");
