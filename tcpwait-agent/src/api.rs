@@ -159,6 +159,8 @@ pub struct Counters {
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<StatusReport>),
+    /// The Prometheus rendering of every metric.
+    Metrics(oneshot::Sender<String>),
 }
 
 /// Failures to set up the API socket.

@@ -39,31 +39,50 @@ pub enum Command {
     Run(RunArgs),
     /// Ask the running agent which processes hold CLOSE_WAIT sockets, with ages and peers.
     Status(StatusArgs),
+    /// Configuration helpers: `tcpwait config --print-default > /etc/tcpwait/tcpwait.toml`.
+    Config(ConfigArgs),
     /// Stream the running agent's live transition log, with owners (same format and filters as
     /// `trace`, plus owner_pid / owner_comm).
     Tail(TailArgs),
 }
 
-/// Arguments of `tcpwait run`.
+/// Arguments of `tcpwait run`. Unset flags fall back to the configuration file, then to the
+/// embedded defaults (`tcpwait config --print-default` shows them, documented).
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Path of the API socket (mode 0600) for `status` and `tail`.
-    #[arg(long, env = "TCPWAIT_SOCKET", default_value = crate::api::DEFAULT_SOCKET)]
-    pub socket: std::path::PathBuf,
-    /// Alert when a process holds a CLOSE_WAIT socket at least this old (e.g. 60, 90s, 5m).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub close_wait_age: std::time::Duration,
-    /// Alert when a process holds more than this many CLOSE_WAIT sockets.
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    pub close_wait_count: u32,
-    /// Most sockets tracked at once; past it new sockets are not tracked and are counted as
-    /// table overflow (about 100 bytes each).
-    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
-    pub max_sockets: u64,
+    /// Configuration file (TOML). Default: /etc/tcpwait/tcpwait.toml if it exists, else the
+    /// embedded defaults.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Path of the API socket (mode 0600) for `status` and `tail` [default: /run/tcpwait/tcpwait.sock].
+    #[arg(long, env = "TCPWAIT_SOCKET")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Alert when a process holds a CLOSE_WAIT socket at least this old (e.g. 60, 90s, 5m) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_age: Option<std::time::Duration>,
+    /// Alert when a process holds more than this many CLOSE_WAIT sockets [default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub close_wait_count: Option<u32>,
+    /// Most sockets tracked at once; past it new sockets are counted as overflow, not tracked
+    /// [default: 1000000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_sockets: Option<u64>,
     /// How often the CLOSE_WAIT table is compared with the kernel's (inet_diag) and repaired;
-    /// it is also repaired at once after any lost event.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub reconcile_interval: std::time::Duration,
+    /// also at once after any lost event [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub reconcile_interval: Option<std::time::Duration>,
+    /// Prometheus endpoint address, "" to disable [default: 127.0.0.1:9977].
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<String>,
+    /// Send alerts to this Alertmanager (API v2), e.g. http://127.0.0.1:9093.
+    #[arg(long, value_name = "URL")]
+    pub alertmanager_url: Option<String>,
+    /// POST each alert change as JSON to this URL.
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// Append alert changes as JSON lines to this file.
+    #[arg(long, value_name = "FILE")]
+    pub alert_file: Option<String>,
     /// Print alerts as JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +93,51 @@ pub struct RunArgs {
     /// Transitions a `tail` client may lag behind (default 16384). For tests only.
     #[arg(long, hide = true, default_value_t = crate::api::TAIL_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub test_tail_backlog: usize,
+}
+
+impl RunArgs {
+    /// The configuration in force: the file (or defaults), overridden by the flags given.
+    pub fn resolve(&self) -> Result<crate::config::Config, crate::config::ConfigError> {
+        use crate::config::{Config, Dur};
+        let mut c = Config::load(self.config.as_deref())?;
+        if let Some(v) = &self.socket {
+            c.agent.socket = v.clone();
+        }
+        if let Some(v) = self.close_wait_age {
+            c.rules.close_wait_age = Dur(v);
+        }
+        if let Some(v) = self.close_wait_count {
+            c.rules.close_wait_count = v;
+        }
+        if let Some(v) = self.max_sockets {
+            c.agent.max_sockets = v;
+        }
+        if let Some(v) = self.reconcile_interval {
+            c.agent.reconcile_interval = Dur(v);
+        }
+        if let Some(v) = &self.metrics_listen {
+            c.metrics.listen = v.clone();
+        }
+        if let Some(v) = &self.alertmanager_url {
+            c.alertmanager.url = v.clone();
+        }
+        if let Some(v) = &self.webhook_url {
+            c.webhook.url = v.clone();
+        }
+        if let Some(v) = &self.alert_file {
+            c.alert_file.path = v.clone();
+        }
+        c.validate("command line")?;
+        Ok(c)
+    }
+}
+
+/// Arguments of `tcpwait config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print the documented default configuration file.
+    #[arg(long, required = true)]
+    pub print_default: bool,
 }
 
 /// Arguments of `tcpwait status`.

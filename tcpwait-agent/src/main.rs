@@ -7,6 +7,7 @@ use clap::Parser as _;
 mod api;
 mod cli;
 mod client;
+mod config;
 mod daemon;
 mod event;
 mod filter;
@@ -35,7 +36,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the cause and its fix, then the chain of underlying errors.
             eprintln!("tcpwait: {e:#}");
-            ExitCode::FAILURE
+            // A bad configuration is a usage error, like a bad flag.
+            if e.downcast_ref::<config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -44,6 +50,10 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Trace(args) => trace::run(args).await,
         cli::Command::Run(args) => daemon::run(args).await,
+        cli::Command::Config(_) => {
+            print!("{}", config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
         cli::Command::Status(args) => client::status(&args.socket, args.json).await,
         cli::Command::Tail(args) => {
             let format = if args.json {

@@ -2,6 +2,8 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod delivery;
+mod metrics;
 mod report;
 mod resolver;
 
@@ -24,6 +26,7 @@ use tracing::{info, warn};
 use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
+    config::Config,
     event::{DecodeErrors, TcpState, decode},
     model::Tuple,
     output::{OwnerView, clock_ns},
@@ -31,6 +34,8 @@ use crate::{
     trace::DRAIN_INTERVAL,
     tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
 };
+use delivery::Delivery;
+use metrics::EdgeCounts;
 use resolver::{Resolver, Snapshot};
 
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
@@ -47,6 +52,9 @@ struct Daemon {
     tail: broadcast::Sender<Arc<TailItem>>,
     tail_missed: Arc<AtomicU64>,
     args: RunArgs,
+    config: Config,
+    delivery: Delivery,
+    edges: EdgeCounts,
     started_ns: u64,
     started: Instant,
     /// Since when the table holds every socket: agent start, or the last loss.
@@ -63,38 +71,54 @@ struct Daemon {
     /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
     /// still show them, and must not bring them back.
     left_during_snapshot: HashMap<Tuple, u64>,
+    /// The `instance` label of delivered alerts.
+    instance: String,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
     let probe = Probe::attach(category, name)?;
-    let listener = api::bind(&args.socket).await?;
+    let listener = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (tail, _) = broadcast::channel(args.test_tail_backlog);
     let tail_missed = Arc::new(AtomicU64::new(0));
+    if !config.metrics.listen.is_empty() {
+        let addr = config
+            .metrics
+            .listen
+            .parse()
+            .expect("validated by Config::validate");
+        metrics::serve(addr, cmd_tx.clone()).await.with_context(|| {
+            format!("cannot serve metrics on {addr}: choose another metrics.listen / --metrics-listen")
+        })?;
+    }
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
         tail.clone(),
         tail_missed.clone(),
     ));
+    let delivery = Delivery::start(&config).context("start alert delivery")?;
 
-    let config = TrackerConfig {
-        max_sockets: usize::try_from(args.max_sockets).unwrap_or(usize::MAX),
+    let tracker_config = TrackerConfig {
+        max_sockets: usize::try_from(config.agent.max_sockets).unwrap_or(usize::MAX),
         rules: vec![Rule {
             name: "close_wait_leak".into(),
             state: TcpState::CloseWait,
-            max_age_ns: Some(u64::try_from(args.close_wait_age.as_nanos()).unwrap_or(u64::MAX)),
-            max_count: Some(args.close_wait_count),
+            max_age_ns: Some(
+                u64::try_from(config.rules.close_wait_age.0.as_nanos()).unwrap_or(u64::MAX),
+            ),
+            max_count: Some(config.rules.close_wait_count),
         }],
     };
     let now = clock_ns(libc::CLOCK_MONOTONIC);
     let mut d = Daemon {
-        tracker: Tracker::new(config),
+        tracker: Tracker::new(tracker_config),
         probe,
         resolver,
         tail,
@@ -108,16 +132,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         in_flight: false,
         owners_wanted: false,
         last_request: None,
-        next_reconcile: Instant::now() + args.reconcile_interval,
+        next_reconcile: Instant::now() + config.agent.reconcile_interval.0,
         left_during_snapshot: HashMap::new(),
         args,
+        config,
+        delivery,
+        edges: EdgeCounts::default(),
+        instance: String::new(),
+    };
+    d.instance = if d.config.alertmanager.instance.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into())
+    } else {
+        d.config.alertmanager.instance.clone()
     };
     // Bootstrap: the sockets already in CLOSE_WAIT, with their owners.
     d.request_snapshot();
     eprintln!(
         "tcpwait: agent running on {category}:{name}; API on {} (tcpwait status, tcpwait tail); \
          SIGINT/SIGTERM to stop",
-        d.args.socket.display()
+        d.config.agent.socket.display()
     );
 
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
@@ -146,7 +181,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     d.drain();
     d.evaluate();
     let summary = d.summary();
-    drop(d); // detaches the probe
+    let Daemon {
+        probe, delivery, ..
+    } = d;
+    drop(probe); // detach first, then deliver what is owed
+    delivery.finish(Duration::from_millis(1500));
     eprintln!("tcpwait: stopped; {summary}");
     Ok(ExitCode::SUCCESS)
 }
@@ -180,11 +219,13 @@ impl Daemon {
             transitions,
             left_during_snapshot,
             in_flight,
+            edges,
             ..
         } = self;
         probe.drain(|bytes| match decode(bytes) {
             Ok(t) => {
                 *transitions += 1;
+                edges.count(t.old, t.new);
                 if withhold {
                     return;
                 }
@@ -268,7 +309,7 @@ impl Daemon {
         self.owners_wanted = false;
         self.in_flight = true;
         self.last_request = Some(Instant::now());
-        self.next_reconcile = Instant::now() + self.args.reconcile_interval;
+        self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
         self.resolver.request(RECONCILED.to_vec());
     }
 
@@ -307,6 +348,9 @@ impl Daemon {
                 let report = report::status(self);
                 let _ = reply.send(report);
             }
+            Command::Metrics(reply) => {
+                let _ = reply.send(metrics::render(self));
+            }
         }
     }
 
@@ -325,6 +369,8 @@ impl Daemon {
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
+            self.delivery
+                .send(&report::alert_message(change, now, &self.instance));
         }
     }
 

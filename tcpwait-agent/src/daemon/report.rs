@@ -1,9 +1,9 @@
 //! What the agent shows: the `status` report and the alert lines it prints.
-use std::sync::atomic::Ordering;
+use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use serde_json::json;
 
-use super::Daemon;
+use super::{Daemon, delivery::AlertMessage};
 use crate::{
     api::{AlertReport, Counters, PeerReport, ProcessReport, SocketReport, StatusReport},
     event::TcpState,
@@ -93,6 +93,60 @@ fn alert_report(a: &Alert, now: u64) -> AlertReport {
         oldest_age_s: secs(a.oldest_age_at(now)),
         firing_for_s: secs(now.saturating_sub(a.fired_at_ns)),
         peers: peers(&a.top_peers),
+    }
+}
+
+/// The change as the delivery sinks take it.
+pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> AlertMessage {
+    let (firing, a) = match change {
+        AlertChange::Firing(a) => (true, a),
+        AlertChange::Resolved(a) => (false, a),
+    };
+    let mono_to_wall = |ns: u64| {
+        let wall = i128::from(ns)
+            + (crate::output::clock_ns(libc::CLOCK_REALTIME) as i128 - i128::from(now));
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(wall).unwrap_or(0))
+    };
+    let peers: Vec<String> = a
+        .top_peers
+        .iter()
+        .map(|(addr, n)| format!("{addr} ({n})"))
+        .collect();
+    let mut labels = BTreeMap::from([
+        ("alertname".to_owned(), "TcpCloseWaitLeak".to_owned()),
+        ("rule".to_owned(), a.rule.clone()),
+        ("pid".to_owned(), a.process.key.pid.to_string()),
+        ("comm".to_owned(), a.process.comm.clone()),
+        ("instance".to_owned(), instance.to_owned()),
+        ("severity".to_owned(), "warning".to_owned()),
+    ]);
+    if let Some(c) = &a.process.container {
+        labels.insert("container".into(), c.clone());
+    }
+    let annotations = BTreeMap::from([
+        ("summary".to_owned(), format!(
+            "{} (pid {}) holds {} {} sockets, oldest {}{:.0}s",
+            a.process.comm, a.process.key.pid, a.count, a.state.name(),
+            if a.oldest_is_lower_bound { ">=" } else { "" }, secs(a.oldest_age_ns)
+        )),
+        ("count".to_owned(), a.count.to_string()),
+        ("oldest_age_seconds".to_owned(), format!("{:.1}", secs(a.oldest_age_ns))),
+        ("peers".to_owned(), peers.join(", ")),
+        ("cmdline".to_owned(), a.process.cmdline.clone()),
+        ("cgroup".to_owned(), a.process.cgroup.clone().unwrap_or_default()),
+        ("remedy".to_owned(), "the peer closed these connections and the process never called close(): find the code path that drops a connection after read() returns 0 or an error without closing it".to_owned()),
+    ]);
+    AlertMessage {
+        key: format!(
+            "{}/{}/{}",
+            a.rule, a.process.key.pid, a.process.key.start_ticks
+        ),
+        firing,
+        starts_at: mono_to_wall(a.fired_at_ns),
+        labels,
+        annotations,
+        json: serde_json::from_str(&alert_line(change, now, true))
+            .expect("alert_line renders JSON"),
     }
 }
 

@@ -1,0 +1,540 @@
+//! The configuration file (TOML): defaults embedded, every key documented in
+//! [`DEFAULT_CONFIG`], unknown keys and bad values refused with one line that names the key, the
+//! value and what is allowed. Command-line flags override the file (see `cli::RunArgs`).
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where `tcpwait run` looks when `--config` is not given; absent means embedded defaults.
+pub const DEFAULT_PATH: &str = "/etc/tcpwait/tcpwait.toml";
+
+/// The documented default file, printed by `tcpwait config --print-default`. Parsing it gives
+/// exactly `Config::default()` (a unit test holds this).
+pub const DEFAULT_CONFIG: &str = r#"# tcpwait configuration. Every key is optional; shown here with its default.
+# Durations: a number of seconds (60) or a string with units ("90s", "5m", "1h 30m").
+
+[agent]
+# API socket for `tcpwait status` and `tcpwait tail` (mode 0600).
+socket = "/run/tcpwait/tcpwait.sock"
+# Most sockets tracked at once (1 ..= 100000000). Past it, new sockets are counted
+# (tcpwait_table_overflow_total) and not tracked; about 140 bytes each.
+max_sockets = 1000000
+# How often the CLOSE_WAIT table is compared with the kernel's (inet_diag) and repaired
+# (1s ..= 1h). It is also repaired at once after any lost event.
+reconcile_interval = "30s"
+
+[rules]
+# Alert when a process holds a CLOSE_WAIT socket at least this old (100ms ..= 30d).
+close_wait_age = "60s"
+# Alert when a process holds more than this many CLOSE_WAIT sockets (1 ..= 10000000).
+close_wait_count = 100
+
+[metrics]
+# Prometheus endpoint, http://<listen>/metrics. "" disables it. 9977 is clear of the
+# well-known exporter ports (9090 Prometheus, 9093 Alertmanager, 9100 node exporter, ...).
+listen = "127.0.0.1:9977"
+# Per-process series are exported for the K processes with the most CLOSE_WAIT sockets
+# (1 ..= 10000), to bound cardinality.
+top_processes = 20
+
+[alertmanager]
+# Alertmanager base URL (http:// only), e.g. "http://127.0.0.1:9093". "" disables.
+url = ""
+# Firing alerts are re-sent this often (1s ..= 1h), each with endsAt = now + 4 x this.
+resend_interval = "60s"
+# The `instance` label. "" means this host's name.
+instance = ""
+
+[webhook]
+# Generic JSON webhook (http:// only): each alert change is POSTed as one JSON object. "" disables.
+url = ""
+
+[alert_file]
+# Alert changes appended as JSON lines to this file. "" disables.
+path = ""
+
+[delivery]
+# Alert changes waiting for delivery, per sink (1 ..= 1000000). When full, the oldest
+# undelivered change is dropped and counted (tcpwait_alert_deliveries_total{result="dropped"}).
+queue_size = 1024
+# Longest wait between retries of a failed delivery (100ms ..= 1h); backoff doubles from 100ms.
+max_backoff = "10s"
+"#;
+
+/// A duration in the file: seconds, or a string with units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(f64),
+            Text(String),
+        }
+        let parsed = match Raw::deserialize(d)? {
+            Raw::Secs(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+            Raw::Secs(s) => {
+                return Err(serde::de::Error::custom(format!(
+                    "invalid duration {s}: expected a positive number of seconds or a string like \"90s\""
+                )));
+            }
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration \"{t}\" ({e}): expected e.g. 60, \"90s\", \"5m\""
+                ))
+            })?,
+        };
+        Ok(Dur(parsed))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: Agent,
+    pub rules: Rules,
+    pub metrics: Metrics,
+    pub alertmanager: Alertmanager,
+    pub webhook: Webhook,
+    pub alert_file: AlertFile,
+    pub delivery: Delivery,
+}
+
+/// `[agent]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    pub socket: PathBuf,
+    pub max_sockets: u64,
+    pub reconcile_interval: Dur,
+}
+
+/// `[rules]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rules {
+    pub close_wait_age: Dur,
+    pub close_wait_count: u32,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    pub listen: String,
+    pub top_processes: u32,
+}
+
+/// `[alertmanager]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alertmanager {
+    pub url: String,
+    pub resend_interval: Dur,
+    pub instance: String,
+}
+
+/// `[webhook]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhook {
+    pub url: String,
+}
+
+/// `[alert_file]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertFile {
+    pub path: String,
+}
+
+/// `[delivery]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    pub queue_size: u32,
+    pub max_backoff: Dur,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            agent: Agent::default(),
+            rules: Rules::default(),
+            metrics: Metrics::default(),
+            alertmanager: Alertmanager::default(),
+            webhook: Webhook::default(),
+            alert_file: AlertFile::default(),
+            delivery: Delivery::default(),
+        }
+    }
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            socket: crate::api::DEFAULT_SOCKET.into(),
+            max_sockets: 1_000_000,
+            reconcile_interval: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            close_wait_age: Dur(Duration::from_secs(60)),
+            close_wait_count: 100,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9977".into(),
+            top_processes: 20,
+        }
+    }
+}
+
+impl Default for Alertmanager {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            resend_interval: Dur(Duration::from_secs(60)),
+            instance: String::new(),
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            queue_size: 1024,
+            max_backoff: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// A configuration that cannot be used. Its message is one line: where, which key, what value,
+/// what is allowed. `main` maps it to exit code 2, like a bad flag.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, or `--flag` for a command-line value.
+    pub source_name: String,
+    /// Dotted key, e.g. `rules.close_wait_count`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.source_name, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.source_name, self.key, self.message)
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; `None` means the default path, whose absence gives embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_PATH), false),
+        };
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(e) => Err(ConfigError {
+                source_name: name,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+
+    /// Parses and validates a file's text; `name` is used in messages.
+    pub fn parse(text: &str, name: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax_error(text, name, &e))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError {
+                source_name: name.into(),
+                key: if key == "." { String::new() } else { key },
+                message: inner.message().replace('\n', " "),
+            }
+        })?;
+        config.validate(name)?;
+        Ok(config)
+    }
+
+    /// Range and format checks, one per key.
+    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| {
+            Err(ConfigError {
+                source_name: name.into(),
+                key: key.into(),
+                message,
+            })
+        };
+        let dur_range = |key: &str, d: Dur, min: Duration, max: Duration, allowed: &str| {
+            if d.0 < min || d.0 > max {
+                return err(
+                    key,
+                    format!(
+                        "{} is out of range: allowed {allowed}",
+                        humantime::format_duration(d.0)
+                    ),
+                );
+            }
+            Ok(())
+        };
+        if !(1..=100_000_000).contains(&self.agent.max_sockets) {
+            return err(
+                "agent.max_sockets",
+                format!(
+                    "{} is out of range: allowed 1 ..= 100000000",
+                    self.agent.max_sockets
+                ),
+            );
+        }
+        if self.agent.socket.as_os_str().is_empty() {
+            return err(
+                "agent.socket",
+                "\"\" is not a path: give the API socket's path".into(),
+            );
+        }
+        dur_range(
+            "agent.reconcile_interval",
+            self.agent.reconcile_interval,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            "1s ..= 1h",
+        )?;
+        dur_range(
+            "rules.close_wait_age",
+            self.rules.close_wait_age,
+            Duration::from_millis(100),
+            Duration::from_secs(30 * 86400),
+            "100ms ..= 30d",
+        )?;
+        if !(1..=10_000_000).contains(&self.rules.close_wait_count) {
+            return err(
+                "rules.close_wait_count",
+                format!(
+                    "{} is out of range: allowed 1 ..= 10000000",
+                    self.rules.close_wait_count
+                ),
+            );
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return err(
+                "metrics.listen",
+                format!(
+                    "\"{}\" is not an address: allowed \"IP:PORT\" (e.g. \"127.0.0.1:9977\") or \"\" to disable",
+                    self.metrics.listen
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.metrics.top_processes) {
+            return err(
+                "metrics.top_processes",
+                format!(
+                    "{} is out of range: allowed 1 ..= 10000",
+                    self.metrics.top_processes
+                ),
+            );
+        }
+        for (key, url) in [
+            ("alertmanager.url", &self.alertmanager.url),
+            ("webhook.url", &self.webhook.url),
+        ] {
+            if !url.is_empty() && !(url.starts_with("http://") && url.len() > "http://".len()) {
+                return err(
+                    key,
+                    format!(
+                        "\"{url}\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable"
+                    ),
+                );
+            }
+        }
+        dur_range(
+            "alertmanager.resend_interval",
+            self.alertmanager.resend_interval,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            "1s ..= 1h",
+        )?;
+        if !(1..=1_000_000).contains(&self.delivery.queue_size) {
+            return err(
+                "delivery.queue_size",
+                format!(
+                    "{} is out of range: allowed 1 ..= 1000000",
+                    self.delivery.queue_size
+                ),
+            );
+        }
+        dur_range(
+            "delivery.max_backoff",
+            self.delivery.max_backoff,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+            "100ms ..= 1h",
+        )?;
+        Ok(())
+    }
+}
+
+fn syntax_error(text: &str, name: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+    ConfigError {
+        source_name: match line {
+            Some(l) => format!("{name}:{l}"),
+            None => name.into(),
+        },
+        key: String::new(),
+        message: format!("invalid TOML: {}", e.message().replace('\n', " ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_file_is_the_default() {
+        assert_eq!(
+            Config::parse(DEFAULT_CONFIG, "default").expect("valid"),
+            Config::default()
+        );
+        assert_eq!(
+            Config::parse("", "empty").expect("valid"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        let c = Config::parse("[rules]\nclose_wait_age = 2\n", "t").expect("valid");
+        assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(2)));
+        let c = Config::parse("[rules]\nclose_wait_age = \"1m 30s\"\n", "t").expect("valid");
+        assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(90)));
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse(text, "f.toml")
+            .expect_err("invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn each_key_is_validated() {
+        for (text, msg) in [
+            (
+                "[agent]\nmax_sockets = 0",
+                "f.toml: agent.max_sockets: 0 is out of range: allowed 1 ..= 100000000",
+            ),
+            (
+                "[agent]\nmax_sockets = \"many\"",
+                "f.toml: agent.max_sockets: invalid type: string \"many\", expected u64",
+            ),
+            (
+                "[agent]\nsocket = \"\"",
+                "f.toml: agent.socket: \"\" is not a path: give the API socket's path",
+            ),
+            (
+                "[agent]\nreconcile_interval = \"0.5s\"",
+                "f.toml: agent.reconcile_interval: 500ms is out of range: allowed 1s ..= 1h",
+            ),
+            (
+                "[rules]\nclose_wait_age = \"soon\"",
+                "f.toml: rules.close_wait_age: invalid duration \"soon\" (expected number at 0): expected e.g. 60, \"90s\", \"5m\"",
+            ),
+            (
+                "[rules]\nclose_wait_age = -1",
+                "f.toml: rules.close_wait_age: invalid duration -1: expected a positive number of seconds or a string like \"90s\"",
+            ),
+            (
+                "[rules]\nclose_wait_count = 0",
+                "f.toml: rules.close_wait_count: 0 is out of range: allowed 1 ..= 10000000",
+            ),
+            (
+                "[rules]\nclose_wait_count = -5",
+                "f.toml: rules.close_wait_count: invalid value: integer `-5`, expected u32",
+            ),
+            (
+                "[metrics]\nlisten = \"localhost\"",
+                "f.toml: metrics.listen: \"localhost\" is not an address: allowed \"IP:PORT\" (e.g. \"127.0.0.1:9977\") or \"\" to disable",
+            ),
+            (
+                "[metrics]\ntop_processes = 0",
+                "f.toml: metrics.top_processes: 0 is out of range: allowed 1 ..= 10000",
+            ),
+            (
+                "[alertmanager]\nurl = \"https://am:9093\"",
+                "f.toml: alertmanager.url: \"https://am:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            ),
+            (
+                "[alertmanager]\nresend_interval = \"2h\"",
+                "f.toml: alertmanager.resend_interval: 2h is out of range: allowed 1s ..= 1h",
+            ),
+            (
+                "[alertmanager]\ninstance = 5",
+                "f.toml: alertmanager.instance: invalid type: integer `5`, expected a string",
+            ),
+            (
+                "[webhook]\nurl = \"ftp://x\"",
+                "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            ),
+            (
+                "[alert_file]\npath = 1",
+                "f.toml: alert_file.path: invalid type: integer `1`, expected a string",
+            ),
+            (
+                "[delivery]\nqueue_size = 0",
+                "f.toml: delivery.queue_size: 0 is out of range: allowed 1 ..= 1000000",
+            ),
+            (
+                "[delivery]\nmax_backoff = \"1ms\"",
+                "f.toml: delivery.max_backoff: 1ms is out of range: allowed 100ms ..= 1h",
+            ),
+            (
+                "[rules]\nclose_wait_agee = 5",
+                "f.toml: rules.close_wait_agee: unknown field `close_wait_agee`, expected `close_wait_age` or `close_wait_count`",
+            ),
+            (
+                "[nope]\n",
+                "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`",
+            ),
+            (
+                "[rules\n",
+                "f.toml:1: invalid TOML: unclosed table, expected `]`",
+            ),
+        ] {
+            assert_eq!(error(text), msg, "{text}");
+            assert!(!error(text).contains('\n'));
+        }
+    }
+}

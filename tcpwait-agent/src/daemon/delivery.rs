@@ -1,0 +1,311 @@
+//! Alert delivery: Alertmanager API v2, a generic JSON webhook, a JSON-lines file. Each sink
+//! is a thread with a bounded queue; the state task only ever `try_send`s, so a slow or dead
+//! receiver never slows the agent. A full queue drops the new change and counts it; a failed
+//! delivery is retried with exponential backoff (100 ms doubling to `max_backoff`) and counted;
+//! nothing is dropped while the queue has room.
+//!
+//! Alertmanager forgets an alert whose `endsAt` passes, so firing alerts are re-sent every
+//! `resend_interval` with `endsAt = now + 4 × resend_interval`; a resolved alert is sent once
+//! with `endsAt = now`.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::{Value, json};
+use tracing::warn;
+
+use crate::config::Config;
+
+/// One alert change, ready for every sink.
+#[derive(Clone, Debug)]
+pub struct AlertMessage {
+    /// Identity of the (rule, process) pair: stable while it fires.
+    pub key: String,
+    /// Firing (true) or resolved.
+    pub firing: bool,
+    /// When it started firing.
+    pub starts_at: SystemTime,
+    /// Alertmanager labels.
+    pub labels: BTreeMap<String, String>,
+    /// Alertmanager annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// The JSON object sent to the webhook and the file (the `run --json` alert line).
+    pub json: Value,
+}
+
+/// Sinks, by index into the counters.
+const SINKS: [&str; 3] = ["alertmanager", "webhook", "file"];
+const RESULTS: [&str; 3] = ["sent", "failed", "dropped"];
+
+#[derive(Default)]
+struct Counts([AtomicU64; 9]);
+
+impl Counts {
+    fn add(&self, sink: usize, result: usize) {
+        self.0[sink * 3 + result].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The running sinks.
+pub struct Delivery {
+    senders: Vec<(usize, SyncSender<AlertMessage>)>,
+    threads: Vec<JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+impl Delivery {
+    /// Starts a thread per configured sink.
+    pub fn start(config: &Config) -> std::io::Result<Self> {
+        let counts = Arc::new(Counts::default());
+        let mut me = Self {
+            senders: Vec::new(),
+            threads: Vec::new(),
+            counts,
+        };
+        let queue = config.delivery.queue_size as usize;
+        let backoff = config.delivery.max_backoff.0;
+        let resend = config.alertmanager.resend_interval.0;
+        if !config.alertmanager.url.is_empty() {
+            let url = format!(
+                "{}/api/v2/alerts",
+                config.alertmanager.url.trim_end_matches('/')
+            );
+            me.spawn(
+                0,
+                queue,
+                Sink::Alertmanager {
+                    url,
+                    resend,
+                    firing: HashMap::new(),
+                },
+                backoff,
+            )?;
+        }
+        if !config.webhook.url.is_empty() {
+            me.spawn(
+                1,
+                queue,
+                Sink::Webhook {
+                    url: config.webhook.url.clone(),
+                },
+                backoff,
+            )?;
+        }
+        if !config.alert_file.path.is_empty() {
+            me.spawn(
+                2,
+                queue,
+                Sink::File {
+                    path: config.alert_file.path.clone().into(),
+                },
+                backoff,
+            )?;
+        }
+        Ok(me)
+    }
+
+    fn spawn(
+        &mut self,
+        idx: usize,
+        queue: usize,
+        sink: Sink,
+        max_backoff: Duration,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let counts = self.counts.clone();
+        let handle = thread::Builder::new()
+            .name(format!("tcpwait-{}", SINKS[idx]))
+            .spawn(move || worker(idx, sink, rx, counts, max_backoff))?;
+        self.senders.push((idx, tx));
+        self.threads.push(handle);
+        Ok(())
+    }
+
+    /// Queues a change for every sink; never blocks.
+    pub fn send(&self, msg: &AlertMessage) {
+        for (idx, tx) in &self.senders {
+            match tx.try_send(msg.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    self.counts.add(*idx, 2);
+                    warn!(
+                        sink = SINKS[*idx],
+                        "alert delivery queue full; change dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// (sink, result, count) for every configured sink.
+    pub fn counts(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (idx, _) in &self.senders {
+            for (r, result) in RESULTS.iter().enumerate() {
+                out.push((
+                    SINKS[*idx],
+                    *result,
+                    self.counts.0[idx * 3 + r].load(Ordering::Relaxed),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Closes the queues and waits up to `limit` for the sinks to deliver what they hold.
+    pub fn finish(self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        drop(self.senders);
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!("alert delivery did not finish in time; undelivered changes are lost");
+            }
+        }
+    }
+}
+
+enum Sink {
+    Alertmanager {
+        url: String,
+        resend: Duration,
+        firing: HashMap<String, AlertMessage>,
+    },
+    Webhook {
+        url: String,
+    },
+    File {
+        path: std::path::PathBuf,
+    },
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn am_alert(m: &AlertMessage, ends_at: SystemTime) -> Value {
+    json!({
+        "labels": m.labels,
+        "annotations": m.annotations,
+        "startsAt": rfc3339(m.starts_at),
+        "endsAt": rfc3339(ends_at),
+    })
+}
+
+impl Sink {
+    /// Delivers one change (or, with `None`, the periodic re-send of firing alerts).
+    fn deliver(&mut self, http: &ureq::Agent, msg: Option<&AlertMessage>) -> Result<(), String> {
+        match self {
+            Sink::Alertmanager {
+                url,
+                resend,
+                firing,
+            } => {
+                let now = SystemTime::now();
+                let mut batch = Vec::new();
+                if let Some(m) = msg {
+                    if m.firing {
+                        firing.insert(m.key.clone(), m.clone());
+                    } else {
+                        firing.remove(&m.key);
+                        batch.push(am_alert(m, now));
+                    }
+                }
+                let until = now + *resend * 4;
+                batch.extend(firing.values().map(|m| am_alert(m, until)));
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                post(http, url, &Value::Array(batch))
+            }
+            Sink::Webhook { url } => match msg {
+                Some(m) => post(http, url, &m.json),
+                None => Ok(()),
+            },
+            Sink::File { path } => match msg {
+                Some(m) => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&*path)
+                    .and_then(|mut f| writeln!(f, "{}", m.json))
+                    .map_err(|e| format!("{}: {e}", path.display())),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn resend_interval(&self) -> Option<Duration> {
+        match self {
+            Sink::Alertmanager { resend, .. } => Some(*resend),
+            _ => None,
+        }
+    }
+}
+
+fn post(http: &ureq::Agent, url: &str, body: &Value) -> Result<(), String> {
+    http.post(url)
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .map(|_| ())
+        .map_err(|e| format!("POST {url}: {e}"))
+}
+
+fn worker(
+    idx: usize,
+    mut sink: Sink,
+    rx: Receiver<AlertMessage>,
+    counts: Arc<Counts>,
+    max_backoff: Duration,
+) {
+    let http = agent();
+    let mut next_resend = sink.resend_interval().map(|d| Instant::now() + d);
+    loop {
+        let wait = next_resend.map_or(Duration::from_secs(3600), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let msg = match rx.recv_timeout(wait) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match sink.deliver(&http, msg.as_ref()) {
+                Ok(()) => {
+                    if msg.is_some() {
+                        counts.add(idx, 0);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    counts.add(idx, 1);
+                    warn!(sink = SINKS[idx], error = %e, retry_in_ms = backoff.as_millis() as u64, "alert delivery failed");
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+        if let Some(d) = sink.resend_interval() {
+            next_resend = Some(Instant::now() + d);
+        }
+    }
+}
