@@ -134,10 +134,14 @@ impl RunArgs {
 
 /// Arguments of `tcpwait config`.
 #[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
 pub struct ConfigArgs {
     /// Print the documented default configuration file.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub print_default: bool,
+    /// Check a configuration file and exit: 0 if valid, 2 with the first problem otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `tcpwait status`.

@@ -50,10 +50,17 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Trace(args) => trace::run(args).await,
         cli::Command::Run(args) => daemon::run(args).await,
-        cli::Command::Config(_) => {
-            print!("{}", config::DEFAULT_CONFIG);
-            Ok(ExitCode::SUCCESS)
-        }
+        cli::Command::Config(args) => match args.check {
+            Some(path) => {
+                config::Config::load(Some(&path))?;
+                println!("{}: valid", path.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                print!("{}", config::DEFAULT_CONFIG);
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         cli::Command::Status(args) => client::status(&args.socket, args.json).await,
         cli::Command::Tail(args) => {
             let format = if args.json {

@@ -13,11 +13,16 @@ use anyhow::{Context as _, Result, bail};
 /// The bpf-linker release that supports LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests use: `iproute2` (network namespaces), `util-linux` (`setpriv`).
+/// Debian packages the tests use, by a command each provides: iproute2 (`ss`), util-linux
+/// (`setpriv`), Prometheus with promtool, Alertmanager with amtool, systemd (`systemd-analyze`).
 const TEST_PACKAGES: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("setpriv", "util-linux"),
     ("ss", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
+    ("amtool", "prometheus-alertmanager"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn setup(root: &Path) -> Result<()> {
@@ -101,6 +106,7 @@ pub fn install_test_packages() -> Result<()> {
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());

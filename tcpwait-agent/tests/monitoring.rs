@@ -1,0 +1,495 @@
+//! The agent with its real neighbours: Prometheus scrapes it, Alertmanager receives its alerts
+//! (Debian packages `prometheus` and `prometheus-alertmanager`, started here on loopback with
+//! temporary configurations), promtool checks its output, and the configuration file refuses
+//! bad values. Real processes hold real CLOSE_WAIT sockets throughout.
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+#[test]
+#[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
+fn common_role_entry() {
+    role_main();
+}
+
+const READY: &str = "agent running";
+
+/// GET `url`, body as text (None when unreachable).
+fn get(url: &str) -> Option<String> {
+    ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
+}
+
+/// A neighbour process killed on drop.
+struct Neighbour(Child);
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn require(bin: &str) {
+    assert!(
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "{bin} not found: install the Debian packages prometheus and prometheus-alertmanager (cargo xtask test does)"
+    );
+}
+
+fn prometheus(dir: &std::path::Path, target_port: u16) -> (Neighbour, u16) {
+    require("prometheus");
+    let port = free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tcpwait\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        ),
+    )
+    .expect("write prometheus.yml");
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    (Neighbour(child), port)
+}
+
+fn alertmanager(dir: &std::path::Path, port: u16) -> Neighbour {
+    require("prometheus-alertmanager");
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
+    )
+    .expect("write config");
+    let child = Command::new("prometheus-alertmanager")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.path={}", dir.join("am-data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start alertmanager");
+    Neighbour(child)
+}
+
+/// Alerts Alertmanager holds for `pid` (active ones: resolved alerts are not listed).
+fn am_alerts(port: u16, pid: u32) -> Vec<Value> {
+    let Some(body) = get(&format!("http://127.0.0.1:{port}/api/v2/alerts")) else {
+        return vec![];
+    };
+    let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+    all.into_iter()
+        .filter(|a| a["labels"]["pid"] == pid.to_string())
+        .collect()
+}
+
+/// A leaking client: `n` sockets in CLOSE_WAIT, owned by a process named `comm`.
+fn leak(comm: &str, n: usize) -> (Peer, Peer) {
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", n);
+    let (cli, _) = client(comm, format!("127.0.0.1:{port}").parse().expect("addr"), n);
+    srv.expect_line("accepted");
+    (srv, cli)
+}
+
+#[test]
+#[ignore = "needs root, the real kernel and Prometheus; run by `cargo xtask test`"]
+fn prometheus_scrapes_close_wait_sockets_per_process() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = free_port();
+    let sock = api_socket("prom");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+        READY,
+    );
+    let (_srv, cli) = leak("tw-prom", 5);
+    let (_prom, port) = prometheus(dir.path(), metrics);
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{}%22%7D",
+        cli.pid()
+    );
+    let mut last = String::new();
+    let seen = wait_until(Duration::from_secs(30), || {
+        last = get(&query).unwrap_or_default();
+        let v: Value = serde_json::from_str(&last).unwrap_or(Value::Null);
+        v["data"]["result"][0]["value"][1] == "5"
+    });
+    assert!(
+        seen,
+        "Prometheus never read 5 CLOSE_WAIT sockets for pid {}: {last}",
+        cli.pid()
+    );
+    let v: Value = serde_json::from_str(&last).expect("JSON");
+    assert_eq!(v["data"]["result"][0]["metric"]["comm"], "tw-prom");
+    assert_eq!(v["data"]["result"].as_array().expect("result").len(), 1);
+}
+
+#[test]
+#[ignore = "needs root, the real kernel and Alertmanager; run by `cargo xtask test`"]
+fn alertmanager_receives_the_alert_and_its_resolution() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let am_port = free_port();
+    let _am = alertmanager(dir.path(), am_port);
+    assert!(wait_until(Duration::from_secs(20), || get(&format!(
+        "http://127.0.0.1:{am_port}/-/ready"
+    ))
+    .is_some()));
+    let sock = api_socket("am");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            "",
+            "--close-wait-age",
+            "1",
+            "--alertmanager-url",
+            &format!("http://127.0.0.1:{am_port}"),
+        ],
+        READY,
+    );
+    let (_srv, mut cli) = leak("tw-am", 3);
+    assert!(
+        wait_until(Duration::from_secs(10), || !am_alerts(am_port, cli.pid())
+            .is_empty()),
+        "alert not in Alertmanager"
+    );
+    let a = &am_alerts(am_port, cli.pid())[0];
+    assert_eq!(a["labels"]["alertname"], "TcpCloseWaitLeak");
+    assert_eq!(a["labels"]["comm"], "tw-am");
+    assert_eq!(a["labels"]["rule"], "close_wait_leak");
+    assert_eq!(a["annotations"]["count"], "3");
+    assert_eq!(a["status"]["state"], "active");
+    assert!(
+        a["annotations"]["remedy"]
+            .as_str()
+            .expect("remedy")
+            .contains("close()")
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    assert_eq!(a["labels"]["instance"], host.trim());
+
+    cli.send("close");
+    cli.expect_line("closed");
+    let resolved = wait_until(Duration::from_secs(10), || {
+        am_alerts(am_port, cli.pid()).is_empty()
+    });
+    assert!(
+        resolved,
+        "still active in Alertmanager: {:?}",
+        am_alerts(am_port, cli.pid())
+    );
+}
+
+#[test]
+#[ignore = "needs root, the real kernel and Alertmanager; run by `cargo xtask test`"]
+fn an_alert_raised_while_alertmanager_is_down_arrives_when_it_starts() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let am_port = free_port();
+    let metrics = free_port();
+    let sock = api_socket("amdown");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+            "--close-wait-age",
+            "1",
+            "--alertmanager-url",
+            &format!("http://127.0.0.1:{am_port}"),
+        ],
+        READY,
+    );
+    let (_srv, cli) = leak("tw-amdown", 2);
+    let deliveries = |result: &str| -> u64 {
+        let text = get(&format!("http://127.0.0.1:{metrics}/metrics")).unwrap_or_default();
+        let prefix =
+            format!("tcpwait_alert_deliveries_total{{sink=\"alertmanager\",result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || deliveries("failed") > 0),
+        "no failed delivery counted"
+    );
+    // The scenario itself: Alertmanager comes up 10 s after the alert fired.
+    std::thread::sleep(Duration::from_secs(10));
+    let started = Instant::now();
+    let _am = alertmanager(dir.path(), am_port);
+    let arrived = wait_until(Duration::from_secs(30), || {
+        !am_alerts(am_port, cli.pid()).is_empty()
+    });
+    assert!(arrived, "the alert never reached Alertmanager");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(deliveries("failed") >= 2, "retries counted");
+    assert!(deliveries("sent") >= 1);
+    assert_eq!(deliveries("dropped"), 0, "nothing lost");
+}
+
+#[test]
+#[ignore = "needs root, the real kernel and promtool; run by `cargo xtask test`"]
+fn promtool_accepts_the_metrics() {
+    require_root();
+    require("promtool");
+    let metrics = free_port();
+    let sock = api_socket("promtool");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+        READY,
+    );
+    let (_srv, cli) = leak("tw-promtool", 2);
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            text = get(&url).unwrap_or_default();
+            text.contains(&format!("tcpwait_process_close_wait_sockets{{pid=\"{}\",comm=\"tw-promtool\",container=\"\"}} 2", cli.pid()))
+        }),
+        "{text}"
+    );
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("write");
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "tcpwait_sockets{state=\"CLOSE_WAIT\"}",
+        "tcpwait_transitions_total{",
+        "tcpwait_process_oldest_close_wait_age_seconds{",
+        "tcpwait_alerts_firing{rule=\"close_wait_leak\"} 0",
+        "tcpwait_events_lost_total{reason=\"recursion_miss\"}",
+        "tcpwait_reconcile_repairs_total{kind=\"added\"}",
+        "tcpwait_tracked_sockets ",
+        "tcpwait_table_overflow_total 0",
+        "tcpwait_build_info{version=",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn sigterm_under_load_delivers_what_is_owed_and_exits_within_2s() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("alerts.jsonl");
+    let sock = api_socket("sigterm");
+    let mut tw = Tcpwait::start(
+        &[
+            "run",
+            "--json",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            "",
+            "--close-wait-count",
+            "1",
+            "--alert-file",
+            file.to_str().expect("utf-8"),
+        ],
+        READY,
+    );
+    // Load: a thread opening and closing loopback connections as fast as it can.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = std::net::TcpStream::connect(addr).expect("connect");
+                let (s, _) = l.accept().expect("accept");
+                drop((c, s));
+                n += 1;
+            }
+            n
+        })
+    };
+    let (_srv, cli) = leak("tw-term", 2);
+    assert!(wait_until(Duration::from_secs(5), || tw
+        .json()
+        .iter()
+        .any(|a| a["alert"] == "firing" && a["pid"] == cli.pid())));
+    let sent = Instant::now();
+    let code = tw.stop(libc::SIGTERM);
+    let took = sent.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let connections = load.join().expect("load thread");
+    assert!(connections > 100, "load ran ({connections} connections)");
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+    let delivered = std::fs::read_to_string(&file).expect("alert file written");
+    let lines: Vec<Value> = delivered
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|a| a["alert"] == "firing" && a["pid"] == cli.pid()),
+        "{delivered}"
+    );
+    assert!(
+        tw.stderr
+            .snapshot()
+            .iter()
+            .any(|l| l.starts_with("tcpwait: stopped;"))
+    );
+}
+
+/// Runs `tcpwait run --config <file>` with `text` as the file.
+fn run_with_config(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tcpwait.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(TCPWAIT)
+        .args(["config", "--check", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run tcpwait");
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(path.to_str().expect("utf-8"), "FILE");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn every_config_key_is_validated_with_one_line_and_exit_2() {
+    for (text, line) in [
+        (
+            "[agent]\nmax_sockets = 0",
+            "tcpwait: FILE: agent.max_sockets: 0 is out of range: allowed 1 ..= 100000000",
+        ),
+        (
+            "[agent]\nsocket = 3",
+            "tcpwait: FILE: agent.socket: invalid type: integer `3`, expected path string",
+        ),
+        (
+            "[agent]\nreconcile_interval = \"2h\"",
+            "tcpwait: FILE: agent.reconcile_interval: 2h is out of range: allowed 1s ..= 1h",
+        ),
+        (
+            "[rules]\nclose_wait_age = \"later\"",
+            "tcpwait: FILE: rules.close_wait_age: invalid duration \"later\" (expected number at 0): expected e.g. 60, \"90s\", \"5m\"",
+        ),
+        (
+            "[rules]\nclose_wait_count = 0",
+            "tcpwait: FILE: rules.close_wait_count: 0 is out of range: allowed 1 ..= 10000000",
+        ),
+        (
+            "[metrics]\nlisten = \"9977\"",
+            "tcpwait: FILE: metrics.listen: \"9977\" is not an address: allowed \"IP:PORT\" (e.g. \"127.0.0.1:9977\") or \"\" to disable",
+        ),
+        (
+            "[metrics]\ntop_processes = 100000",
+            "tcpwait: FILE: metrics.top_processes: 100000 is out of range: allowed 1 ..= 10000",
+        ),
+        (
+            "[alertmanager]\nurl = \"am:9093\"",
+            "tcpwait: FILE: alertmanager.url: \"am:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alertmanager]\nresend_interval = 0",
+            "tcpwait: FILE: alertmanager.resend_interval: invalid duration 0: expected a positive number of seconds or a string like \"90s\"",
+        ),
+        (
+            "[alertmanager]\ninstance = []",
+            "tcpwait: FILE: alertmanager.instance: invalid type: sequence, expected a string",
+        ),
+        (
+            "[webhook]\nurl = \"https://hook\"",
+            "tcpwait: FILE: webhook.url: \"https://hook\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alert_file]\npath = false",
+            "tcpwait: FILE: alert_file.path: invalid type: boolean `false`, expected a string",
+        ),
+        (
+            "[delivery]\nqueue_size = 2000000",
+            "tcpwait: FILE: delivery.queue_size: 2000000 is out of range: allowed 1 ..= 1000000",
+        ),
+        (
+            "[delivery]\nmax_backoff = \"2h\"",
+            "tcpwait: FILE: delivery.max_backoff: 2h is out of range: allowed 100ms ..= 1h",
+        ),
+        (
+            "[agent]\nsockett = \"/x\"",
+            "tcpwait: FILE: agent.sockett: unknown field `sockett`, expected one of `socket`, `max_sockets`, `reconcile_interval`",
+        ),
+    ] {
+        let (code, stderr) = run_with_config(text);
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert_eq!(stderr.trim_end(), line, "{text}");
+    }
+}
+
+#[test]
+fn print_default_is_a_valid_config() {
+    let out = Command::new(TCPWAIT)
+        .args(["config", "--print-default"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(text.contains("close_wait_age = \"60s\""));
+    // The printed file is accepted as is.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tcpwait.toml");
+    std::fs::write(&path, &text).expect("write");
+    let out = Command::new(TCPWAIT)
+        .args(["config", "--check"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
