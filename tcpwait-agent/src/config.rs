@@ -64,6 +64,14 @@ path = ""
 queue_size = 1024
 # Longest wait between retries of a failed delivery (100ms ..= 1h); backoff doubles from 100ms.
 max_backoff = "10s"
+
+[transition_log]
+# Every transition as a JSON line (the schema of `tcpwait tail --json`). "" disables.
+path = ""
+# Rotate when the file would exceed this many bytes (4096 ..= 1099511627776).
+max_bytes = 104857600
+# Rotated files kept: path.1 (newest) .. path.<keep> (1 ..= 100).
+keep = 5
 "#;
 
 /// A duration in the file: seconds, or a string with units.
@@ -112,6 +120,26 @@ pub struct Config {
     pub webhook: Webhook,
     pub alert_file: AlertFile,
     pub delivery: Delivery,
+    pub transition_log: TransitionLogConfig,
+}
+
+/// `[transition_log]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransitionLogConfig {
+    pub path: String,
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl Default for TransitionLogConfig {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            max_bytes: 100 << 20,
+            keep: 5,
+        }
+    }
 }
 
 /// `[agent]`.
@@ -180,6 +208,7 @@ impl Default for Config {
             webhook: Webhook::default(),
             alert_file: AlertFile::default(),
             delivery: Delivery::default(),
+            transition_log: TransitionLogConfig::default(),
         }
     }
 }
@@ -394,6 +423,24 @@ impl Config {
                 ),
             );
         }
+        if !(4096..=1 << 40).contains(&self.transition_log.max_bytes) {
+            return err(
+                "transition_log.max_bytes",
+                format!(
+                    "{} is out of range: allowed 4096 ..= 1099511627776",
+                    self.transition_log.max_bytes
+                ),
+            );
+        }
+        if !(1..=100).contains(&self.transition_log.keep) {
+            return err(
+                "transition_log.keep",
+                format!(
+                    "{} is out of range: allowed 1 ..= 100",
+                    self.transition_log.keep
+                ),
+            );
+        }
         dur_range(
             "delivery.max_backoff",
             self.delivery.max_backoff,
@@ -526,7 +573,7 @@ mod tests {
             ),
             (
                 "[nope]\n",
-                "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`",
+                "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`, `transition_log`",
             ),
             (
                 "[rules\n",

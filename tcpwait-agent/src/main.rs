@@ -74,16 +74,29 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::{
+        EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+    };
     let default = match verbose {
         0 => "warn",
         1 => "tcpwait=debug,info",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("TCPWAIT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
+    let filter =
+        || EnvFilter::try_from_env("TCPWAIT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Under systemd (JOURNAL_STREAM is set for the service's stderr), log to the journal with
+    // structured fields; elsewhere, to stderr.
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .and_then(|_| tracing_journald::layer().ok())
+        .map(|l| l.with_filter(filter()));
+    let stderr = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_filter(filter())
+    });
+    tracing_subscriber::registry()
+        .with(journald)
+        .with(stderr)
         .init();
 }

@@ -458,6 +458,18 @@ fn every_config_key_is_validated_with_one_line_and_exit_2() {
             "tcpwait: FILE: delivery.max_backoff: 2h is out of range: allowed 100ms ..= 1h",
         ),
         (
+            "[transition_log]\nmax_bytes = 100",
+            "tcpwait: FILE: transition_log.max_bytes: 100 is out of range: allowed 4096 ..= 1099511627776",
+        ),
+        (
+            "[transition_log]\nkeep = 1000",
+            "tcpwait: FILE: transition_log.keep: 1000 is out of range: allowed 1 ..= 100",
+        ),
+        (
+            "[transition_log]\npath = 1",
+            "tcpwait: FILE: transition_log.path: invalid type: integer `1`, expected a string",
+        ),
+        (
             "[agent]\nsockett = \"/x\"",
             "tcpwait: FILE: agent.sockett: unknown field `sockett`, expected one of `socket`, `max_sockets`, `reconcile_interval`",
         ),
@@ -492,4 +504,78 @@ fn print_default_is_a_valid_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn transition_log_rotates_by_size_and_keeps_the_tail_schema() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("transitions.jsonl");
+    let config = dir.path().join("tcpwait.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[metrics]\nlisten = \"\"\n[transition_log]\npath = \"{}\"\nmax_bytes = 65536\nkeep = 2\n",
+            log.display()
+        ),
+    )
+    .expect("write config");
+    let sock = api_socket("translog");
+    let mut tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--config",
+            config.to_str().expect("utf-8"),
+        ],
+        READY,
+    );
+    let (_srv, mut cli) = leak("tw-logged", 300);
+    // Owners are resolved within a few hundred ms; close once they are known.
+    assert!(wait_until(Duration::from_secs(5), || {
+        process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == 300)
+    }));
+    cli.send("close");
+    cli.expect_line("closed");
+    let rotated = dir.path().join("transitions.jsonl.2");
+    assert!(
+        wait_until(Duration::from_secs(10), || rotated.exists()),
+        "no rotation"
+    );
+    assert_eq!(tw.stop(libc::SIGTERM), 0);
+    assert!(!dir.path().join("transitions.jsonl.3").exists(), "keep = 2");
+    for path in [log.clone(), dir.path().join("transitions.jsonl.1"), rotated] {
+        let text = std::fs::read_to_string(&path).expect("read log");
+        assert!(
+            text.len() <= 65536,
+            "{} is {} bytes",
+            path.display(),
+            text.len()
+        );
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).expect("JSON line");
+            for key in [
+                "ts_ns", "skaddr", "pid", "comm", "family", "saddr", "sport", "daddr", "dport",
+                "old", "new",
+            ] {
+                assert!(v.get(key).is_some(), "{key} missing: {line}");
+            }
+        }
+    }
+    let all: String = [dir.path().join("transitions.jsonl.1"), log]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("read"))
+        .collect();
+    let owned = all
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["old"] == "CLOSE_WAIT"
+                && v["owner_pid"] == cli.pid()
+                && v["owner_comm"] == "tw-logged"
+        })
+        .count();
+    assert!(owned > 0, "CLOSE_WAIT→LAST_ACK lines carry the owner");
 }

@@ -6,6 +6,7 @@ mod delivery;
 mod metrics;
 mod report;
 mod resolver;
+mod translog;
 
 use std::{
     collections::HashMap,
@@ -29,7 +30,7 @@ use crate::{
     config::Config,
     event::{DecodeErrors, TcpState, decode},
     model::Tuple,
-    output::{OwnerView, clock_ns},
+    output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
     tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
@@ -73,6 +74,8 @@ struct Daemon {
     left_during_snapshot: HashMap<Tuple, u64>,
     /// The `instance` label of delivered alerts.
     instance: String,
+    /// The transition log file, when configured.
+    translog: Option<translog::TransitionLog>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -104,6 +107,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tail_missed.clone(),
     ));
     let delivery = Delivery::start(&config).context("start alert delivery")?;
+    let translog = match config.transition_log.path.as_str() {
+        "" => None,
+        path => Some(
+            translog::TransitionLog::open(
+                path.as_ref(),
+                config.transition_log.max_bytes,
+                config.transition_log.keep,
+            )
+            .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
+        ),
+    };
 
     let tracker_config = TrackerConfig {
         max_sockets: usize::try_from(config.agent.max_sockets).unwrap_or(usize::MAX),
@@ -139,6 +153,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery,
         edges: EdgeCounts::default(),
         instance: String::new(),
+        translog,
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -211,6 +226,7 @@ impl Daemon {
         let withhold = self.args.test_withhold_events;
         let mut needs = false;
         let publish = self.tail.receiver_count() > 0;
+        let record = publish || self.translog.is_some();
         let mut items = Vec::new();
         let Self {
             probe,
@@ -229,7 +245,7 @@ impl Daemon {
                 if withhold {
                     return;
                 }
-                let entered = if publish {
+                let entered = if record {
                     tracker.socket(t.sock, t.ts_ns)
                 } else {
                     None
@@ -245,7 +261,7 @@ impl Daemon {
                 }
                 let applied = tracker.apply(&t);
                 needs |= applied.needs_owners;
-                if publish {
+                if record {
                     let ns_in_old = entered
                         .filter(|e| !e.age_is_lower_bound && e.state == t.old)
                         .map(|e| t.ts_ns.saturating_sub(e.entered_ns));
@@ -265,7 +281,22 @@ impl Daemon {
             Err(e) => malformed.count(e),
         });
         self.owners_wanted |= needs;
-        for item in items {
+        if let Some(log) = &mut self.translog {
+            let mut line = Vec::with_capacity(512);
+            let mut result = Ok(());
+            for item in &items {
+                line.clear();
+                let rec =
+                    TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+                if serde_json::to_writer(&mut line, &rec).is_ok() {
+                    result = result.and_then(|()| log.write_line(&line));
+                }
+            }
+            if let Err(e) = result.and_then(|()| log.flush()) {
+                warn!(error = %e, "cannot write the transition log");
+            }
+        }
+        for item in items.into_iter().filter(|_| publish) {
             // No receiver left is fine: nobody is tailing.
             let _ = self.tail.send(item);
         }
