@@ -27,7 +27,7 @@ enum Cmd {
     Setup,
     /// Setup, build in release mode, and run `tcpwait` with the given arguments (as root).
     Run {
-        /// Arguments for `tcpwait` (default: `trace`).
+        /// Arguments for `tcpwait` (default: `run`, the agent with embedded defaults).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -57,7 +57,7 @@ fn run() -> Result<()> {
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
             let args = if args.is_empty() {
-                vec!["trace".to_owned()]
+                vec!["run".to_owned()]
             } else {
                 args
             };

@@ -164,9 +164,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // Bootstrap: the sockets already in CLOSE_WAIT, with their owners.
     d.request_snapshot();
+    let metrics_url = match d.config.metrics.listen.as_str() {
+        "" => "metrics off".to_owned(),
+        addr => format!("metrics at http://{addr}/metrics"),
+    };
     eprintln!(
-        "tcpwait: agent running on {category}:{name}; API on {} (tcpwait status, tcpwait tail); \
-         SIGINT/SIGTERM to stop",
+        "tcpwait: agent running on {category}:{name}; {metrics_url}; API on {} (`tcpwait status`, \
+         `tcpwait tail`); SIGINT/SIGTERM to stop",
         d.config.agent.socket.display()
     );
 
