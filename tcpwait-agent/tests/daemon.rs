@@ -398,3 +398,39 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
             >= missed
     );
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_burst_of_2000_close_wait_sockets_is_tracked_and_attributed() {
+    require_root();
+    const N: usize = 2000;
+    let sock = api_socket("burst");
+    let _tw = daemon(&sock, &[]);
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", N);
+    let (cli, _) = client(
+        "tw-burst",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        N,
+    );
+    srv.expect_line("accepted");
+    let all = wait_until(Duration::from_secs(10), || {
+        process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == N)
+    });
+    assert!(all, "{}", status(&sock)["processes"]);
+    let st = status(&sock);
+    let c = &st["counters"];
+    assert_eq!(
+        (
+            &c["lost_ring_full"],
+            &c["lost_recursion_misses"],
+            &c["malformed"]
+        ),
+        (&0.into(), &0.into(), &0.into())
+    );
+    assert_eq!(c["table_overflow"], 0);
+    // Every socket came from its transition, none had to be repaired in.
+    assert_eq!(c["reconcile_added"], 0);
+    let p = process_in(&st, cli.pid()).expect("listed");
+    assert_eq!(p["sockets"].as_array().expect("sockets").len(), N);
+    assert_eq!(p["oldest_age_is_lower_bound"], false);
+}

@@ -246,6 +246,18 @@ pub fn role_main() {
         .split_whitespace()
         .map(str::to_owned)
         .collect();
+    // Peers may hold thousands of sockets: raise the soft fd limit to the hard one.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     match role.as_str() {
