@@ -31,6 +31,12 @@ fn main() -> anyhow::Result<()> {
         env::set_var("PATH", env::join_paths(paths).context("PATH")?);
         env::set_var("RUSTC_BOOTSTRAP", "1");
     }
+    // aya-build watches the eBPF crate's directory; the wire types it compiles in live in
+    // tcpwait-common, so a change there must rebuild the object too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("tcpwait-common").display()
+    );
     let toolchain = rustc_toolchain(root)?;
     aya_build::build_ebpf(
         [aya_build::Package {

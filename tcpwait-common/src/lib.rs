@@ -61,9 +61,11 @@ pub mod counter {
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.
-/// 8 MiB holds ~100k events (80 bytes + 8 bytes of header each): over half a second of the
-/// maximum loopback rate measured on the project's machines, ~140k transitions/s.
-pub const RING_BYTES: u32 = 8 << 20;
+/// 4 MiB holds ~47k events (80 bytes + 8 bytes of header each): a third of a second of the
+/// maximum loopback rate measured on the project's machines (~140k transitions/s), against a
+/// reader that drains every 50 ms or per 64 KiB. The agent maps the data area twice (the
+/// kernel's wrap-around mapping), so this size counts twice in its RSS.
+pub const RING_BYTES: u32 = 4 << 20;
 
 /// The kernel program asks for a wake-up only when at least this many bytes are pending.
 /// Batching wake-ups matters: a per-event wake-up costs 5–10 µs on the project's machines.

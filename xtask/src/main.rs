@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod setup;
 
 #[derive(Parser)]
@@ -30,6 +31,15 @@ enum Cmd {
         /// Arguments for `tcpwait` (default: `run`, the agent with embedded defaults).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Setup, build in release mode, and measure loss, overhead, CPU and memory (as root).
+    Bench {
+        /// Runs per mode (the table shows medians).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds of workload per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
     Test {
@@ -70,6 +80,11 @@ fn run() -> Result<()> {
                 bail!("tcpwait exited with {status}");
             }
             Ok(())
+        }
+        Cmd::Bench { runs, seconds } => {
+            setup::setup(&root)?;
+            cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
+            bench::bench(&root, &bench::Settings { runs, seconds })
         }
         Cmd::Test { args } => {
             setup::setup(&root)?;

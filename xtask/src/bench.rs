@@ -1,0 +1,401 @@
+//! `cargo xtask bench`: workload slowdown, loss, BPF and agent CPU per event, and memory of
+//! tcpwait, measured on this machine with public tools only (std, /proc, the kernel's BPF run
+//! statistics). Results are printed as one table; BENCHMARKS.md records them.
+//!
+//! The workload is a loopback client/server pair on 127.0.0.1 (bounded in time): the server
+//! accepts and closes first, the client reads EOF and closes, so every connection makes exactly
+//! 10 transitions (DESIGN.md), plus 2 for the listener.
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Bench settings.
+pub struct Settings {
+    pub runs: usize,
+    pub seconds: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    conns_per_s: f64,
+    expected: u64,
+    captured: u64,
+    ring_full: u64,
+    recursion_misses: u64,
+    bpf_ns_per_event: f64,
+    agent_us_per_event: f64,
+    peak_rss_kib: u64,
+}
+
+/// Runs the loopback workload for `secs`; returns (connections, elapsed, port).
+fn workload(secs: u64) -> Result<(u64, Duration, u16)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind")?;
+    let port = listener.local_addr()?.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                drop(s);
+            }
+        })
+    };
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut n = 0u64;
+    let mut buf = [0u8; 1];
+    while Instant::now() < deadline {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+        // EOF: the server closed first, so this socket goes through CLOSE_WAIT.
+        let _ = c.read(&mut buf);
+        drop(c);
+        n += 1;
+    }
+    let elapsed = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(("127.0.0.1", port)).map(|mut c| c.read(&mut buf));
+    let _ = server.join();
+    // The wake-up connection above is one more.
+    Ok((n + 1, elapsed, port))
+}
+
+fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// (run_time_ns, run_cnt, recursion_misses) of the BPF program `pid` holds.
+fn bpf_stats(pid: u32) -> (u64, u64, u64) {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (0, 0, 0);
+    };
+    for fd in fds.flatten() {
+        let Ok(text) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        if !text.contains("prog_type:") {
+            continue;
+        }
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        return (
+            get("run_time_ns:"),
+            get("run_cnt:"),
+            get("recursion_misses:"),
+        );
+    }
+    (0, 0, 0)
+}
+
+struct Agent {
+    child: Child,
+    out: Option<std::path::PathBuf>,
+    sock: Option<String>,
+}
+
+fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
+    let (args, out, sock): (Vec<String>, _, _) = match mode {
+        "trace --json" => {
+            let out = dir.join(format!("trace-{run}.jsonl"));
+            (vec!["trace".into(), "--json".into()], Some(out), None)
+        }
+        _ => {
+            let sock = dir.join(format!("bench-{run}.sock")).display().to_string();
+            (
+                vec![
+                    "run".into(),
+                    "--socket".into(),
+                    sock.clone(),
+                    "--metrics-listen".into(),
+                    String::new(),
+                ],
+                None,
+                Some(sock),
+            )
+        }
+    };
+    let stdout = match &out {
+        Some(p) => Stdio::from(std::fs::File::create(p)?),
+        None => Stdio::null(),
+    };
+    let mut child = Command::new(bin)
+        .args(&args)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = lines.next().transpose()?.unwrap_or_default();
+    if !ready.contains("tracing TCP") && !ready.contains("agent running") {
+        bail!("tcpwait {mode} did not start: {ready}");
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Agent { child, out, sock })
+}
+
+fn transitions_seen(bin: &Path, sock: &str) -> u64 {
+    Command::new(bin)
+        .args(["status", "--json", "--socket", sock])
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let key = "\"transitions\":";
+            let i = text.find(key)? + key.len();
+            text[i..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn counter_of(bin: &Path, sock: &str, key: &str) -> u64 {
+    let o = Command::new(bin)
+        .args(["status", "--json", "--socket", sock])
+        .output();
+    o.ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let k = format!("\"{key}\":");
+            let i = text.find(&k)? + k.len();
+            text[i..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
+    let tick_us = 1e6 / 100.0; // USER_HZ
+    let agent = if mode == "none" {
+        None
+    } else {
+        Some(start(bin, mode, dir, run)?)
+    };
+    let pid = agent.as_ref().map(|a| a.child.id());
+    let seen_before = match agent.as_ref().and_then(|a| a.sock.as_deref()) {
+        Some(s) => transitions_seen(bin, s),
+        None => 0,
+    };
+    let cpu0 = pid.map(proc_cpu_ticks).transpose()?.unwrap_or(0);
+    let bpf0 = pid.map(bpf_stats).unwrap_or_default();
+    let (conns, elapsed, port) = workload(secs)?;
+    let expected = conns * 10 + 2;
+    let mut s = Sample {
+        conns_per_s: conns as f64 / elapsed.as_secs_f64(),
+        expected,
+        ..Default::default()
+    };
+    let Some(mut agent) = agent else { return Ok(s) };
+    let pid = agent.child.id();
+    // Let the agent drain: poll (bounded) until it has everything or stops moving.
+    let count = |a: &Agent| -> u64 {
+        match (&a.out, &a.sock) {
+            (Some(p), _) => std::fs::read_to_string(p)
+                .map(|t| {
+                    t.lines()
+                        .filter(|l| {
+                            l.contains(&format!("\"port\":{port}"))
+                                || l.contains(&format!("\"sport\":{port},"))
+                                || l.contains(&format!("\"dport\":{port},"))
+                        })
+                        .count() as u64
+                })
+                .unwrap_or(0),
+            (_, Some(sock)) => transitions_seen(bin, sock).saturating_sub(seen_before),
+            _ => 0,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = u64::MAX;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let c = count(&agent);
+        if c >= expected || c == last {
+            break;
+        }
+        last = c;
+    }
+    let cpu1 = proc_cpu_ticks(pid)?;
+    let bpf1 = bpf_stats(pid);
+    s.peak_rss_kib = status_kib(pid, "VmHWM:");
+    s.ring_full = match &agent.sock {
+        Some(sock) => counter_of(bin, sock, "lost_ring_full"),
+        None => 0,
+    };
+    if agent.sock.is_some() {
+        s.captured = count(&agent);
+    }
+    // SAFETY: signal our own child.
+    unsafe { libc_kill(pid as i32, 2) };
+    let _ = agent.child.wait();
+    if agent.out.is_some() {
+        // After exit: the file holds the final drain too.
+        s.captured = count(&agent);
+    }
+    let runs = bpf1.1.saturating_sub(bpf0.1).max(1);
+    s.bpf_ns_per_event = bpf1.0.saturating_sub(bpf0.0) as f64 / runs as f64;
+    s.recursion_misses = bpf1.2.saturating_sub(bpf0.2);
+    s.agent_us_per_event = (cpu1.saturating_sub(cpu0)) as f64 * tick_us / s.captured.max(1) as f64;
+    Ok(s)
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Runs everything and prints the table.
+pub fn bench(root: &Path, s: &Settings) -> Result<()> {
+    let bin = root.join("target/release/tcpwait");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_default();
+    std::fs::write(stats_path, "1").context("enable BPF run statistics (needs root)")?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
+    println!(
+        "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs, medians",
+        s.seconds, s.runs
+    );
+    let mut base = 0.0;
+    println!(
+        "{:<14} {:>9} {:>9} {:>11} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9}",
+        "mode",
+        "conn/s",
+        "slowdown",
+        "expected",
+        "captured",
+        "ring",
+        "recursion",
+        "bpf ns/ev",
+        "agent µs/ev",
+        "peak RSS"
+    );
+    for mode in ["none", "trace --json", "run"] {
+        let mut samples = Vec::new();
+        for run in 0..s.runs {
+            samples.push(one(&bin, mode, &dir, run, s.seconds)?);
+        }
+        let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        let rate = m(|x| x.conns_per_s);
+        if mode == "none" {
+            base = rate;
+        }
+        let slowdown = if base > 0.0 {
+            (1.0 - rate / base) * 100.0
+        } else {
+            0.0
+        };
+        let lost: Vec<String> = samples
+            .iter()
+            .map(|x| x.expected.saturating_sub(x.captured).to_string())
+            .collect();
+        println!(
+            "{:<14} {:>9.0} {:>8.1}% {:>11.0} {:>11.0} {:>8.0} {:>9.0} {:>10.0} {:>11.2} {:>7} MiB   lost per run: {}",
+            mode,
+            rate,
+            slowdown,
+            m(|x| x.expected as f64),
+            m(|x| x.captured as f64),
+            m(|x| x.ring_full as f64),
+            m(|x| x.recursion_misses as f64),
+            m(|x| x.bpf_ns_per_event),
+            m(|x| x.agent_us_per_event),
+            (m(|x| x.peak_rss_kib as f64) / 1024.0).round(),
+            if mode == "none" {
+                "-".into()
+            } else {
+                lost.join(" ")
+            },
+        );
+    }
+    let _ = std::fs::write(stats_path, stats_before.trim());
+    // Idle RSS of the agent.
+    let mut idle = start(&bin, "run", &dir, 999)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_rss = status_kib(idle.child.id(), "VmRSS:");
+    // SAFETY: signal our own child.
+    unsafe { libc_kill(idle.child.id() as i32, 2) };
+    let _ = idle.child.wait();
+    println!(
+        "agent idle RSS (tcpwait run, 2 s after start): {:.1} MiB",
+        idle_rss as f64 / 1024.0
+    );
+    // Memory per tracked socket.
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "--release",
+            "-q",
+            "-p",
+            "tcpwait-agent",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--exact",
+            "tracker::tests::table::million_sockets_memory",
+        ])
+        .current_dir(root)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("B/socket"))
+        .unwrap_or("million-socket test printed nothing");
+    println!("tracker at 1,000,000 sockets: {line}");
+    Ok(())
+}
