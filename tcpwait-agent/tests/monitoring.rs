@@ -579,3 +579,100 @@ fn transition_log_rotates_by_size_and_keeps_the_tail_schema() {
         .count();
     assert!(owned > 0, "CLOSE_WAIT→LAST_ACK lines carry the owner");
 }
+
+/// A minimal HTTP receiver on loopback: answers 200 to every request and hands each body over.
+fn http_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { break };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let mut writer = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    // Request line and headers, until the empty line (keep-alive: repeat).
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn webhook_receives_firing_and_resolved_alerts() {
+    require_root();
+    let (port, bodies) = http_receiver();
+    let sock = api_socket("webhook");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            "",
+            "--close-wait-age",
+            "1",
+            "--webhook-url",
+            &format!("http://127.0.0.1:{port}/hook"),
+        ],
+        READY,
+    );
+    let (_srv, mut cli) = leak("tw-hooked", 2);
+    let pid = cli.pid();
+    let mut got: Vec<Value> = Vec::new();
+    let mut wait_for = |status: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(b) = bodies.recv_timeout(Duration::from_millis(200)) {
+                got.push(serde_json::from_str(&b).expect("webhook body is JSON"));
+            }
+            if got.iter().any(|a| a["alert"] == status && a["pid"] == pid) {
+                return got.clone();
+            }
+        }
+        panic!("no {status} alert on the webhook: {got:?}");
+    };
+    let firing = wait_for("firing");
+    let a = firing
+        .iter()
+        .find(|a| a["alert"] == "firing")
+        .expect("firing");
+    assert_eq!(
+        (&a["comm"], &a["count"], &a["rule"]),
+        (&"tw-hooked".into(), &2.into(), &"close_wait_leak".into())
+    );
+    cli.send("close");
+    cli.expect_line("closed");
+    let all = wait_for("resolved");
+    assert_eq!(
+        all.iter().filter(|a| a["pid"] == pid).count(),
+        2,
+        "one firing, one resolved: {all:?}"
+    );
+}

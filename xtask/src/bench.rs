@@ -164,24 +164,10 @@ fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
 }
 
 fn transitions_seen(bin: &Path, sock: &str) -> u64 {
-    Command::new(bin)
-        .args(["status", "--json", "--socket", sock])
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let key = "\"transitions\":";
-            let i = text.find(key)? + key.len();
-            text[i..]
-                .trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    counter_of(bin, sock, "transitions")
 }
 
+/// A counter of the daemon's `status --json` report.
 fn counter_of(bin: &Path, sock: &str, key: &str) -> u64 {
     let o = Command::new(bin)
         .args(["status", "--json", "--socket", sock])
