@@ -147,44 +147,62 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
 /// `tcpwait tail`.
 pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result<ExitCode> {
     let stream = connect(path, &Request::Tail { filter }).await?;
-    let mut lines = BufReader::new(stream).lines();
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let clock = Clock::now();
-    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
         writeln!(out, "{TEXT_HEADER}")?;
         out.flush()?;
     }
     let mut missed = 0u64;
+    let mut line = String::new();
     loop {
-        let line = tokio::select! {
-            l = lines.next_line() => l.context("read from the daemon")?,
-            _ = tokio::signal::ctrl_c() => None,
+        line.clear();
+        let n = tokio::select! {
+            n = reader.read_line(&mut line) => n.context("read from the daemon")?,
+            _ = tokio::signal::ctrl_c() => 0,
         };
-        let Some(line) = line else { break };
-        let written = match serde_json::from_str::<TailLine<'_>>(&line) {
-            Ok(TailLine::Subscribed { .. }) => {
-                eprintln!(
-                    "tcpwait: following the agent's transitions at {}; Ctrl-C to stop",
-                    path.display()
-                );
+        if n == 0 {
+            break;
+        }
+        let text = line.trim_end();
+        // Records are by far the most frequent line: in JSON mode they pass through as they
+        // came; only control lines and text output need parsing.
+        let control = text.starts_with("{\"missed\"") || text.starts_with("{\"subscribed\"");
+        let written = if format == Format::Json && !control {
+            writeln!(out, "{text}")
+        } else {
+            match serde_json::from_str::<TailLine<'_>>(text) {
+                Ok(TailLine::Subscribed { .. }) => {
+                    eprintln!(
+                        "tcpwait: following the agent's transitions at {}; Ctrl-C to stop",
+                        path.display()
+                    );
+                    Ok(())
+                }
+                Ok(TailLine::Missed { missed: n }) => {
+                    missed += n;
+                    eprintln!("tcpwait: this client fell behind and missed {n} transitions");
+                    Ok(())
+                }
+                Ok(TailLine::Record(r)) => write_record(&mut out, format, &clock, &r),
+                Err(e) => anyhow::bail!("unexpected line from the daemon ({e}): {text}"),
+            }
+        };
+        // Flush once nothing more is buffered: live, without a write per line in a burst.
+        let flushed = written.and_then(|()| {
+            if reader.buffer().is_empty() {
+                out.flush()
+            } else {
                 Ok(())
             }
-            Ok(TailLine::Missed { missed: n }) => {
-                missed += n;
-                eprintln!("tcpwait: this client fell behind and missed {n} transitions");
-                Ok(())
-            }
-            Ok(TailLine::Record(r)) if format == Format::Text => {
-                write_record(&mut out, format, &clock, &r)
-            }
-            Ok(TailLine::Record(_)) => writeln!(out, "{line}"),
-            Err(e) => anyhow::bail!("unexpected line from the daemon ({e}): {line}"),
-        };
-        match written.and_then(|()| out.flush()) {
+        });
+        match flushed {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break,
             r => r.context("write to stdout")?,
         }
     }
+    let _ = out.flush();
     if missed > 0 {
         eprintln!("tcpwait: {missed} transitions missed in total");
     }

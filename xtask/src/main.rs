@@ -92,7 +92,10 @@ fn run() -> Result<()> {
             // Privileged tests are `#[ignore]`d so a plain `cargo test` (no root) runs the unit
             // tier only; this command runs every tier.
             // The default members: every crate but the eBPF one, which only builds for the BPF target.
-            let mut cmd = vec!["test", "--", "--include-ignored"];
+            // One test at a time: every privileged test attaches its own program to the same
+            // tracepoint, and parallel runs would share the kernel's per-CPU recursion guard
+            // (and two cores) with each other.
+            let mut cmd = vec!["test", "--", "--include-ignored", "--test-threads=1"];
             cmd.extend(args.iter().map(String::as_str));
             cargo(&root, &cmd)
         }

@@ -76,6 +76,8 @@ struct Daemon {
     instance: String,
     /// The transition log file, when configured.
     translog: Option<translog::TransitionLog>,
+    /// Drained transitions not yet handed to `tail` clients.
+    pending_tail: Vec<Arc<TailItem>>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -154,6 +156,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         edges: EdgeCounts::default(),
         instance: String::new(),
         translog,
+        pending_tail: Vec::new(),
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -196,6 +199,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         d.drain();
         d.evaluate();
         d.maybe_request();
+        d.publish().await;
     }
     d.drain();
     d.evaluate();
@@ -300,9 +304,28 @@ impl Daemon {
                 warn!(error = %e, "cannot write the transition log");
             }
         }
-        for item in items.into_iter().filter(|_| publish) {
-            // No receiver left is fine: nobody is tailing.
-            let _ = self.tail.send(item);
+        if publish {
+            self.pending_tail.extend(items);
+        }
+    }
+
+    /// Hands drained transitions to `tail` clients in chunks, yielding between chunks so the
+    /// client tasks (on this same thread) keep up with a burst instead of lagging behind it.
+    async fn publish(&mut self) {
+        const CHUNK: usize = 256;
+        let mut items = std::mem::take(&mut self.pending_tail);
+        for chunk in items.chunks(CHUNK) {
+            for item in chunk {
+                // No receiver left is fine: nobody is tailing.
+                let _ = self.tail.send(item.clone());
+            }
+            if items.len() > CHUNK {
+                tokio::task::yield_now().await;
+            }
+        }
+        items.clear();
+        if self.pending_tail.is_empty() {
+            self.pending_tail = items; // keep the allocation
         }
     }
 
@@ -350,6 +373,8 @@ impl Daemon {
 
     fn on_snapshot(&mut self, snapshot: Snapshot) {
         self.in_flight = false;
+        // A loss not yet noticed would make reconcile date missing sockets from agent start.
+        self.on_tick();
         if let Some(e) = &snapshot.error {
             warn!(error = %e, "owner snapshot failed");
             self.left_during_snapshot.clear();
