@@ -427,17 +427,31 @@ fn a_burst_of_2000_close_wait_sockets_is_tracked_and_attributed() {
     let st = status(&sock);
     let c = &st["counters"];
     assert_eq!(
-        (
-            &c["lost_ring_full"],
-            &c["lost_recursion_misses"],
-            &c["malformed"]
-        ),
+        (&c["lost_ring_full"], &c["malformed"], &c["table_overflow"]),
         (&0.into(), &0.into(), &0.into())
     );
-    assert_eq!(c["table_overflow"], 0);
-    // Every socket came from its transition, none had to be repaired in.
-    assert_eq!(c["reconcile_added"], 0);
+    // The classic tracepoint's kernel guard can skip a transition that nests inside the
+    // program on the same CPU (recursion miss, issue 5). Such a loss is counted, and the
+    // socket comes back through reconciliation with a lower-bound age; none goes unseen.
+    let misses = c["lost_recursion_misses"].as_u64().expect("misses");
+    let added = c["reconcile_added"].as_u64().expect("repairs")
+        + c["reconcile_corrected"].as_u64().expect("repairs");
+    eprintln!(
+        "burst: {misses} recursion misses, {added} sockets added or corrected by reconciliation"
+    );
+    if misses == 0 {
+        assert_eq!(added, 0, "every socket came from its own transition");
+    }
     let p = process_in(&st, cli.pid()).expect("listed");
     assert_eq!(p["sockets"].as_array().expect("sockets").len(), N);
-    assert_eq!(p["oldest_age_is_lower_bound"], false);
+    let bounded = p["sockets"]
+        .as_array()
+        .expect("sockets")
+        .iter()
+        .filter(|s| s["age_is_lower_bound"] == true)
+        .count();
+    assert!(
+        bounded as u64 <= added,
+        "only repaired sockets have a lower-bound age"
+    );
 }

@@ -27,6 +27,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Bytes one event takes in the ring: the 8-byte record header plus the event, rounded up to 8.
+const RECORD_BYTES: u64 = ((8 + core::mem::size_of::<TransitionEvent>() as u64) + 7) & !7;
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: the offsets are the tracepoint record's layout, checked by the agent at load.
@@ -112,9 +115,13 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         oldstate: oldstate as u8,
         newstate: newstate as u8,
     });
-    // Batch wake-ups: wake the reader only once enough data is pending. The agent also drains
-    // on a short timer, so a lone event is delivered within that period.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= WAKEUP_BYTES {
+    // Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES.
+    // Waking on every event above the threshold (a reader that fell behind) would mean one
+    // irq_work interrupt per event, and interrupts inside this program are what let softirq
+    // work nest into the tracepoint, which the kernel then skips (recursion misses). The agent
+    // also drains on a 50 ms timer, so data below the threshold is never stranded.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA.into());
+    let flags = if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
