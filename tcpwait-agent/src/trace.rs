@@ -62,7 +62,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         Format::Text
     };
     let (category, name) = &args.tracepoint;
-    let mut probe = Probe::attach(category, name)?;
+    let mut probe = Probe::attach(category, name, args.test_rescue_all)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let clock = Clock::now();
@@ -120,12 +120,13 @@ impl Stats {
         let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
         format!(
             "{} transitions seen, {} printed, {lost} lost (ring buffer full: {}, kernel \
-             recursion misses: {}, malformed: {})",
+             recursion misses: {}, malformed: {}); {} nested transitions rescued",
             self.seen,
             self.printed,
             k.reserve_failed,
             k.recursion_misses,
-            self.malformed.total()
+            self.malformed.total(),
+            k.rescued
         )
     }
 }

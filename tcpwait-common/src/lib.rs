@@ -56,8 +56,11 @@ pub mod counter {
     pub const SENT: u32 = 0;
     /// Events dropped because `bpf_ringbuf_reserve` failed (ring full).
     pub const RESERVE_FAILED: u32 = 1;
+    /// Events the raw-tracepoint program recorded because the main program was busy on this
+    /// CPU (the kernel skipped the nested run of the main program: a recursion miss rescued).
+    pub const RESCUED: u32 = 2;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.
@@ -114,6 +117,39 @@ pub mod record {
     /// `__u8 daddr_v6[16]`.
     pub const DADDR_V6: usize = 56;
 }
+
+/// Offsets into `struct sock` for the raw-tracepoint program, read by the agent from the running
+/// kernel's BTF and passed in as a read-only global (`SOCK_OFFSETS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `skc_family` (u16).
+    pub family: u32,
+    /// `inet_sock.inet_sport`: local port, network order (u16). Not `skc_num`, which the
+    /// kernel clears when it unhashes the socket, before the last transition to CLOSE.
+    pub sport: u32,
+    /// `skc_dport`: remote port, network order (u16).
+    pub dport: u32,
+    /// `skc_rcv_saddr` (IPv4, 4 bytes).
+    pub rcv_saddr: u32,
+    /// `skc_daddr` (IPv4, 4 bytes).
+    pub daddr: u32,
+    /// `skc_v6_rcv_saddr` (16 bytes).
+    pub v6_rcv_saddr: u32,
+    /// `skc_v6_daddr` (16 bytes).
+    pub v6_daddr: u32,
+    /// `sk_protocol`.
+    pub protocol: u32,
+    /// Size of `sk_protocol`: 1 or 2 bytes.
+    pub protocol_size: u32,
+    /// Nonzero: record every transition, not only nested ones (tests compare both programs).
+    pub always: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 40);
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, u32 fields only, no padding (size asserted above).
+unsafe impl aya::Pod for SockOffsets {}
 
 #[cfg(feature = "user")]
 // SAFETY: `TransitionEvent` is `repr(C)`, has no padding (size asserted above), and every

@@ -84,7 +84,7 @@ struct Daemon {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
-    let probe = Probe::attach(category, name)?;
+    let probe = Probe::attach(category, name, false)?;
     let listener = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

@@ -1,9 +1,22 @@
-//! inet_diag over `NETLINK_SOCK_DIAG`, through the rust-netlink crates: a dump of the TCP
-//! sockets (IPv4 and IPv6) of the agent's network namespace in chosen states.
+//! inet_diag over `NETLINK_SOCK_DIAG`, through the rust-netlink crates: one dump of the TCP
+//! sockets (IPv4 and IPv6) of the agent's network namespace in chosen states, each with its
+//! 4-tuple, inode, owner uid, queues, cookie and `tcp_info.tcpi_last_ack_recv`.
+//!
+//! The socket I/O ([`dump_tcp`]) is separate from the parsing of the kernel's answers
+//! ([`parse_datagram`]), which is a pure function over bytes, tested over real answers captured
+//! once (`tests/fixtures/inet_diag_tcp{4,6}.bin`, see `capture_inet_diag.py` there).
+//!
+//! Kernel behaviour this relies on (net/ipv4/inet_diag.c, checked on 6.18):
+//! - timewait sockets answer with their `tw_substate` as state: TIME_WAIT, or FIN_WAIT2 for an
+//!   orphan whose FIN_WAIT2 timeout was handed to a timewait socket. They have inode 0, uid 0
+//!   and no `tcp_info`;
+//! - request sockets (state NEW_SYN_RECV in the hash) answer as SYN_RECV, without `tcp_info`;
+//! - `idiag_rqueue` counts sequence space, so a CLOSE_WAIT socket's Recv-Q includes 1 for the
+//!   peer's FIN (5 unread bytes show as 6); a listener's queues are its accept queue and backlog.
 use std::io;
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -11,6 +24,7 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use tracing::debug;
 
 use crate::{
     event::TcpState,
@@ -18,113 +32,194 @@ use crate::{
 };
 
 /// Offset of `tcpi_last_ack_recv` in `struct tcp_info` (include/uapi/linux/tcp.h): eight u8
-/// fields, then u32s rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
+/// fields, then the u32s rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets,
 /// last_data_sent, last_ack_sent, last_data_recv, last_ack_recv. Stable ABI since 2.6.
 const TCPI_LAST_ACK_RECV: usize = 56;
 
-/// Failures of an inet_diag dump.
+/// Receive buffer for one datagram. The kernel sizes dump datagrams to what the reader asked
+/// for, capped at 32 KiB (`netlink_recvmsg`: `max_recvmsg_len`), so 64 KiB never truncates;
+/// a truncation is still detected (`MSG_TRUNC`) and reported, never parsed.
+const RECV_BUF: usize = 64 * 1024;
+
+/// Why an inet_diag dump failed. Nothing partial is returned: a dump is all or nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum DiagError {
-    #[error("netlink socket: {0}")]
+    /// The netlink socket could not be opened, bound or connected.
+    #[error("cannot open a NETLINK_SOCK_DIAG socket")]
     Socket(#[source] io::Error),
-    #[error("netlink send: {0}")]
+    /// The request could not be sent.
+    #[error("cannot send the inet_diag request")]
     Send(#[source] io::Error),
-    #[error("netlink receive: {0}")]
+    /// An answer could not be received.
+    #[error("cannot receive inet_diag answers")]
     Recv(#[source] io::Error),
-    #[error("malformed netlink message: {0}")]
-    Decode(String),
-    #[error("the kernel refused the inet_diag request (errno {0})")]
-    Kernel(i32),
+    /// A datagram was longer than the receive buffer (its tail was lost).
+    #[error("an inet_diag datagram of {len} bytes did not fit the {cap}-byte buffer")]
+    Truncated { len: usize, cap: usize },
+    /// An answer could not be decoded.
+    #[error("malformed inet_diag answer at byte {offset} of a datagram")]
+    Decode {
+        offset: usize,
+        #[source]
+        source: DecodeError,
+    },
+    /// The kernel answered the request with an error (`NLMSG_ERROR`, or `NLMSG_DONE` carrying a
+    /// negative errno).
+    #[error("the kernel refused the inet_diag dump")]
+    Kernel(#[source] io::Error),
 }
 
-/// Dumps TCP sockets in `states` (empty: all), IPv4 then IPv6, with `tcp_info`.
+/// The sockets of one dump (or of the datagrams parsed so far).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dump {
+    /// Sockets in a state tcpwait knows, in the kernel's order.
+    pub sockets: Vec<DiagSocket>,
+    /// Answers skipped because their state number is unknown to [`TcpState`] (a newer kernel).
+    pub unknown_states: u64,
+}
+
+/// Whether a dump goes on after a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// More datagrams follow.
+    More,
+    /// `NLMSG_DONE` was seen: the dump is complete.
+    Done,
+}
+
+/// Dumps the TCP sockets in `states` (empty: every state tcpwait knows), IPv4 then IPv6, with
+/// `tcp_info`. Blocking; cost is linear in the number of sockets in those states (the kernel
+/// filters by state before answering). Answers with unknown states are skipped and logged.
 pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>, DiagError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
     socket.bind_auto().map_err(DiagError::Socket)?;
     socket
         .connect(&SocketAddr::new(0, 0))
         .map_err(DiagError::Socket)?;
-    let flags = if states.is_empty() {
-        StateFlags::all()
-    } else {
-        StateFlags::from_bits_truncate(states.iter().fold(0, |acc, s| acc | 1 << (*s as u32)))
-    };
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    for family in [AF_INET, AF_INET6] {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        let mut packet = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::INFO,
-                states: flags.clone(),
-                socket_id: if family == AF_INET {
-                    SocketId::new_v4()
-                } else {
-                    SocketId::new_v6()
-                },
-            })
-            .into(),
-        );
-        packet.finalize();
-        let mut req = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut req);
-        socket.send(&req, 0).map_err(DiagError::Send)?;
+    let mut dump = Dump::default();
+    let mut buf = vec![0u8; RECV_BUF];
+    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+        socket
+            .send(&request(family, states, seq), 0)
+            .map_err(DiagError::Send)?;
         loop {
-            let n = socket.recv(&mut &mut buf[..], 0).map_err(DiagError::Recv)?;
-            if parse_messages(&buf[..n], &mut out)? {
+            let len = match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(DiagError::Recv(e)),
+            };
+            if len > buf.len() {
+                return Err(DiagError::Truncated {
+                    len,
+                    cap: buf.len(),
+                });
+            }
+            if parse_datagram(&buf[..len], &mut dump)? == Progress::Done {
                 break;
             }
         }
     }
-    Ok(out)
+    if dump.unknown_states > 0 {
+        debug!(
+            skipped = dump.unknown_states,
+            "inet_diag answers with unknown TCP states"
+        );
+    }
+    Ok(dump.sockets)
 }
 
-/// Parses one datagram of dump answers into `out`; returns true at the end of the dump.
-pub fn parse_messages(mut bytes: &[u8], out: &mut Vec<DiagSocket>) -> Result<bool, DiagError> {
-    while !bytes.is_empty() {
-        let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-            .map_err(|e| DiagError::Decode(e.to_string()))?;
-        let len = msg.header.length as usize;
+/// The kernel's `TCPF_*` state mask for `states` (empty: every known state).
+fn state_mask(states: &[TcpState]) -> u32 {
+    let states = if states.is_empty() {
+        &TcpState::ALL[..]
+    } else {
+        states
+    };
+    states.iter().fold(0, |acc, &s| acc | 1 << (s as u32))
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` dump request (`struct inet_diag_req_v2`) for TCP in `family`.
+fn request(family: u8, states: &[TcpState], seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            // The crate's flags stop at CLOSING (1 << 11); keep NEW_SYN_RECV's bit as well.
+            states: StateFlags::from_bits_retain(state_mask(states)),
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut bytes = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut bytes);
+    bytes
+}
+
+/// Parses one datagram of dump answers (one or more netlink messages) into `dump`.
+pub fn parse_datagram(bytes: &[u8], dump: &mut Dump) -> Result<Progress, DiagError> {
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&bytes[offset..])
+            .map_err(|source| DiagError::Decode { offset, source })?;
         match msg.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                if let Some(s) = to_diag_socket(&r) {
-                    out.push(s);
+                match to_diag_socket(&r) {
+                    Some(s) => dump.sockets.push(s),
+                    None => dump.unknown_states += 1,
                 }
             }
-            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Done(done) if done.code < 0 => {
+                return Err(DiagError::Kernel(io::Error::from_raw_os_error(-done.code)));
+            }
+            NetlinkPayload::Done(_) => return Ok(Progress::Done),
             NetlinkPayload::Error(e) => {
-                return Err(DiagError::Kernel(e.code.map_or(0, |c| c.get())));
+                let errno = e.code.map_or(0, |c| c.get().saturating_neg());
+                return Err(DiagError::Kernel(io::Error::from_raw_os_error(errno)));
             }
             _ => {}
         }
-        if len == 0 || len > bytes.len() {
-            break;
-        }
-        // Messages are 4-byte aligned within a datagram.
-        bytes = &bytes[(len + 3) & !3usize..];
+        // `deserialize` checked that the length is at least a header and within the buffer.
+        // Messages in a datagram are 4-byte aligned (NLMSG_ALIGN).
+        offset += (msg.header.length as usize).next_multiple_of(4);
     }
-    Ok(false)
+    Ok(Progress::More)
 }
 
-/// Converts one answer; states tcpwait does not know are skipped.
+/// Converts one answer; `None` for a state tcpwait does not know.
 fn to_diag_socket(r: &InetResponse) -> Option<DiagSocket> {
     let h = &r.header;
     let state = TcpState::try_from(h.state).ok()?;
     let last_ack_recv_ms = r.nlas.iter().find_map(|nla| match nla {
+        // Without the crate's `rich_nlas` feature, tcp_info is the raw bytes: the kernel sends
+        // its own `sizeof(struct tcp_info)` (280 bytes on 6.18), which varies by version.
         Nla::TcpInfo(bytes) => bytes
             .get(TCPI_LAST_ACK_RECV..TCPI_LAST_ACK_RECV + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes"))),
+            .map(|b| u32::from_ne_bytes(b.try_into().expect("a 4-byte range"))),
         _ => None,
     });
+    // `sock_diag_save_cookie`: idiag_cookie[0] is the low half, [1] the high half, each in
+    // host order.
+    let c = h.socket_id.cookie;
+    let low = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+    let high = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]);
     Some(DiagSocket {
+        // An AF_INET6 socket talking IPv4 reports v4-mapped IPv6 addresses (`::ffff:a.b.c.d`);
+        // the tracepoint reports them the same way (its family is the socket's), so tuples
+        // from both sides agree and are kept as the kernel gives them.
         tuple: Tuple {
-            saddr: unmap(h.socket_id.source_address),
+            saddr: h.socket_id.source_address,
             sport: h.socket_id.source_port,
-            daddr: unmap(h.socket_id.destination_address),
+            daddr: h.socket_id.destination_address,
             dport: h.socket_id.destination_port,
         },
         state,
@@ -132,104 +227,10 @@ fn to_diag_socket(r: &InetResponse) -> Option<DiagSocket> {
         uid: h.uid,
         recv_q: h.recv_queue,
         send_q: h.send_queue,
-        cookie: u64::from_ne_bytes(h.socket_id.cookie),
+        cookie: u64::from(high) << 32 | u64::from(low),
         last_ack_recv_ms,
     })
 }
 
-/// inet_diag reports the addresses of an AF_INET6 socket as IPv6, and the tracepoint does the
-/// same (its family is the socket's). Kept as is: both sides agree.
-fn unmap(a: std::net::IpAddr) -> std::net::IpAddr {
-    a
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use netlink_packet_sock_diag::inet::InetResponseHeader;
-    use smallvec::smallvec;
-
-    fn response(family: u8, state: u8, src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-        let mut info = vec![0u8; 232];
-        info[TCPI_LAST_ACK_RECV..TCPI_LAST_ACK_RECV + 4].copy_from_slice(&1234u32.to_ne_bytes());
-        let msg = SockDiagMessage::InetResponse(Box::new(InetResponse {
-            header: InetResponseHeader {
-                family,
-                state,
-                timer: None,
-                socket_id: SocketId {
-                    source_port: sport,
-                    destination_port: dport,
-                    source_address: src.parse().expect("literal"),
-                    destination_address: dst.parse().expect("literal"),
-                    interface_id: 0,
-                    cookie: 77u64.to_ne_bytes(),
-                },
-                recv_queue: 5,
-                send_queue: 0,
-                uid: 1000,
-                inode: 4242,
-            },
-            nlas: smallvec![Nla::TcpInfo(info)],
-        }));
-        let mut packet = NetlinkMessage::new(NetlinkHeader::default(), msg.into());
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    }
-
-    fn done() -> Vec<u8> {
-        let mut packet = NetlinkMessage::<SockDiagMessage>::new(
-            NetlinkHeader::default(),
-            NetlinkPayload::Done(netlink_packet_core::DoneMessage::default()),
-        );
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        buf
-    }
-
-    #[test]
-    fn parses_ipv4_and_ipv6_answers_and_the_end() {
-        let mut bytes = response(AF_INET, 8, "127.0.0.1", 40000, "127.0.0.1", 8080);
-        bytes.extend(response(AF_INET6, 5, "::1", 8080, "2001:db8::7", 50000));
-        let mut out = Vec::new();
-        assert!(!parse_messages(&bytes, &mut out).expect("valid"));
-        assert_eq!(out.len(), 2);
-        let a = &out[0];
-        assert_eq!(a.state, TcpState::CloseWait);
-        assert_eq!(
-            a.tuple.saddr,
-            "127.0.0.1".parse::<std::net::IpAddr>().expect("literal")
-        );
-        assert_eq!((a.tuple.sport, a.tuple.dport), (40000, 8080));
-        assert_eq!((a.inode, a.uid, a.recv_q, a.cookie), (4242, 1000, 5, 77));
-        assert_eq!(a.last_ack_recv_ms, Some(1234));
-        let b = &out[1];
-        assert_eq!(b.state, TcpState::FinWait2);
-        assert_eq!(
-            b.tuple.daddr,
-            "2001:db8::7".parse::<std::net::IpAddr>().expect("literal")
-        );
-        assert_eq!((b.tuple.sport, b.tuple.dport), (8080, 50000));
-        assert!(parse_messages(&done(), &mut out).expect("done"));
-    }
-
-    #[test]
-    fn unknown_states_are_skipped() {
-        let mut out = Vec::new();
-        parse_messages(
-            &response(AF_INET, 99, "127.0.0.1", 1, "127.0.0.1", 2),
-            &mut out,
-        )
-        .expect("valid");
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn truncated_message_is_an_error() {
-        let bytes = response(AF_INET, 8, "127.0.0.1", 1, "127.0.0.1", 2);
-        assert!(parse_messages(&bytes[..30], &mut Vec::new()).is_err());
-    }
-}
+mod tests;

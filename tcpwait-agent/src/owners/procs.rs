@@ -1,263 +1,343 @@
-//! Socket inode → the processes holding it, from `/proc/<pid>/fd` (through the `procfs`
-//! crate), with process details read once per process and guarded against pid reuse by the
-//! process start time.
+//! Socket inode → the processes holding it, from `/proc/<pid>/fd`, with each process's
+//! details (comm, cmdline, cgroup, container) read once per process and guarded against pid
+//! reuse by the process start time.
+//!
+//! Processes are found and opened with the `procfs` crate. A `procfs::process::Process` holds
+//! an `O_PATH` descriptor of `/proc/<pid>`, and every later read goes through it (`openat`), so
+//! the fd table, `stat` and `cmdline` of one scan all belong to the same process: if it exits
+//! and its pid is reused meanwhile, the reads fail (the descriptor pins the old `struct pid`)
+//! instead of mixing two processes.
+//!
+//! The fd tables are read without the crate's `FDInfo` (which allocates a path per fd): a
+//! reused `getdents64` buffer and `readlinkat` into a stack buffer, so a scan allocates per
+//! process, not per fd.
 use std::{
     collections::{HashMap, HashSet},
+    fs::File,
+    io::{self, Read as _},
     path::PathBuf,
 };
 
-use procfs::process::{FDTarget, Process};
+use procfs::{
+    ProcError,
+    process::{Process, all_processes_with_root},
+};
+use rustix::{
+    fs::{OFlags, RawDir, readlinkat_raw},
+    io::Errno,
+};
 use tracing::debug;
 
 use crate::model::{ProcessInfo, ProcessKey};
 
-/// Scans a proc filesystem (normally `/proc`; a fake tree in tests).
+/// Size of the reused `getdents64` buffer: ~250 fd entries per call.
+const DIRENT_BUF: usize = 8 * 1024;
+
+/// What one [`ProcScanner::holders`] pass saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Process directories opened.
+    pub processes: u64,
+    /// fd links read.
+    pub fds: u64,
+    /// Processes that exited during the scan (skipped).
+    pub vanished: u64,
+    /// Processes whose fd table or details were refused (skipped): without `CAP_SYS_PTRACE`
+    /// only one's own processes can be read, and `hidepid` hides others.
+    pub denied: u64,
+    /// Processes skipped for any other I/O or parse error.
+    pub failed: u64,
+    /// Holders whose details came from the cache.
+    pub cached: u64,
+}
+
+/// A cached process, and the scan that last saw its pid listed.
+struct Cached {
+    info: ProcessInfo,
+    seen: u64,
+}
+
+/// Why a process was skipped.
+enum Skip {
+    Vanished,
+    Denied,
+    Failed,
+}
+
+impl From<ProcError> for Skip {
+    fn from(e: ProcError) -> Self {
+        match e {
+            // procfs maps ESRCH to NotFound as well.
+            ProcError::NotFound(_) => Skip::Vanished,
+            ProcError::PermissionDenied(_) => Skip::Denied,
+            _ => Skip::Failed,
+        }
+    }
+}
+
+impl From<io::Error> for Skip {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::NotFound => Skip::Vanished,
+            io::ErrorKind::PermissionDenied => Skip::Denied,
+            _ if e.raw_os_error() == Some(libc::ESRCH) => Skip::Vanished,
+            _ => Skip::Failed,
+        }
+    }
+}
+
+impl From<Errno> for Skip {
+    fn from(e: Errno) -> Self {
+        io::Error::from(e).into()
+    }
+}
+
+/// Scans a proc filesystem (normally `/proc`; a fake tree in tests) for socket holders.
+/// Owned by one thread (the daemon's resolver); not called per event.
 pub struct ProcScanner {
     root: PathBuf,
-    cache: HashMap<ProcessKey, ProcessInfo>,
-    /// Processes that vanished or refused access during scans.
-    pub skipped: u64,
+    /// Details of processes seen holding a requested socket, by pid; an entry whose start time
+    /// differs from the live process's is stale (pid reused). Entries whose pid is no longer
+    /// listed are dropped after each scan, so the cache is bounded by live processes.
+    cache: HashMap<u32, Cached>,
+    /// Scan counter, for [`Cached::seen`].
+    generation: u64,
+    /// Reused `getdents64` buffer.
+    dirents: Vec<u8>,
+    last: ScanStats,
 }
 
 impl ProcScanner {
-    /// A scanner over `root`.
-    pub fn new(root: PathBuf) -> Self {
+    /// A scanner over `root` (`/proc` on a host; the agent must share the host's pid
+    /// namespace to see its processes).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
-            root,
+            root: root.into(),
             cache: HashMap::new(),
-            skipped: 0,
+            generation: 0,
+            dirents: Vec::with_capacity(DIRENT_BUF),
+            last: ScanStats::default(),
         }
+    }
+
+    /// What the last [`ProcScanner::holders`] pass saw.
+    pub fn last_scan(&self) -> ScanStats {
+        self.last
     }
 
     /// One pass over every process's fd table: the holders of each of `inodes`. A socket held
-    /// by several processes (fork, fd passing) lists each once. Threads share their process's
-    /// fd table, so only processes are scanned. O(total fds on the host).
+    /// by several processes (fork, fd passing) lists each of them once, in pid order; inodes
+    /// no process holds are absent. Threads share their process's fd table, and the `/proc`
+    /// listing holds processes only (not tasks), so each table is read once. Processes that
+    /// exit or refuse access during the pass are skipped and counted ([`ScanStats`]).
+    /// Cost: one `openat` + `getdents64` per process and one `readlinkat` per fd.
     pub fn holders(&mut self, inodes: &HashSet<u64>) -> HashMap<u64, Vec<ProcessInfo>> {
         let mut found: HashMap<u64, Vec<ProcessInfo>> = HashMap::new();
+        self.last = ScanStats::default();
         if inodes.is_empty() {
             return found;
         }
-        let Ok(all) = procfs::process::all_processes_with_root(&self.root) else {
-            debug!(root = %self.root.display(), "cannot list processes");
-            return found;
-        };
-        let mut alive = HashSet::new();
-        for proc in all {
-            let Ok(proc) = proc else {
-                self.skipped += 1;
-                continue;
-            };
-            let Ok(fds) = proc.fd() else {
-                self.skipped += 1;
-                continue;
-            };
-            let mut mine: Vec<u64> = fds
-                .filter_map(Result::ok)
-                .filter_map(|fd| match fd.target {
-                    FDTarget::Socket(inode) if inodes.contains(&inode) => Some(inode),
-                    _ => None,
-                })
-                .collect();
-            if mine.is_empty() {
-                continue;
+        let procs = match all_processes_with_root(&self.root) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(root = %self.root.display(), error = %e, "cannot list processes");
+                return found;
             }
-            mine.sort_unstable();
-            mine.dedup();
-            let Some(info) = self.info(&proc) else {
-                self.skipped += 1;
-                continue;
-            };
-            alive.insert(info.key);
-            for inode in mine {
-                found.entry(inode).or_default().push(info.clone());
+        };
+        self.generation += 1;
+        let mut held: Vec<u64> = Vec::new();
+        for proc in procs {
+            let outcome = proc
+                .map_err(Skip::from)
+                .and_then(|proc| self.scan_one(&proc, inodes, &mut held));
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(info)) => {
+                    for &inode in &held {
+                        found.entry(inode).or_default().push(info.clone());
+                    }
+                }
+                Err(Skip::Vanished) => self.last.vanished += 1,
+                Err(Skip::Denied) => self.last.denied += 1,
+                Err(Skip::Failed) => self.last.failed += 1,
             }
         }
-        // Forget processes that no longer hold anything we asked about, to bound the cache.
-        self.cache.retain(|k, _| alive.contains(k));
+        let generation = self.generation;
+        self.cache.retain(|_, c| c.seen == generation);
+        // The listing is in readdir order, pid order in practice; make it so.
+        for holders in found.values_mut() {
+            holders.sort_unstable_by_key(|p| p.key);
+        }
         found
     }
 
-    /// Whether `key` still names a live process (same pid, same start time).
-    pub fn is_alive(&self, key: ProcessKey) -> bool {
-        Process::new_with_root(self.root.join(key.pid.to_string()))
-            .and_then(|p| p.stat())
-            .is_ok_and(|s| s.starttime == key.start_ticks)
+    /// Scans one process: fills `held` with the requested inodes its fd table refers to
+    /// (sorted, each once) and returns its details if there is any.
+    fn scan_one(
+        &mut self,
+        proc: &Process,
+        inodes: &HashSet<u64>,
+        held: &mut Vec<u64>,
+    ) -> Result<Option<ProcessInfo>, Skip> {
+        self.last.processes += 1;
+        let pid = u32::try_from(proc.pid).map_err(|_| Skip::Failed)?;
+        if let Some(c) = self.cache.get_mut(&pid) {
+            c.seen = self.generation;
+        }
+        held.clear();
+        self.last.fds += scan_fds(proc, &mut self.dirents, inodes, held)?;
+        if held.is_empty() {
+            return Ok(None);
+        }
+        held.sort_unstable();
+        held.dedup();
+        self.info(proc, pid).map(Some)
     }
 
-    fn info(&mut self, proc: &Process) -> Option<ProcessInfo> {
-        let stat = proc.stat().ok()?;
+    /// The details of a process holding a requested socket, from the cache when its start
+    /// time still matches.
+    fn info(&mut self, proc: &Process, pid: u32) -> Result<ProcessInfo, Skip> {
+        let stat = proc.stat()?;
         let key = ProcessKey {
-            pid: u32::try_from(stat.pid).ok()?,
+            pid,
             start_ticks: stat.starttime,
         };
-        if let Some(info) = self.cache.get(&key) {
-            return Some(info.clone());
+        if let Some(c) = self.cache.get(&pid)
+            && c.info.key == key
+        {
+            self.last.cached += 1;
+            return Ok(c.info.clone());
         }
-        let cmdline = proc
-            .cmdline()
-            .map(|args| args.join(" "))
-            .unwrap_or_default();
-        let cgroup = std::fs::read_to_string(self.root.join(key.pid.to_string()).join("cgroup"))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-            });
-        let container = cgroup.as_deref().and_then(container_id);
+        let comm = match read_all(proc, "comm") {
+            Ok(mut bytes) => {
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            // Same text, from the stat line already read.
+            Err(_) => stat.comm,
+        };
+        let cmdline = join_cmdline(&read_all(proc, "cmdline")?);
+        // No cgroup file (a kernel without cgroups) is no cgroup, not a failure.
+        let cgroups = read_all(proc, "cgroup").unwrap_or_default();
+        let cgroups = String::from_utf8_lossy(&cgroups);
+        let cgroup = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_owned);
+        let container = cgroup.as_deref().and_then(container_id).or_else(|| {
+            // cgroup v1 or hybrid hosts: the id is in the controllers' paths.
+            cgroups
+                .lines()
+                .filter_map(|l| l.splitn(3, ':').nth(2))
+                .find_map(container_id)
+        });
         let info = ProcessInfo {
             key,
-            comm: stat.comm,
+            comm,
             cmdline,
             cgroup,
             container,
         };
-        self.cache.insert(key, info.clone());
-        Some(info)
+        self.cache.insert(
+            pid,
+            Cached {
+                info: info.clone(),
+                seen: self.generation,
+            },
+        );
+        Ok(info)
+    }
+
+    /// Whether `key` still names a live process: the pid exists with the same start time (a
+    /// reused pid has a later one) and is not a zombie (whose fds are already closed).
+    pub fn is_alive(&self, key: ProcessKey) -> bool {
+        Process::new_with_root(self.root.join(key.pid.to_string()))
+            .and_then(|p| p.stat())
+            .is_ok_and(|s| s.starttime == key.start_ticks && !matches!(s.state, 'Z' | 'X'))
     }
 }
 
-/// The container id in a cgroup path: a 64-hex-digit component, bare (`/docker/<id>`) or
-/// wrapped as systemd scopes name them (`docker-<id>.scope`, `cri-containerd-<id>.scope`,
-/// `crio-<id>.scope`).
+/// Reads a process's fd table: pushes onto `held` each inode of `inodes` that one of its
+/// `socket:[N]` links names. Returns how many fds were read. No allocation per fd.
+fn scan_fds(
+    proc: &Process,
+    dirents: &mut Vec<u8>,
+    inodes: &HashSet<u64>,
+    held: &mut Vec<u64>,
+) -> Result<u64, Skip> {
+    let dir =
+        proc.open_relative_flags("fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC)?;
+    dirents.clear();
+    let mut entries = RawDir::new(&dir, dirents.spare_capacity_mut());
+    // "socket:[4294967295]" is 19 bytes; a longer link (a file path) fills the buffer and is
+    // not a socket.
+    let mut link = [0u8; 32];
+    let mut fds = 0;
+    while let Some(entry) = entries.next() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes().first() == Some(&b'.') {
+            continue;
+        }
+        fds += 1;
+        // An fd closed since the listing is simply gone.
+        let Ok(len) = readlinkat_raw(&dir, name, &mut link[..]) else {
+            continue;
+        };
+        if let Some(inode) = link.get(..len).and_then(socket_inode)
+            && inodes.contains(&inode)
+        {
+            held.push(inode);
+        }
+    }
+    Ok(fds)
+}
+
+/// The inode in a `socket:[N]` fd link.
+fn socket_inode(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
+        acc.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// Reads a whole file of a process's `/proc` directory, through the process's descriptor.
+fn read_all(proc: &Process, name: &str) -> Result<Vec<u8>, Skip> {
+    let mut f: File = proc.open_relative(name)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// `/proc/<pid>/cmdline` as one line: NUL-separated arguments joined by spaces, the trailing
+/// NULs dropped (one ends the last argument; `setproctitle` pads with more). Bytes are kept raw
+/// (control characters included) and invalid UTF-8 replaced: escape before printing.
+fn join_cmdline(raw: &[u8]) -> String {
+    let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let joined: Vec<u8> = raw[..end]
+        .iter()
+        .map(|&b| if b == 0 { b' ' } else { b })
+        .collect();
+    String::from_utf8_lossy(&joined).into_owned()
+}
+
+/// The container id in a cgroup path: a 64-hex-digit component, bare (`/docker/<id>`, cgroupfs
+/// kubepods) or wrapped as systemd scopes name them (`docker-<id>.scope`,
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`). The innermost one wins
+/// (a container's own `init.scope` below it is skipped).
 pub fn container_id(cgroup: &str) -> Option<String> {
     cgroup.split('/').rev().find_map(|part| {
         let part = part.strip_suffix(".scope").unwrap_or(part);
-        let id = part.rsplit('-').next().unwrap_or(part);
+        let id = part.rsplit_once('-').map_or(part, |(_, id)| id);
         (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::{fs, os::unix::fs::symlink, path::Path};
-
-    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    /// A fake /proc/<pid> with a stat line, cmdline, cgroup, and fds.
-    fn fake(
-        root: &Path,
-        pid: u32,
-        comm: &str,
-        start: u64,
-        cmdline: &[u8],
-        cgroup: &str,
-        fds: &[&str],
-    ) {
-        let dir = root.join(pid.to_string());
-        fs::create_dir_all(dir.join("fd")).expect("mkdir");
-        let stat = format!(
-            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 100 \
-             18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
-        );
-        fs::write(dir.join("stat"), stat).expect("stat");
-        fs::write(dir.join("cmdline"), cmdline).expect("cmdline");
-        fs::write(dir.join("cgroup"), cgroup).expect("cgroup");
-        for (i, target) in fds.iter().enumerate() {
-            symlink(target, dir.join("fd").join(i.to_string())).expect("fd link");
-        }
-    }
-
-    fn tree() -> tempfile::TempDir {
-        let d = tempfile::tempdir().expect("tempdir");
-        let r = d.path();
-        fake(
-            r,
-            100,
-            "leaky",
-            5000,
-            b"leaky\0--port\x1b[2J\0",
-            &format!("0::/system.slice/docker-{ID}.scope\n"),
-            &["socket:[11]", "socket:[12]", "/dev/null"],
-        );
-        fake(
-            r,
-            101,
-            "leaky",
-            6000,
-            b"leaky\0",
-            "0::/user.slice\n",
-            &["socket:[11]"],
-        );
-        fake(
-            r,
-            200,
-            "other",
-            7000,
-            b"other\0",
-            "0::/\n",
-            &["socket:[99]", "pipe:[11]"],
-        );
-        d
-    }
-
-    #[test]
-    fn maps_inodes_to_every_holder() {
-        let d = tree();
-        let mut s = ProcScanner::new(d.path().into());
-        let found = s.holders(&HashSet::from([11, 12, 13]));
-        let mut h11: Vec<u32> = found[&11].iter().map(|p| p.key.pid).collect();
-        h11.sort_unstable();
-        assert_eq!(h11, [100, 101]);
-        assert_eq!(found[&12].len(), 1);
-        assert!(!found.contains_key(&13));
-        let p = &found[&12][0];
-        assert_eq!(
-            p.key,
-            ProcessKey {
-                pid: 100,
-                start_ticks: 5000
-            }
-        );
-        assert_eq!(p.comm, "leaky");
-        assert_eq!(
-            p.cmdline, "leaky --port\x1b[2J",
-            "raw: escaped only when shown"
-        );
-        assert_eq!(p.container.as_deref(), Some(ID));
-        assert_eq!(
-            found[&11]
-                .iter()
-                .find(|p| p.key.pid == 101)
-                .expect("101")
-                .container,
-            None
-        );
-    }
-
-    #[test]
-    fn pid_reuse_is_detected_by_start_time() {
-        let d = tree();
-        let s = ProcScanner::new(d.path().into());
-        assert!(s.is_alive(ProcessKey {
-            pid: 100,
-            start_ticks: 5000
-        }));
-        assert!(!s.is_alive(ProcessKey {
-            pid: 100,
-            start_ticks: 4999
-        }));
-        assert!(!s.is_alive(ProcessKey {
-            pid: 555,
-            start_ticks: 5000
-        }));
-    }
-
-    #[test]
-    fn container_ids() {
-        assert_eq!(container_id(&format!("/docker/{ID}")).as_deref(), Some(ID));
-        assert_eq!(
-            container_id(&format!("/kubepods.slice/cri-containerd-{ID}.scope")).as_deref(),
-            Some(ID)
-        );
-        assert_eq!(
-            container_id(&format!("/machine.slice/crio-{ID}.scope")).as_deref(),
-            Some(ID)
-        );
-        assert_eq!(
-            container_id("/user.slice/user-0.slice/session-1.scope"),
-            None
-        );
-        assert_eq!(container_id("/"), None);
-    }
-}
+mod tests;

@@ -13,11 +13,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
-use tcpwait_common::{counter, record};
+use tcpwait_common::{SockOffsets, counter, record};
 use tokio::io::{Interest, unix::AsyncFd};
-use tracing::debug;
+use tracing::{debug, warn};
+
+pub mod btf;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
@@ -102,9 +104,13 @@ pub struct KernelCounters {
     pub sent: u64,
     /// Events dropped because the ring buffer was full (all CPUs).
     pub reserve_failed: u64,
-    /// Runs the kernel skipped because the tracepoint fired while a BPF program was already
-    /// running on that CPU (`recursion_misses` in the program's fdinfo; kernel ≥ 5.12).
+    /// Transitions lost to the kernel's recursion guard: runs of the main program the kernel
+    /// skipped because the tracepoint fired while it was running on that CPU
+    /// (`recursion_misses` in its fdinfo, kernel ≥ 5.12), less those the raw-tracepoint
+    /// program rescued.
     pub recursion_misses: u64,
+    /// Nested transitions the raw-tracepoint program recorded in the main program's place.
+    pub rescued: u64,
     /// Total program run time, when BPF statistics are enabled (`kernel.bpf_stats_enabled`).
     pub run_time_ns: u64,
     /// Program runs counted with `run_time_ns`.
@@ -116,6 +122,8 @@ pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     prog_fd: i32,
+    /// Whether the rescue program is attached (it needs the kernel's BTF).
+    pub rescue: bool,
     // Dropping `Ebpf` detaches the program and frees the maps; keep it last.
     _ebpf: Ebpf,
 }
@@ -127,9 +135,19 @@ impl Probe {
     /// Loads the program and attaches it to `category:name` (normally [`TRACEPOINT`]; tests
     /// point it elsewhere to exercise the "tracepoint absent" path). Must run inside a tokio
     /// runtime (the ring buffer registers with its reactor).
-    pub fn attach(category: &str, name: &str) -> Result<Self, ProbeError> {
+    /// `rescue_all` makes the rescue program record every transition (tests compare both).
+    pub fn attach(category: &str, name: &str, rescue_all: bool) -> Result<Self, ProbeError> {
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
+        let offsets = btf::Btf::from_sys_fs().and_then(|b| b.sock_offsets());
+        let global = offsets.as_ref().ok().map(|o| SockOffsets {
+            always: u32::from(rescue_all),
+            ..*o
+        });
+        let mut loader = EbpfLoader::new();
+        if let Some(g) = &global {
+            loader.set_global("SOCK_OFFSETS", g, true);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
@@ -166,6 +184,29 @@ impl Probe {
             .map_err(|e| ProbeError::Load(e.into()))?
             .as_fd()
             .as_raw_fd();
+        let rescue = match offsets {
+            Ok(_) => {
+                let rescue: &mut RawTracePoint = ebpf
+                    .program_mut("inet_sock_set_state_nested")
+                    .expect("the object defines inet_sock_set_state_nested")
+                    .try_into()
+                    .expect("inet_sock_set_state_nested is a raw tracepoint program");
+                rescue
+                    .load()
+                    .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+                match rescue.attach(name) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
+                false
+            }
+        };
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;
         // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer until drop.
@@ -180,6 +221,7 @@ impl Probe {
             ring,
             counters,
             prog_fd,
+            rescue,
             _ebpf: ebpf,
         })
     }
@@ -214,7 +256,12 @@ impl Probe {
         Ok(KernelCounters {
             sent: sum(counter::SENT)?,
             reserve_failed: sum(counter::RESERVE_FAILED)?,
-            recursion_misses: info.get("recursion_misses").copied().unwrap_or(0),
+            recursion_misses: info
+                .get("recursion_misses")
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(sum(counter::RESCUED)?),
+            rescued: sum(counter::RESCUED)?,
             run_time_ns: info.get("run_time_ns").copied().unwrap_or(0),
             run_count: info.get("run_cnt").copied().unwrap_or(0),
         })
@@ -317,7 +364,7 @@ mod tests {
     use super::*;
 
     /// The format file of Linux 6.18, as read on the project's machines.
-    const FORMAT_6_18: &str = include_str!("../tests/fixtures/inet_sock_set_state.format");
+    const FORMAT_6_18: &str = include_str!("../../tests/fixtures/inet_sock_set_state.format");
 
     #[test]
     fn parses_the_kernel_format_file() {
