@@ -25,8 +25,9 @@ struct Type {
     name_off: u32,
     kind: u32,
     kind_flag: bool,
-    /// For struct/union: (name_off, type id, bit offset).
-    members: Vec<(u32, u32, u32)>,
+    /// For struct/union: where its members start in `Btf::type_data`, and how many.
+    members_at: u32,
+    vlen: u32,
     /// Size for struct/union/int; referenced type id for typedef/const/volatile/...
     size_or_type: u32,
 }
@@ -35,6 +36,9 @@ struct Type {
 pub struct Btf {
     types: Vec<Type>,
     strings: Vec<u8>,
+    /// The type section. Members are read from it on demand: no allocation per type, so the
+    /// parse leaves nothing behind in the agent's heap once dropped.
+    type_data: Vec<u8>,
 }
 
 fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
@@ -60,13 +64,15 @@ impl Btf {
             .ok_or(BtfError::Malformed("string section out of bounds"))?
             .to_vec();
         // Type id 0 is `void`.
-        let mut types = vec![Type {
+        let mut types = Vec::with_capacity(types_bytes.len() / 16);
+        types.push(Type {
             name_off: 0,
             kind: 0,
             kind_flag: false,
-            members: vec![],
+            members_at: 0,
+            vlen: 0,
             size_or_type: 0,
-        }];
+        });
         let mut p = 0;
         while p < types_bytes.len() {
             let name_off = u32_at(types_bytes, p)?;
@@ -78,35 +84,36 @@ impl Btf {
                 (info >> 24) & 0x1f,
                 info >> 31 == 1,
             );
-            let mut members = Vec::new();
-            let extra = match kind {
-                1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
-                3 => 12,          // ARRAY
-                4 | 5 => {
-                    for i in 0..vlen {
-                        let m = p + i * 12;
-                        members.push((
-                            u32_at(types_bytes, m)?,
-                            u32_at(types_bytes, m + 4)?,
-                            u32_at(types_bytes, m + 8)?,
-                        ));
-                    }
-                    vlen * 12
-                }
-                6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
-                15 | 19 => vlen * 12, // DATASEC, ENUM64
+            let members_at = p as u32;
+            p += match kind {
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => vlen * 12, // STRUCT, UNION (members), DATASEC, ENUM64
+                6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
                 _ => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
             };
-            p += extra;
+            if p > types_bytes.len() {
+                return Err(BtfError::Malformed("type record out of bounds"));
+            }
+            let vlen = if matches!(kind, 4 | 5) {
+                vlen as u32
+            } else {
+                0
+            };
             types.push(Type {
                 name_off,
                 kind,
                 kind_flag,
-                members,
+                members_at,
+                vlen,
                 size_or_type,
             });
         }
-        Ok(Self { types, strings })
+        Ok(Self {
+            types,
+            strings,
+            type_data: types_bytes.to_vec(),
+        })
     }
 
     /// Reads the running kernel's BTF.
@@ -125,7 +132,7 @@ impl Btf {
     fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
         self.types
             .iter()
-            .position(|t| t.kind == 4 && !t.members.is_empty() && self.name(t.name_off) == name)
+            .position(|t| t.kind == 4 && t.vlen > 0 && self.name(t.name_off) == name)
             .map(|i| i as u32)
             .ok_or_else(|| BtfError::Missing(format!("struct {name}")))
     }
@@ -144,7 +151,13 @@ impl Btf {
     /// Byte offset and size of `member` in struct/union `id`, searching anonymous members.
     fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
         let t = self.types.get(id as usize)?;
-        for &(name_off, ty, off) in &t.members {
+        for i in 0..t.vlen as usize {
+            let m = t.members_at as usize + i * 12;
+            let (name_off, ty, off) = (
+                u32_at(&self.type_data, m).ok()?,
+                u32_at(&self.type_data, m + 4).ok()?,
+                u32_at(&self.type_data, m + 8).ok()?,
+            );
             // With kind_flag, the offset's low 24 bits are the bit offset (bitfields).
             let bits = if t.kind_flag { off & 0xff_ffff } else { off };
             let name = self.name(name_off);

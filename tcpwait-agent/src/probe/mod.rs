@@ -139,6 +139,10 @@ impl Probe {
     pub fn attach(category: &str, name: &str, rescue_all: bool) -> Result<Self, ProbeError> {
         raise_memlock();
         let offsets = btf::Btf::from_sys_fs().and_then(|b| b.sock_offsets());
+        // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
+        // keeps freed heap memory unless asked to give it back.
+        // SAFETY: malloc_trim only releases free heap pages.
+        let trim = || unsafe { libc::malloc_trim(0) };
         let global = offsets.as_ref().ok().map(|o| SockOffsets {
             always: u32::from(rescue_all),
             ..*o
@@ -207,6 +211,7 @@ impl Probe {
                 false
             }
         };
+        trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;
         // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer until drop.
