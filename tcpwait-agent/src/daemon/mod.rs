@@ -9,7 +9,7 @@ mod resolver;
 mod translog;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::{self, Write as _},
     process::ExitCode,
     sync::{Arc, atomic::AtomicU64},
@@ -28,7 +28,7 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, TcpState, decode},
+    event::{DecodeErrors, SocketId, TcpState, decode},
     model::Tuple,
     output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
@@ -41,6 +41,17 @@ use resolver::{Resolver, Snapshot};
 
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
 const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A socket's owners are resolved once it has stayed in a watched state this long (or half the
+/// age threshold, if that is shorter). Almost every socket passes through CLOSE_WAIT in
+/// microseconds (the application reads EOF and closes); an inet_diag dump walks every socket of
+/// the host, TIME_WAIT ones included, so dumping for each passing socket was measured to cost
+/// more CPU than all other per-event work together (52 % of the agent at 14k connections/s).
+const OWNER_SETTLE: Duration = Duration::from_millis(500);
+
+/// Sockets waiting to settle are remembered up to this many; past it the next snapshot is taken
+/// as soon as the rate limit allows, which covers them all, and the queue starts over.
+const MAX_SETTLING: usize = 65_536;
 
 /// The states reconciled with inet_diag and attributed to processes.
 const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
@@ -63,10 +74,21 @@ struct Daemon {
     transitions: u64,
     malformed: DecodeErrors,
     kernel: KernelCounters,
+    /// Transitions lost so far (kernel and decoding), as of the last reconciliation trigger.
+    lost_seen: u64,
+    /// Processes whose fd table could not be read, summed over /proc scans.
+    scan_denied: u64,
+    /// The "cannot read /proc/<pid>/fd" warning was logged (once per run).
+    warned_denied: bool,
     /// A snapshot request is in flight (at most one).
     in_flight: bool,
-    /// Sockets entered CLOSE_WAIT without a known owner since the last request.
+    /// Sockets that entered a watched state without a known owner, with the time they entered
+    /// it, oldest first: resolved if still so after [`Daemon::settle_ns`].
+    settling: VecDeque<(SocketId, u64)>,
+    /// Resolve at the next chance, settled or not (the settling queue overflowed).
     owners_wanted: bool,
+    /// [`OWNER_SETTLE`], or half the CLOSE_WAIT age threshold if that is shorter.
+    settle_ns: u64,
     last_request: Option<Instant>,
     next_reconcile: Instant,
     /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
@@ -145,8 +167,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         transitions: 0,
         malformed: DecodeErrors::default(),
         kernel: KernelCounters::default(),
+        lost_seen: 0,
+        scan_denied: 0,
+        warned_denied: false,
         in_flight: false,
+        settling: VecDeque::new(),
         owners_wanted: false,
+        settle_ns: u64::try_from(
+            OWNER_SETTLE
+                .min(config.rules.close_wait_age.0 / 2)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX),
         last_request: None,
         next_reconcile: Instant::now() + config.agent.reconcile_interval.0,
         left_during_snapshot: HashMap::new(),
@@ -227,12 +259,19 @@ impl Daemon {
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
             at = at.min(Instant::now() + wait);
         }
+        if let Some(&(_, entered)) = self.settling.front() {
+            let due = entered.saturating_add(self.settle_ns);
+            let wait = Duration::from_nanos(due.saturating_sub(self.now_ns()));
+            let rate = self
+                .last_request
+                .map_or_else(Instant::now, |t| t + MIN_RESOLVE_INTERVAL);
+            at = at.min((Instant::now() + wait).max(rate));
+        }
         at
     }
 
     fn drain(&mut self) {
         let withhold = self.args.test_withhold_events;
-        let mut needs = false;
         let publish = self.tail.receiver_count() > 0;
         let record = publish || self.translog.is_some();
         let mut items = Vec::new();
@@ -244,6 +283,8 @@ impl Daemon {
             left_during_snapshot,
             in_flight,
             edges,
+            settling,
+            owners_wanted,
             ..
         } = self;
         probe.drain(|bytes| match decode(bytes) {
@@ -258,6 +299,12 @@ impl Daemon {
                 } else {
                     None
                 };
+                // Looked up before `apply`: a transition to CLOSE removes the socket.
+                let owner_before = if record {
+                    tracker.owners_of(t.sock).first().copied()
+                } else {
+                    None
+                };
                 if *in_flight && t.old == TcpState::CloseWait {
                     let tuple = Tuple {
                         saddr: t.saddr,
@@ -268,17 +315,25 @@ impl Daemon {
                     left_during_snapshot.insert(tuple, t.ts_ns);
                 }
                 let applied = tracker.apply(&t);
-                needs |= applied.needs_owners;
+                if applied.needs_owners {
+                    if settling.len() < MAX_SETTLING {
+                        settling.push_back((t.sock, t.ts_ns));
+                    } else {
+                        *owners_wanted = true;
+                    }
+                }
                 if record {
                     let ns_in_old = entered
                         .filter(|e| !e.age_is_lower_bound && e.state == t.old)
                         .map(|e| t.ts_ns.saturating_sub(e.entered_ns));
-                    let owner = tracker.owners_of(t.sock).first().and_then(|k| {
-                        tracker.process_info(k).map(|p| OwnerView {
-                            pid: p.key.pid,
-                            comm: p.comm.clone(),
-                        })
-                    });
+                    let owner = owner_before
+                        .or_else(|| tracker.owners_of(t.sock).first().copied())
+                        .and_then(|k| {
+                            tracker.process_info(&k).map(|p| OwnerView {
+                                pid: p.key.pid,
+                                comm: p.comm.clone(),
+                            })
+                        });
                     items.push(Arc::new(TailItem {
                         transition: t,
                         ns_in_old,
@@ -288,7 +343,6 @@ impl Daemon {
             }
             Err(e) => malformed.count(e),
         });
-        self.owners_wanted |= needs;
         if let Some(log) = &mut self.translog {
             let mut line = Vec::with_capacity(512);
             let mut result = Ok(());
@@ -329,19 +383,22 @@ impl Daemon {
         }
     }
 
-    /// Reads the kernel's loss counters; any new loss makes the table incomplete: repair it.
+    /// Reads the kernel's loss counters; any new loss (in the kernel, or a record that could
+    /// not be decoded) makes the table incomplete: repair it.
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
-                let lost = k.reserve_failed + k.recursion_misses;
-                if lost > self.kernel.reserve_failed + self.kernel.recursion_misses {
+                let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
+                if lost > self.lost_seen {
                     warn!(
                         ring_full = k.reserve_failed,
                         recursion_misses = k.recursion_misses,
-                        "events lost in the kernel; reconciling with inet_diag"
+                        malformed = self.malformed.total(),
+                        "transitions lost; reconciling with inet_diag"
                     );
                     self.complete_since_ns = self.now_ns();
                     self.next_reconcile = Instant::now();
+                    self.lost_seen = lost;
                 }
                 self.kernel = k;
             }
@@ -354,16 +411,31 @@ impl Daemon {
             return;
         }
         let now = Instant::now();
-        let resolve = self.owners_wanted
-            && self
-                .last_request
-                .is_none_or(|t| now >= t + MIN_RESOLVE_INTERVAL);
+        if self
+            .last_request
+            .is_some_and(|t| now < t + MIN_RESOLVE_INTERVAL)
+            && now < self.next_reconcile
+        {
+            return;
+        }
+        // Sockets that left the state, or got an owner, while settling need nothing.
+        let settled_before = self.now_ns().saturating_sub(self.settle_ns);
+        let mut resolve = self.owners_wanted;
+        while !resolve
+            && let Some(&(sock, entered)) = self.settling.front()
+            && entered <= settled_before
+        {
+            self.settling.pop_front();
+            resolve = self.tracker.awaits_owner(sock, entered);
+        }
         if resolve || now >= self.next_reconcile {
             self.request_snapshot();
         }
     }
 
     fn request_snapshot(&mut self) {
+        // The snapshot sees every socket in the watched states now, settled or not.
+        self.settling.clear();
         self.owners_wanted = false;
         self.in_flight = true;
         self.last_request = Some(Instant::now());
@@ -373,6 +445,16 @@ impl Daemon {
 
     fn on_snapshot(&mut self, snapshot: Snapshot) {
         self.in_flight = false;
+        self.scan_denied += snapshot.scan.denied;
+        if snapshot.scan.denied > 0 && !self.warned_denied {
+            self.warned_denied = true;
+            warn!(
+                processes = snapshot.scan.denied,
+                "cannot read /proc/<pid>/fd of some processes: the sockets they hold stay \
+                 \"holder unknown\"; run tcpwait as root or grant CAP_SYS_PTRACE and \
+                 CAP_DAC_READ_SEARCH"
+            );
+        }
         // A loss not yet noticed would make reconcile date missing sockets from agent start.
         self.on_tick();
         if let Some(e) = &snapshot.error {

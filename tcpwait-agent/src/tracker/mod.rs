@@ -262,6 +262,20 @@ impl Tracker {
         true
     }
 
+    /// True while `sock` is still in the watched state it entered at `entered_ns` (the same
+    /// stint: not closed, not moved on, not a reused address) and no owner is known. The daemon
+    /// resolves owners only for sockets that stay this way for a while: most sockets pass
+    /// through CLOSE_WAIT in microseconds, and one inet_diag dump per passing socket would cost
+    /// more than everything else the agent does.
+    pub fn awaits_owner(&self, sock: SocketId, entered_ns: u64) -> bool {
+        self.table.slot_of(sock).is_some_and(|slot| {
+            let s = self.table.get(slot);
+            s.entered_ns == entered_ns
+                && s.state.is_some_and(|st| self.watched[state_index(st)])
+                && !self.table.has_owner(slot)
+        })
+    }
+
     /// The tracked socket with this 4-tuple (connected sockets only: both ports non-zero).
     pub fn socket_by_tuple(&self, tuple: &Tuple) -> Option<SocketId> {
         let t = CompactTuple::from_tuple(tuple);

@@ -220,3 +220,24 @@ fn million_sockets_memory() {
     );
     assert!(bytes / t.len() <= 150);
 }
+
+#[test]
+fn awaits_owner_only_for_the_same_stint_in_a_watched_state_without_owner() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    t.apply(&tr(1, TcpState::SynRecv, TcpState::Established, SEC));
+    assert!(!t.awaits_owner(sock(1), SEC), "ESTABLISHED is not watched");
+    t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 2 * SEC));
+    assert!(t.awaits_owner(sock(1), 2 * SEC));
+    assert!(!t.awaits_owner(sock(1), 3 * SEC), "another stint");
+    assert!(!t.awaits_owner(sock(9), 2 * SEC), "not tracked");
+    assert!(t.set_owners(sock(1), vec![info(42)]));
+    assert!(!t.awaits_owner(sock(1), 2 * SEC), "owner known");
+    // A new socket at the same address entering CLOSE_WAIT later is a new stint.
+    t.apply(&tr(1, TcpState::CloseWait, TcpState::LastAck, 4 * SEC));
+    t.apply(&tr(1, TcpState::LastAck, TcpState::Close, 5 * SEC));
+    t.apply(&tr(1, TcpState::Close, TcpState::SynSent, 6 * SEC));
+    t.apply(&tr(1, TcpState::SynSent, TcpState::Established, 7 * SEC));
+    t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 8 * SEC));
+    assert!(!t.awaits_owner(sock(1), 2 * SEC), "the old stint is gone");
+    assert!(t.awaits_owner(sock(1), 8 * SEC));
+}
