@@ -25,7 +25,7 @@ pub struct Settings {
     pub seconds: u64,
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Sample {
     conns_per_s: f64,
     expected: u64,
@@ -35,6 +35,9 @@ struct Sample {
     bpf_ns_per_event: f64,
     agent_us_per_event: f64,
     peak_rss_kib: u64,
+    /// The agent's own last line on stderr (its summary of transitions seen and lost, by
+    /// reason), kept for the runs where captured ≠ expected.
+    summary: String,
 }
 
 /// Runs the loopback workload for `secs`; returns (connections, elapsed, port).
@@ -121,6 +124,8 @@ struct Agent {
     child: Child,
     out: Option<std::path::PathBuf>,
     sock: Option<String>,
+    /// The agent's stderr lines after the ready line, read until it exits.
+    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
 fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
@@ -159,8 +164,13 @@ fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
     if !ready.contains("tracing TCP") && !ready.contains("agent running") {
         bail!("tcpwait {mode} did not start: {ready}");
     }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Agent { child, out, sock })
+    let stderr = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    Ok(Agent {
+        child,
+        out,
+        sock,
+        stderr: Some(stderr),
+    })
 }
 
 fn transitions_seen(bin: &Path, sock: &str) -> u64 {
@@ -251,6 +261,12 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
     // SAFETY: signal our own child.
     unsafe { libc_kill(pid as i32, 2) };
     let _ = agent.child.wait();
+    s.summary = agent
+        .stderr
+        .take()
+        .and_then(|h| h.join().ok())
+        .and_then(|l| l.last().cloned())
+        .unwrap_or_default();
     if agent.out.is_some() {
         // After exit: the file holds the final drain too.
         s.captured = count(&agent);
@@ -271,6 +287,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
+
+/// The modes compared, in the order each round runs them.
+const MODES: [&str; 3] = ["none", "trace --json", "run"];
 
 /// Runs everything and prints the table.
 pub fn bench(root: &Path, s: &Settings) -> Result<()> {
@@ -294,7 +313,7 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         .unwrap_or(0);
     println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
     println!(
-        "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs, medians",
+        "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs per mode (modes take turns), medians",
         s.seconds, s.runs
     );
     let mut base = 0.0;
@@ -311,11 +330,16 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         "agent µs/ev",
         "peak RSS"
     );
-    for mode in ["none", "trace --json", "run"] {
-        let mut samples = Vec::new();
-        for run in 0..s.runs {
-            samples.push(one(&bin, mode, &dir, run, s.seconds)?);
+    // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
+    // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
+    // mode alike instead of on whichever ran last.
+    let mut all: [Vec<Sample>; 3] = Default::default();
+    for run in 0..s.runs {
+        for (i, mode) in MODES.iter().enumerate() {
+            all[i].push(one(&bin, mode, &dir, run, s.seconds)?);
         }
+    }
+    for (mode, samples) in MODES.iter().copied().zip(all) {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let rate = m(|x| x.conns_per_s);
         if mode == "none" {
@@ -326,9 +350,10 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         } else {
             0.0
         };
+        // Signed: a negative figure would mean transitions from other traffic were counted.
         let lost: Vec<String> = samples
             .iter()
-            .map(|x| x.expected.saturating_sub(x.captured).to_string())
+            .map(|x| (x.expected as i64 - x.captured as i64).to_string())
             .collect();
         println!(
             "{:<14} {:>9.0} {:>8.1}% {:>11.0} {:>11.0} {:>8.0} {:>9.0} {:>10.0} {:>11.2} {:>7} MiB   lost per run: {}",
@@ -348,6 +373,19 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
                 lost.join(" ")
             },
         );
+        let rates: Vec<String> = samples
+            .iter()
+            .map(|x| format!("{:.0}", x.conns_per_s))
+            .collect();
+        println!("  conn/s per run: {}", rates.join(" "));
+        for (i, x) in samples.iter().enumerate() {
+            if mode != "none" && x.expected != x.captured {
+                println!(
+                    "  run {i}: expected {} captured {}; agent: {}",
+                    x.expected, x.captured, x.summary
+                );
+            }
+        }
     }
     let _ = std::fs::write(stats_path, stats_before.trim());
     // Idle RSS of the agent.
@@ -378,10 +416,18 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         .current_dir(root)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("B/socket"))
-        .unwrap_or("million-socket test printed nothing");
-    println!("tracker at 1,000,000 sockets: {line}");
+    match text.lines().find(|l| l.contains("B/socket")) {
+        Some(line) => println!("tracker at 1,000,000 sockets: {line}"),
+        None => bail!(
+            "the million-socket test printed no figure ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ),
+    }
     Ok(())
 }
