@@ -172,7 +172,9 @@ pub struct TailArgs {
 /// A duration: plain seconds (`2`, `0.5`) or with units (`90s`, `5m`, `1h 30m`).
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let d = match s.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => std::time::Duration::from_secs_f64(secs),
+        // try_from: a huge value (1e30) is refused, not a panic.
+        Ok(secs) if secs > 0.0 => std::time::Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{secs} seconds is too long"))?,
         Ok(_) => return Err("must be a positive number of seconds".into()),
         Err(_) => humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 60, 90s, 5m)"))?,
     };

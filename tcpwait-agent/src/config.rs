@@ -59,8 +59,8 @@ url = ""
 path = ""
 
 [delivery]
-# Alert changes waiting for delivery, per sink (1 ..= 1000000). When full, the oldest
-# undelivered change is dropped and counted (tcpwait_alert_deliveries_total{result="dropped"}).
+# Alert changes waiting for delivery, per sink (1 ..= 1000000). When full, the new change is
+# dropped and counted (tcpwait_alert_deliveries_total{result="dropped"}).
 queue_size = 1024
 # Longest wait between retries of a failed delivery (100ms ..= 1h); backoff doubles from 100ms.
 max_backoff = "10s"
@@ -87,7 +87,10 @@ impl<'de> Deserialize<'de> for Dur {
             Text(String),
         }
         let parsed = match Raw::deserialize(d)? {
-            Raw::Secs(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+            // try_from: a huge value (1e30) is refused, not a panic.
+            Raw::Secs(s) if s > 0.0 && Duration::try_from_secs_f64(s).is_ok() => {
+                Duration::from_secs_f64(s)
+            }
             Raw::Secs(s) => {
                 return Err(serde::de::Error::custom(format!(
                     "invalid duration {s}: expected a positive number of seconds or a string like \"90s\""

@@ -181,15 +181,16 @@ pub fn write_record(
             let ms = r
                 .ms_in_old
                 .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
+            // The record may come from a daemon over the API socket: a bad address is an
+            // error to report, not a reason to panic.
+            let ip = |a: &str| {
+                a.parse().map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("bad address {a:?}"))
+                })
+            };
             let (s, d) = (
-                endpoint(
-                    r.saddr.parse().expect("saddr is an IpAddr's rendering"),
-                    r.sport,
-                ),
-                endpoint(
-                    r.daddr.parse().expect("daddr is an IpAddr's rendering"),
-                    r.dport,
-                ),
+                endpoint(ip(&r.saddr)?, r.sport),
+                endpoint(ip(&r.daddr)?, r.dport),
             );
             let owner = match (&r.owner_pid, &r.owner_comm) {
                 (Some(pid), Some(comm)) => format!("  owner={pid}/{}", escape_control(comm)),

@@ -85,7 +85,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 11] = [
+const METRICS: [(&str, Kind); 12] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_close_wait_sockets", Kind::Gauge),
@@ -95,6 +95,7 @@ const METRICS: [(&str, Kind); 11] = [
     ("tcpwait_reconcile_repairs_total", Kind::Counter),
     ("tcpwait_tracked_sockets", Kind::Gauge),
     ("tcpwait_table_overflow_total", Kind::Counter),
+    ("tcpwait_owner_scan_denied_total", Kind::Counter),
     ("tcpwait_alert_deliveries_total", Kind::Counter),
     ("tcpwait_build_info", Kind::Gauge),
 ];
@@ -165,6 +166,7 @@ const RULES: [&str; 5] = [
 ];
 
 #[test]
+#[ignore = "needs promtool (Debian package prometheus); run by `cargo xtask test`, which installs it"]
 fn prometheus_rules_pass_promtool() {
     let path = deploy("prometheus/tcpwait-rules.yml");
     let out = check("promtool", &["check", "rules", utf8(&path)]);
@@ -227,6 +229,7 @@ fn prometheus_rules_pass_promtool() {
 /// Each alert fires when it should and not before, with the annotations it renders
 /// (deploy/prometheus/tcpwait-rules.test.yml).
 #[test]
+#[ignore = "needs promtool (Debian package prometheus); run by `cargo xtask test`, which installs it"]
 fn prometheus_rules_unit_tests_pass_promtool() {
     let path = deploy("prometheus/tcpwait-rules.test.yml");
     let out = check("promtool", &["test", "rules", utf8(&path)]);
@@ -235,6 +238,7 @@ fn prometheus_rules_unit_tests_pass_promtool() {
 }
 
 #[test]
+#[ignore = "needs promtool (Debian package prometheus); run by `cargo xtask test`, which installs it"]
 fn prometheus_config_with_the_scrape_snippet_and_rules_passes_promtool() {
     let snippet_path = deploy("prometheus/scrape-config.yml");
     let snippet = read(&snippet_path);
@@ -269,6 +273,7 @@ fn prometheus_config_with_the_scrape_snippet_and_rules_passes_promtool() {
 // ---- Alertmanager ----------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs amtool (Debian package prometheus-alertmanager); run by `cargo xtask test`, which installs it"]
 fn alertmanager_config_passes_amtool_and_routes_the_leak_alerts() {
     let path = deploy("alertmanager/alertmanager.yml");
     let out = check("amtool", &["check-config", utf8(&path)]);
@@ -345,7 +350,7 @@ fn systemd_unit_is_hardened_as_documented() {
     let unit = read(&deploy(UNIT));
     assert_eq!(
         directive(&unit, "ExecStart"),
-        ["/usr/local/bin/tcpwait run --config /etc/tcpwait/tcpwait.toml"]
+        ["/usr/local/bin/tcpwait run"]
     );
     for (key, value) in [
         ("Type", "simple"),
@@ -358,7 +363,7 @@ fn systemd_unit_is_hardened_as_documented() {
         ("RuntimeDirectoryMode", "0700"),
         ("StateDirectory", "tcpwait"),
         ("LimitMEMLOCK", "infinity"),
-        ("MemoryMax", "256M"),
+        ("MemoryMax", "512M"),
     ] {
         assert_eq!(directive(&unit, key), [value], "{key}");
     }
@@ -414,6 +419,7 @@ fn systemd_unit_is_hardened_as_documented() {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze (Debian package systemd); run by `cargo xtask test`, which installs it"]
 fn systemd_unit_passes_verify() {
     let unit = read(&deploy(UNIT));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -460,6 +466,7 @@ fn systemd_unit_passes_verify() {
 /// `systemd-analyze security` rates the sandbox; the agent needs root-level capabilities and
 /// the host's network and processes, so "OK" (below 4.0 on systemd 252's scale) is the goal.
 #[test]
+#[ignore = "needs systemd-analyze (Debian package systemd); run by `cargo xtask test`, which installs it"]
 fn systemd_unit_security_exposure_is_ok() {
     let unit = read(&deploy(UNIT));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -590,7 +597,7 @@ fn daemonset_has_host_views_and_minimal_capabilities() {
     assert_eq!(res["requests"]["cpu"].as_str(), Some("50m"));
     assert_eq!(res["limits"]["cpu"].as_str(), Some("500m"));
     assert_eq!(res["requests"]["memory"].as_str(), Some("64Mi"));
-    assert_eq!(res["limits"]["memory"].as_str(), Some("256Mi"));
+    assert_eq!(res["limits"]["memory"].as_str(), Some("512Mi"));
 
     // Volumes: tracefs from the host at the same path, a writable /run/tcpwait, the config.
     let volumes = spec["volumes"].as_vec().expect("volumes");

@@ -42,7 +42,7 @@ fn without_privileges() {
     assert_one_line(
         &stderr,
         "tcpwait: permission denied loading the BPF program: run tcpwait as root (sudo), or \
-         grant it CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN",
+         grant it CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN if tracefs is not mounted)",
     );
 }
 
@@ -133,6 +133,9 @@ fn bad_flags_exit_2() {
         &["trace", "-4", "-6"],
         &["trace", "--frobnicate"],
         &["no-such-command"],
+        &["run", "--close-wait-age", "1e30"],
+        &["run", "--close-wait-age", "0"],
+        &["run", "--close-wait-count", "-1"],
     ] {
         let (code, stderr) = run(Command::new(TCPWAIT).args(args));
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -161,4 +164,22 @@ fn help_explains() {
         assert!(help.contains(needle), "{needle} missing from: {help}");
     }
     assert!(!help.contains("--tracepoint"), "test-only flag is hidden");
+}
+
+#[test]
+fn status_and_tail_without_a_daemon_say_how_to_start_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("absent.sock");
+    for cmd in ["status", "tail"] {
+        let (code, stderr) =
+            run(Command::new(TCPWAIT).args([cmd, "--socket", sock.to_str().expect("utf-8")]));
+        assert_eq!(code, 1, "{cmd}: {stderr}");
+        assert_one_line(
+            &stderr,
+            &format!(
+                "tcpwait: cannot reach the tcpwait daemon at {}: start it with `sudo tcpwait run`",
+                sock.display()
+            ),
+        );
+    }
 }

@@ -307,6 +307,7 @@ fn promtool_accepts_the_metrics() {
         "tcpwait_reconcile_repairs_total{kind=\"added\"}",
         "tcpwait_tracked_sockets ",
         "tcpwait_table_overflow_total 0",
+        "tcpwait_owner_scan_denied_total 0",
         "tcpwait_build_info{version=",
     ] {
         assert!(text.contains(name), "{name} missing");
@@ -416,6 +417,10 @@ fn every_config_key_is_validated_with_one_line_and_exit_2() {
         (
             "[rules]\nclose_wait_age = \"later\"",
             "tcpwait: FILE: rules.close_wait_age: invalid duration \"later\" (expected number at 0): expected e.g. 60, \"90s\", \"5m\"",
+        ),
+        (
+            "[rules]\nclose_wait_age = 1e30",
+            "tcpwait: FILE: rules.close_wait_age: invalid duration 1000000000000000000000000000000: expected a positive number of seconds or a string like \"90s\"",
         ),
         (
             "[rules]\nclose_wait_count = 0",

@@ -59,8 +59,12 @@ pub mod counter {
     /// Events the raw-tracepoint program recorded because the main program was busy on this
     /// CPU (the kernel skipped the nested run of the main program: a recursion miss rescued).
     pub const RESCUED: u32 = 2;
+    /// Nested transitions the raw-tracepoint program could not record: ring full. Apart from
+    /// [`RESERVE_FAILED`] because that program runs nested inside the main one on the same CPU,
+    /// and two programs incrementing one per-CPU slot could lose an increment.
+    pub const RESCUE_RESERVE_FAILED: u32 = 3;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.

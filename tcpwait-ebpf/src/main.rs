@@ -86,7 +86,7 @@ pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
     // SAFETY: bpf_probe_read_kernel checks every address; offsets come from the kernel's BTF.
-    unsafe { rescue(sk, oldstate as u8, newstate as u8, &off) };
+    unsafe { rescue(sk, state_u8(oldstate), state_u8(newstate), &off) };
     0
 }
 
@@ -133,7 +133,7 @@ unsafe fn rescue(sk: u64, oldstate: u8, newstate: u8, off: &SockOffsets) {
     let sport: u16 = u16::from_be(unsafe { read(sk + u64::from(off.sport)) }.unwrap_or(0));
     let dport: u16 = u16::from_be(unsafe { read(sk + u64::from(off.dport)) }.unwrap_or(0));
     let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {
-        bump(counter::RESERVE_FAILED);
+        bump(counter::RESCUE_RESERVE_FAILED);
         return;
     };
     entry.write(TransitionEvent {
@@ -171,11 +171,21 @@ fn words(lo: u64, hi: u64) -> [u8; 16] {
     out
 }
 
+/// A kernel state as one byte. Kernel TCP states are 1..=12; a value that does not fit is
+/// sent as 0, which the agent counts as an unknown state (truncating 257 to 1 would forge
+/// ESTABLISHED).
+#[inline(always)]
+fn state_u8<T: TryInto<u8>>(state: T) -> u8 {
+    state.try_into().unwrap_or(0)
+}
+
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot is only touched by this CPU; the program does not nest with
-        // itself on one CPU (the kernel's recursion guard skips a nested run instead).
+        // SAFETY: a per-CPU slot is only touched by this CPU. The rescue program runs nested
+        // inside the main program on the same CPU (that is its purpose), so the two never
+        // share a slot: each has its own counters (a plain `+= 1` on a shared slot could lose
+        // an increment, and the BPF target has no atomic read-modify-write in `core`).
         unsafe { *slot += 1 };
     }
 }
@@ -227,10 +237,8 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         sport: unsafe { field(ctx, record::SPORT) },
         dport: unsafe { field(ctx, record::DPORT) },
         family,
-        // Kernel TCP states are 1..=12; a wider value is passed on truncated and the agent
-        // counts it as unknown.
-        oldstate: oldstate as u8,
-        newstate: newstate as u8,
+        oldstate: state_u8(oldstate),
+        newstate: state_u8(newstate),
     });
     // Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES.
     // Waking on every event above the threshold (a reader that fell behind) would mean one

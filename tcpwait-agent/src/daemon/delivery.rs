@@ -2,7 +2,10 @@
 //! is a thread with a bounded queue; the state task only ever `try_send`s, so a slow or dead
 //! receiver never slows the agent. A full queue drops the new change and counts it; a failed
 //! delivery is retried with exponential backoff (100 ms doubling to `max_backoff`) and counted;
-//! nothing is dropped while the queue has room.
+//! nothing is dropped while the queue has room, except a change the receiver refuses for good
+//! (HTTP 4xx other than 408 and 429: retrying the same body cannot succeed), which is counted as
+//! failed and dropped so that it does not block every change behind it. On shutdown a sink
+//! stops waiting between retries and makes one last attempt per change it still holds.
 //!
 //! Alertmanager forgets an alert whose `endsAt` passes, so firing alerts are re-sent every
 //! `resend_interval` with `endsAt = now + 4 × resend_interval`; a resolved alert is sent once
@@ -11,7 +14,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
     sync::{
-        Arc,
+        Arc, Condvar, Mutex,
         atomic::{AtomicU64, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
@@ -54,11 +57,36 @@ impl Counts {
     }
 }
 
+/// Set on shutdown; wakes sinks that wait between retries.
+#[derive(Default)]
+struct Stopping {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stopping {
+    /// Waits `d`, or less if shutdown starts; returns true when shutting down.
+    fn wait(&self, d: Duration) -> bool {
+        let guard = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .wake
+            .wait_timeout_while(guard, d, |stop| !*stop)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    fn set(&self) {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+}
+
 /// The running sinks.
 pub struct Delivery {
     senders: Vec<(usize, SyncSender<AlertMessage>)>,
     threads: Vec<JoinHandle<()>>,
     counts: Arc<Counts>,
+    stopping: Arc<Stopping>,
 }
 
 impl Delivery {
@@ -69,6 +97,7 @@ impl Delivery {
             senders: Vec::new(),
             threads: Vec::new(),
             counts,
+            stopping: Arc::default(),
         };
         let queue = config.delivery.queue_size as usize;
         let backoff = config.delivery.max_backoff.0;
@@ -121,9 +150,10 @@ impl Delivery {
     ) -> std::io::Result<()> {
         let (tx, rx) = mpsc::sync_channel(queue);
         let counts = self.counts.clone();
+        let stopping = self.stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("tcpwait-{}", SINKS[idx]))
-            .spawn(move || worker(idx, sink, rx, counts, max_backoff))?;
+            .spawn(move || worker(idx, sink, rx, counts, max_backoff, &stopping))?;
         self.senders.push((idx, tx));
         self.threads.push(handle);
         Ok(())
@@ -164,6 +194,7 @@ impl Delivery {
     pub fn finish(self, limit: Duration) {
         let deadline = Instant::now() + limit;
         drop(self.senders);
+        self.stopping.set();
         for t in self.threads {
             while !t.is_finished() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(10));
@@ -213,7 +244,7 @@ fn am_alert(m: &AlertMessage, ends_at: SystemTime) -> Value {
 
 impl Sink {
     /// Delivers one change (or, with `None`, the periodic re-send of firing alerts).
-    fn deliver(&mut self, http: &ureq::Agent, msg: Option<&AlertMessage>) -> Result<(), String> {
+    fn deliver(&mut self, http: &ureq::Agent, msg: Option<&AlertMessage>) -> Result<(), Failed> {
         match self {
             Sink::Alertmanager {
                 url,
@@ -226,8 +257,14 @@ impl Sink {
                     if m.firing {
                         firing.insert(m.key.clone(), m.clone());
                     } else {
-                        firing.remove(&m.key);
-                        batch.push(am_alert(m, now));
+                        // Resolve under the labels it fired with: Alertmanager identifies an
+                        // alert by its label set, and a label (comm) may have changed since.
+                        let labels = firing.remove(&m.key).map(|f| f.labels);
+                        let resolved = AlertMessage {
+                            labels: labels.unwrap_or_else(|| m.labels.clone()),
+                            ..m.clone()
+                        };
+                        batch.push(am_alert(&resolved, now));
                     }
                 }
                 let until = now + *resend * 4;
@@ -247,7 +284,7 @@ impl Sink {
                     .append(true)
                     .open(&*path)
                     .and_then(|mut f| writeln!(f, "{}", m.json))
-                    .map_err(|e| format!("{}: {e}", path.display())),
+                    .map_err(|e| format!("{}: {e}", path.display()).into()),
                 None => Ok(()),
             },
         }
@@ -261,12 +298,38 @@ impl Sink {
     }
 }
 
-fn post(http: &ureq::Agent, url: &str, body: &Value) -> Result<(), String> {
+/// Why a delivery failed.
+#[derive(Debug)]
+struct Failed {
+    error: String,
+    /// The receiver refused this change for good: do not retry it.
+    permanent: bool,
+}
+
+impl From<String> for Failed {
+    fn from(error: String) -> Self {
+        Self {
+            error,
+            permanent: false,
+        }
+    }
+}
+
+fn post(http: &ureq::Agent, url: &str, body: &Value) -> Result<(), Failed> {
     http.post(url)
         .header("Content-Type", "application/json")
         .send(body.to_string())
         .map(|_| ())
-        .map_err(|e| format!("POST {url}: {e}"))
+        .map_err(|e| Failed {
+            permanent: matches!(e, ureq::Error::StatusCode(c) if is_permanent(c)),
+            error: format!("POST {url}: {e}"),
+        })
+}
+
+/// HTTP statuses that retrying the same request cannot fix: 4xx but 408 (timeout) and 429
+/// (rate limited).
+fn is_permanent(status: u16) -> bool {
+    (400..500).contains(&status) && status != 408 && status != 429
 }
 
 fn worker(
@@ -275,6 +338,7 @@ fn worker(
     rx: Receiver<AlertMessage>,
     counts: Arc<Counts>,
     max_backoff: Duration,
+    stopping: &Stopping,
 ) {
     let http = agent();
     let mut next_resend = sink.resend_interval().map(|d| Instant::now() + d);
@@ -296,10 +360,23 @@ fn worker(
                     }
                     break;
                 }
-                Err(e) => {
+                Err(Failed { error, permanent }) => {
                     counts.add(idx, 1);
-                    warn!(sink = SINKS[idx], error = %e, retry_in_ms = backoff.as_millis() as u64, "alert delivery failed");
-                    thread::sleep(backoff);
+                    if permanent {
+                        if msg.is_some() {
+                            counts.add(idx, 2);
+                        }
+                        warn!(sink = SINKS[idx], error = %error, "alert change refused by the receiver; dropped");
+                        break;
+                    }
+                    warn!(sink = SINKS[idx], error = %error, retry_in_ms = backoff.as_millis() as u64, "alert delivery failed");
+                    // On shutdown: no more waiting, one attempt per change still held.
+                    if stopping.wait(backoff) {
+                        if msg.is_some() {
+                            counts.add(idx, 2);
+                        }
+                        break;
+                    }
                     backoff = (backoff * 2).min(max_backoff);
                 }
             }
@@ -307,5 +384,37 @@ fn worker(
         if let Some(d) = sink.resend_interval() {
             next_resend = Some(Instant::now() + d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_client_errors_that_a_retry_cannot_fix_are_permanent() {
+        for code in [400, 401, 404, 413, 422] {
+            assert!(is_permanent(code), "{code}");
+        }
+        for code in [200, 408, 429, 500, 502, 503] {
+            assert!(!is_permanent(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_retry_wait_ends_at_shutdown() {
+        let s = Arc::new(Stopping::default());
+        assert!(!s.wait(Duration::from_millis(1)), "not stopping yet");
+        let waiter = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let t = Instant::now();
+                (s.wait(Duration::from_secs(60)), t.elapsed())
+            })
+        };
+        s.set();
+        let (stopping, waited) = waiter.join().expect("waiter");
+        assert!(stopping);
+        assert!(waited < Duration::from_secs(10), "{waited:?}");
     }
 }

@@ -207,6 +207,13 @@ pub(super) fn render(d: &Daemon) -> String {
         counter(c.overflowed),
     );
 
+    r.register(
+        "tcpwait_owner_scan_denied",
+        "Processes whose /proc/<pid>/fd could not be read while looking for socket holders \
+         (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH), summed over scans",
+        counter(d.scan_denied),
+    );
+
     let deliveries = Family::<DeliveryLabels, Counter>::default();
     for (sink, result, n) in d.delivery.counts() {
         deliveries

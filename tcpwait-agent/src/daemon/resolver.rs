@@ -14,7 +14,10 @@ use crate::{
     event::TcpState,
     model::{DiagSocket, ProcessInfo},
     output::clock_ns,
-    owners::{diag, procs::ProcScanner},
+    owners::{
+        diag,
+        procs::{ProcScanner, ScanStats},
+    },
 };
 
 /// One inet_diag snapshot with the holders of each socket.
@@ -29,6 +32,8 @@ pub struct Snapshot {
     pub sockets: Vec<(DiagSocket, Vec<ProcessInfo>)>,
     /// Why the snapshot is empty, if it failed.
     pub error: Option<String>,
+    /// What the /proc scan saw (processes skipped because they could not be read, above all).
+    pub scan: ScanStats,
 }
 
 /// Handle to the resolver thread.
@@ -78,6 +83,7 @@ fn take(scanner: &mut ProcScanner, states: Vec<TcpState>) -> Snapshot {
                 states,
                 sockets: Vec::new(),
                 error: Some(format!("inet_diag dump failed: {e}")),
+                scan: ScanStats::default(),
             };
         }
     };
@@ -95,5 +101,6 @@ fn take(scanner: &mut ProcScanner, states: Vec<TcpState>) -> Snapshot {
         states,
         sockets,
         error: None,
+        scan: scanner.last_scan(),
     }
 }

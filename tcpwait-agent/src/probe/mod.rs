@@ -32,7 +32,7 @@ const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/trac
 pub enum ProbeError {
     #[error(
         "permission denied loading the BPF program: run tcpwait as root (sudo), or grant it \
-         CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"
+         CAP_BPF and CAP_PERFMON (and CAP_SYS_ADMIN if tracefs is not mounted)"
     )]
     PermissionDenied(#[source] anyhow::Error),
     #[error(
@@ -260,7 +260,7 @@ impl Probe {
         let info = parse_fdinfo(&fdinfo);
         Ok(KernelCounters {
             sent: sum(counter::SENT)?,
-            reserve_failed: sum(counter::RESERVE_FAILED)?,
+            reserve_failed: sum(counter::RESERVE_FAILED)? + sum(counter::RESCUE_RESERVE_FAILED)?,
             recursion_misses: info
                 .get("recursion_misses")
                 .copied()
