@@ -49,6 +49,10 @@ pub enum Request {
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived line at a time, never stored in bulk"
+)]
 pub enum TailLine<'a> {
     /// First line of a stream: the client is subscribed, nothing after this is missed
     /// silently.
@@ -185,10 +189,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| ApiError::Bind(path.into(), e))?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| ApiError::Bind(path.into(), e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.into(), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

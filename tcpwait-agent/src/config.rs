@@ -113,7 +113,7 @@ impl Serialize for Dur {
 }
 
 /// The whole file.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: Agent,
@@ -199,21 +199,6 @@ pub struct AlertFile {
 pub struct Delivery {
     pub queue_size: u32,
     pub max_backoff: Dur,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            agent: Agent::default(),
-            rules: Rules::default(),
-            metrics: Metrics::default(),
-            alertmanager: Alertmanager::default(),
-            webhook: Webhook::default(),
-            alert_file: AlertFile::default(),
-            delivery: Delivery::default(),
-            transition_log: TransitionLogConfig::default(),
-        }
-    }
 }
 
 impl Default for Agent {
@@ -401,7 +386,7 @@ impl Config {
             ("alertmanager.url", &self.alertmanager.url),
             ("webhook.url", &self.webhook.url),
         ] {
-            if !url.is_empty() && !(url.starts_with("http://") && url.len() > "http://".len()) {
+            if !(url.is_empty() || url.starts_with("http://") && url.len() > "http://".len()) {
                 return err(
                     key,
                     format!(

@@ -151,6 +151,8 @@ fn count_rule_fires_before_the_age_threshold() {
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
 fn sockets_that_predate_the_agent_are_listed_with_an_age_bound() {
     require_root();
+    // Before the sockets exist: their real age is at most the time since this instant.
+    let created = Instant::now();
     let (mut srv, port) = server("tw-server", "127.0.0.1:0", 3);
     let (cli, _) = client(
         "tw-old",
@@ -165,17 +167,31 @@ fn sockets_that_predate_the_agent_are_listed_with_an_age_bound() {
     let sock = api_socket("pre");
     let started = Instant::now();
     let _tw = daemon(&sock, &[]);
+    // The agent started before this: the bound it reports is at least the time since then.
+    let ready = Instant::now();
     let listed = wait_until(Duration::from_secs(3), || {
         process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == 3)
     });
     assert!(listed, "not listed within 3 s: {}", status(&sock));
     assert!(started.elapsed() < Duration::from_secs(4));
+    let asked = ready.elapsed().as_secs_f64();
     let p = process_in(&status(&sock), cli.pid()).expect("listed");
+    let real_at_most = created.elapsed().as_secs_f64();
     assert_eq!(p["comm"], "tw-old");
     assert_eq!(p["oldest_age_is_lower_bound"], true);
+    // Ages are printed with millisecond precision.
+    const MS: f64 = 0.001;
     for s in p["sockets"].as_array().expect("sockets") {
         assert_eq!(s["age_is_lower_bound"], true);
-        assert!(s["age_s"].as_f64().expect("age") > 0.0);
+        let age = s["age_s"].as_f64().expect("age");
+        assert!(
+            age + MS >= asked,
+            "bound {age} s below the agent's uptime {asked} s"
+        );
+        assert!(
+            age <= real_at_most + MS,
+            "bound {age} s above the real age (at most {real_at_most} s)"
+        );
     }
 }
 

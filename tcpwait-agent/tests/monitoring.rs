@@ -96,7 +96,7 @@ fn am_alerts(port: u16, pid: u32) -> Vec<Value> {
     };
     let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
     all.into_iter()
-        .filter(|a| a["labels"]["pid"] == pid.to_string())
+        .filter(|a| a["labels"]["pid"].as_str() == Some(pid.to_string().as_str()))
         .collect()
 }
 

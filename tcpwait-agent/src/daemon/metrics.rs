@@ -65,13 +65,8 @@ struct VersionLabel {
 }
 
 /// Transitions counted by (from, to), indexed by kernel state numbers.
+#[derive(Default)]
 pub(super) struct EdgeCounts([[u64; 13]; 13]);
-
-impl Default for EdgeCounts {
-    fn default() -> Self {
-        Self([[0; 13]; 13])
-    }
-}
 
 impl EdgeCounts {
     /// Counts one transition.

@@ -440,11 +440,17 @@ impl Daemon {
         self.in_flight = true;
         self.last_request = Some(Instant::now());
         self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
-        self.resolver.request(RECONCILED.to_vec());
+        self.resolver
+            .request(RECONCILED.to_vec(), self.tracker.process_keys());
     }
 
     fn on_snapshot(&mut self, snapshot: Snapshot) {
         self.in_flight = false;
+        // A holder that exited holds nothing: its alerts resolve at the next evaluation, even
+        // while another process still holds the sockets it shared (fork, fd passing).
+        for key in &snapshot.gone {
+            self.tracker.forget_process(key);
+        }
         self.scan_denied += snapshot.scan.denied;
         if snapshot.scan.denied > 0 && !self.warned_denied {
             self.warned_denied = true;

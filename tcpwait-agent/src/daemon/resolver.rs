@@ -12,7 +12,7 @@ use tracing::warn;
 
 use crate::{
     event::TcpState,
-    model::{DiagSocket, ProcessInfo},
+    model::{DiagSocket, ProcessInfo, ProcessKey},
     output::clock_ns,
     owners::{
         diag,
@@ -34,11 +34,21 @@ pub struct Snapshot {
     pub error: Option<String>,
     /// What the /proc scan saw (processes skipped because they could not be read, above all).
     pub scan: ScanStats,
+    /// Of the processes the request named, those that have exited (or whose pid now names
+    /// another process): they hold nothing any more.
+    pub gone: Vec<ProcessKey>,
+}
+
+/// What the daemon asks for.
+struct Request {
+    states: Vec<TcpState>,
+    /// Processes known to hold tracked sockets: each is checked for liveness.
+    known: Vec<ProcessKey>,
 }
 
 /// Handle to the resolver thread.
 pub struct Resolver {
-    requests: std_mpsc::Sender<Vec<TcpState>>,
+    requests: std_mpsc::Sender<Request>,
     /// Snapshots, in request order.
     pub snapshots: mpsc::Receiver<Snapshot>,
 }
@@ -46,14 +56,18 @@ pub struct Resolver {
 impl Resolver {
     /// Starts the thread; `proc_root` is normally `/proc`.
     pub fn spawn(proc_root: PathBuf) -> std::io::Result<Self> {
-        let (req_tx, req_rx) = std_mpsc::channel::<Vec<TcpState>>();
+        let (req_tx, req_rx) = std_mpsc::channel::<Request>();
         let (snap_tx, snap_rx) = mpsc::channel(4);
         thread::Builder::new()
             .name("tcpwait-owners".into())
             .spawn(move || {
                 let mut scanner = ProcScanner::new(proc_root);
-                while let Ok(states) = req_rx.recv() {
-                    let snapshot = take(&mut scanner, states);
+                while let Ok(Request { states, known }) = req_rx.recv() {
+                    let mut snapshot = take(&mut scanner, states);
+                    snapshot.gone = known
+                        .into_iter()
+                        .filter(|k| !scanner.is_alive(*k))
+                        .collect();
                     if snap_tx.blocking_send(snapshot).is_err() {
                         break;
                     }
@@ -65,9 +79,10 @@ impl Resolver {
         })
     }
 
-    /// Asks for a snapshot of `states`; the answer arrives on [`Resolver::snapshots`].
-    pub fn request(&self, states: Vec<TcpState>) {
-        if self.requests.send(states).is_err() {
+    /// Asks for a snapshot of `states`, and which of `known` have exited; the answer arrives on
+    /// [`Resolver::snapshots`].
+    pub fn request(&self, states: Vec<TcpState>, known: Vec<ProcessKey>) {
+        if self.requests.send(Request { states, known }).is_err() {
             warn!("owner resolver thread is gone");
         }
     }
@@ -84,6 +99,7 @@ fn take(scanner: &mut ProcScanner, states: Vec<TcpState>) -> Snapshot {
                 sockets: Vec::new(),
                 error: Some(format!("inet_diag dump failed: {e}")),
                 scan: ScanStats::default(),
+                gone: Vec::new(),
             };
         }
     };
@@ -102,5 +118,6 @@ fn take(scanner: &mut ProcScanner, states: Vec<TcpState>) -> Snapshot {
         sockets,
         error: None,
         scan: scanner.last_scan(),
+        gone: Vec::new(),
     }
 }

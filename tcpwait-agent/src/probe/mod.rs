@@ -122,8 +122,6 @@ pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     prog_fd: i32,
-    /// Whether the rescue program is attached (it needs the kernel's BTF).
-    pub rescue: bool,
     // Dropping `Ebpf` detaches the program and frees the maps; keep it last.
     _ebpf: Ebpf,
 }
@@ -149,7 +147,7 @@ impl Probe {
         });
         let mut loader = EbpfLoader::new();
         if let Some(g) = &global {
-            loader.set_global("SOCK_OFFSETS", g, true);
+            loader.override_global("SOCK_OFFSETS", g, true);
         }
         let mut ebpf = loader
             .load(OBJECT)
@@ -188,7 +186,8 @@ impl Probe {
             .map_err(|e| ProbeError::Load(e.into()))?
             .as_fd()
             .as_raw_fd();
-        let rescue = match offsets {
+        // The rescue program is optional: without it, nested transitions are counted as lost.
+        match offsets {
             Ok(_) => {
                 let rescue: &mut RawTracePoint = ebpf
                     .program_mut("inet_sock_set_state_nested")
@@ -198,19 +197,14 @@ impl Probe {
                 rescue
                     .load()
                     .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
-                match rescue.attach(name) {
-                    Ok(_) => true,
-                    Err(e) => {
-                        warn!(error = %e, "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost");
-                        false
-                    }
+                if let Err(e) = rescue.attach(name) {
+                    warn!(error = %e, "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost");
                 }
             }
             Err(e) => {
                 warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
-                false
             }
-        };
+        }
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;
@@ -226,7 +220,6 @@ impl Probe {
             ring,
             counters,
             prog_fd,
-            rescue,
             _ebpf: ebpf,
         })
     }

@@ -146,6 +146,7 @@ impl Registry {
         self.recs.iter().flatten()
     }
 
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.by_key.len()
     }

@@ -199,10 +199,12 @@ impl<S: BuildHasher> TupleIndex<S> {
         }
     }
 
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.main.len() + self.spill.len()
     }
 
+    #[cfg(test)]
     fn approx_heap_bytes(&self) -> usize {
         bucket_bytes(self.main.capacity(), 16) + bucket_bytes(self.spill.capacity(), 44)
     }
@@ -210,6 +212,7 @@ impl<S: BuildHasher> TupleIndex<S> {
 
 /// hashbrown keeps `capacity` at 7/8 of its power-of-two bucket count, plus one control byte a
 /// bucket.
+#[cfg(test)]
 fn bucket_bytes(capacity: usize, entry: usize) -> usize {
     if capacity == 0 {
         return 0;
@@ -262,6 +265,7 @@ impl<S: BuildHasher> Table<S> {
         self.tuples.get(&self.slots, t)
     }
 
+    #[cfg(test)]
     pub(super) fn tuple_index_len(&self) -> usize {
         self.tuples.len()
     }
@@ -418,6 +422,7 @@ impl<S: BuildHasher> Table<S> {
         self.set_owners(slot, &owners);
     }
 
+    #[cfg(test)]
     pub(super) fn approx_heap_bytes(&self) -> usize {
         self.slots.capacity() * size_of::<Slot>()
             + self.free.capacity() * 4

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     event::{Comm, Task},
-    model::DiagSocket,
+    model::{DiagSocket, Tuple},
 };
 
 mod alerts;
