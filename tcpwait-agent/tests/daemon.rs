@@ -223,7 +223,9 @@ fn ss_close_wait() -> Vec<(String, String)> {
 fn a_socket_inherited_across_fork_lists_both_holders() {
     require_root();
     let sock = api_socket("fork");
-    let _tw = daemon(&sock, &[]);
+    // Reconcile every second: a holder's exit makes no transition while another process still
+    // holds the socket, so only a snapshot can notice it.
+    let _tw = daemon(&sock, &["--reconcile-interval", "1"]);
     let (mut srv, port) = server("tw-server", "127.0.0.1:0", 1);
     let mut forker = Peer::spawn("forker", "tw-forker", &[format!("127.0.0.1:{port}")]);
     let line = forker.expect_line("connected");
@@ -247,6 +249,20 @@ fn a_socket_inherited_across_fork_lists_both_holders() {
     );
     assert_eq!(a["sockets"][0]["local"], b["sockets"][0]["local"]);
     assert_eq!(a["sockets"][0]["remote"], format!("127.0.0.1:{port}"));
+    // The child exits (a zombie until the parent reaps it: it holds no fd either way); the
+    // socket stays in CLOSE_WAIT, held by the parent alone.
+    // SAFETY: kill with a pid this test's peer created.
+    assert_eq!(unsafe { libc::kill(child as i32, libc::SIGKILL) }, 0);
+    let parent_only = wait_until(Duration::from_secs(4), || {
+        let st = status(&sock);
+        process_in(&st, forker.pid()).is_some_and(|p| p["count"] == 1)
+            && process_in(&st, child).is_none()
+    });
+    assert!(
+        parent_only,
+        "the exited child is still listed: {}",
+        status(&sock)
+    );
 }
 
 #[test]
