@@ -301,7 +301,7 @@ impl Daemon {
                 };
                 // Looked up before `apply`: a transition to CLOSE removes the socket.
                 let owner_before = if record {
-                    tracker.owners_of(t.sock).first().copied()
+                    tracker.first_owner(t.sock)
                 } else {
                     None
                 };
@@ -327,7 +327,7 @@ impl Daemon {
                         .filter(|e| !e.age_is_lower_bound && e.state == t.old)
                         .map(|e| t.ts_ns.saturating_sub(e.entered_ns));
                     let owner = owner_before
-                        .or_else(|| tracker.owners_of(t.sock).first().copied())
+                        .or_else(|| tracker.first_owner(t.sock))
                         .and_then(|k| {
                             tracker.process_info(&k).map(|p| OwnerView {
                                 pid: p.key.pid,

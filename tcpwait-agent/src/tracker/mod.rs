@@ -287,7 +287,17 @@ impl Tracker {
         self.table.find_tuple(&t).map(|s| self.table.get(s).id)
     }
 
+    /// The first process known to hold `sock`. Allocation-free:
+    /// the daemon asks for every transition while a `tail` client or the transition log is on.
+    pub fn first_owner(&self, sock: SocketId) -> Option<ProcessKey> {
+        let slot = self.table.slot_of(sock)?;
+        self.table
+            .first_owner(slot)
+            .and_then(|p| self.procs.key_of(p))
+    }
+
     /// The processes known to hold `sock` (empty: unknown or untracked).
+    #[cfg(test)]
     pub fn owners_of(&self, sock: SocketId) -> Vec<ProcessKey> {
         self.table.slot_of(sock).map_or_else(Vec::new, |slot| {
             self.table

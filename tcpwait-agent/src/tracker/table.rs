@@ -382,7 +382,13 @@ impl<S: BuildHasher> Table<S> {
     }
 
     pub(super) fn has_owner(&self, slot: u32) -> bool {
-        self.slots[slot as usize].owner != NO_OWNER
+        self.first_owner(slot).is_some()
+    }
+
+    /// The first process index that owns a slot.
+    pub(super) fn first_owner(&self, slot: u32) -> Option<u32> {
+        let owner = self.slots[slot as usize].owner;
+        (owner != NO_OWNER).then_some(owner)
     }
 
     /// The process indices that own a slot.

@@ -228,9 +228,12 @@ fn awaits_owner_only_for_the_same_stint_in_a_watched_state_without_owner() {
     assert!(!t.awaits_owner(sock(1), SEC), "ESTABLISHED is not watched");
     t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 2 * SEC));
     assert!(t.awaits_owner(sock(1), 2 * SEC));
+    assert_eq!(t.first_owner(sock(1)), None);
     assert!(!t.awaits_owner(sock(1), 3 * SEC), "another stint");
     assert!(!t.awaits_owner(sock(9), 2 * SEC), "not tracked");
-    assert!(t.set_owners(sock(1), vec![info(42)]));
+    assert!(t.set_owners(sock(1), vec![info(42), info(7)]));
+    assert_eq!(t.first_owner(sock(1)), Some(key(42)));
+    assert_eq!(t.first_owner(sock(9)), None, "not tracked");
     assert!(!t.awaits_owner(sock(1), 2 * SEC), "owner known");
     // A new socket at the same address entering CLOSE_WAIT later is a new stint.
     t.apply(&tr(1, TcpState::CloseWait, TcpState::LastAck, 4 * SEC));
