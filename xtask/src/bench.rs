@@ -124,8 +124,8 @@ struct Agent {
     child: Child,
     out: Option<std::path::PathBuf>,
     sock: Option<String>,
-    /// The agent's stderr lines after the ready line, read until it exits.
-    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+    /// The agent's last line on stderr after the ready line, read until it exits.
+    stderr: Option<std::thread::JoinHandle<Option<String>>>,
 }
 
 fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
@@ -164,7 +164,7 @@ fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
     if !ready.contains("tracing TCP") && !ready.contains("agent running") {
         bail!("tcpwait {mode} did not start: {ready}");
     }
-    let stderr = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+    let stderr = std::thread::spawn(move || lines.map_while(Result::ok).last());
     Ok(Agent {
         child,
         out,
@@ -264,8 +264,7 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
     s.summary = agent
         .stderr
         .take()
-        .and_then(|h| h.join().ok())
-        .and_then(|l| l.last().cloned())
+        .and_then(|h| h.join().ok().flatten())
         .unwrap_or_default();
     if agent.out.is_some() {
         // After exit: the file holds the final drain too.
