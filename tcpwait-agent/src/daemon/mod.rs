@@ -6,10 +6,11 @@ mod delivery;
 mod metrics;
 mod report;
 mod resolver;
+mod settle;
 mod translog;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     io::{self, Write as _},
     process::ExitCode,
     sync::{Arc, atomic::AtomicU64},
@@ -28,7 +29,7 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, SocketId, TcpState, decode},
+    event::{DecodeErrors, TcpState, decode},
     model::Tuple,
     output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
@@ -38,20 +39,10 @@ use crate::{
 use delivery::Delivery;
 use metrics::EdgeCounts;
 use resolver::{Resolver, Snapshot};
+use settle::{OWNER_SETTLE, Settling};
 
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
 const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
-
-/// A socket's owners are resolved once it has stayed in a watched state this long (or half the
-/// age threshold, if that is shorter). Almost every socket passes through CLOSE_WAIT in
-/// microseconds (the application reads EOF and closes); an inet_diag dump walks every socket of
-/// the host, TIME_WAIT ones included, so dumping for each passing socket was measured to cost
-/// more CPU than all other per-event work together (52 % of the agent at 14k connections/s).
-const OWNER_SETTLE: Duration = Duration::from_millis(500);
-
-/// Sockets waiting to settle are remembered up to this many; past it the next snapshot is taken
-/// as soon as the rate limit allows, which covers them all, and the queue starts over.
-const MAX_SETTLING: usize = 65_536;
 
 /// The states reconciled with inet_diag and attributed to processes.
 const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
@@ -82,13 +73,8 @@ struct Daemon {
     warned_denied: bool,
     /// A snapshot request is in flight (at most one).
     in_flight: bool,
-    /// Sockets that entered a watched state without a known owner, with the time they entered
-    /// it, oldest first: resolved if still so after [`Daemon::settle_ns`].
-    settling: VecDeque<(SocketId, u64)>,
-    /// Resolve at the next chance, settled or not (the settling queue overflowed).
-    owners_wanted: bool,
-    /// [`OWNER_SETTLE`], or half the CLOSE_WAIT age threshold if that is shorter.
-    settle_ns: u64,
+    /// Sockets that entered a watched state without a known owner, until they settle.
+    settling: Settling,
     last_request: Option<Instant>,
     next_reconcile: Instant,
     /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
@@ -171,14 +157,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         scan_denied: 0,
         warned_denied: false,
         in_flight: false,
-        settling: VecDeque::new(),
-        owners_wanted: false,
-        settle_ns: u64::try_from(
-            OWNER_SETTLE
-                .min(config.rules.close_wait_age.0 / 2)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX),
+        // Half the age threshold when shorter: the owner must be known before the alert.
+        settling: Settling::new(OWNER_SETTLE.min(config.rules.close_wait_age.0 / 2)),
         last_request: None,
         next_reconcile: Instant::now() + config.agent.reconcile_interval.0,
         left_during_snapshot: HashMap::new(),
@@ -259,8 +239,7 @@ impl Daemon {
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
             at = at.min(Instant::now() + wait);
         }
-        if let Some(&(_, entered)) = self.settling.front() {
-            let due = entered.saturating_add(self.settle_ns);
+        if let Some(due) = self.settling.next_due_ns() {
             let wait = Duration::from_nanos(due.saturating_sub(self.now_ns()));
             let rate = self
                 .last_request
@@ -284,7 +263,6 @@ impl Daemon {
             in_flight,
             edges,
             settling,
-            owners_wanted,
             ..
         } = self;
         probe.drain(|bytes| match decode(bytes) {
@@ -316,11 +294,7 @@ impl Daemon {
                 }
                 let applied = tracker.apply(&t);
                 if applied.needs_owners {
-                    if settling.len() < MAX_SETTLING {
-                        settling.push_back((t.sock, t.ts_ns));
-                    } else {
-                        *owners_wanted = true;
-                    }
+                    settling.push(t.sock, t.ts_ns);
                 }
                 if record {
                     let ns_in_old = entered
@@ -418,25 +392,14 @@ impl Daemon {
         {
             return;
         }
-        // Sockets that left the state, or got an owner, while settling need nothing.
-        let settled_before = self.now_ns().saturating_sub(self.settle_ns);
-        let mut resolve = self.owners_wanted;
-        while !resolve
-            && let Some(&(sock, entered)) = self.settling.front()
-            && entered <= settled_before
-        {
-            self.settling.pop_front();
-            resolve = self.tracker.awaits_owner(sock, entered);
-        }
-        if resolve || now >= self.next_reconcile {
+        let now_ns = self.now_ns();
+        if self.settling.due(&self.tracker, now_ns) || now >= self.next_reconcile {
             self.request_snapshot();
         }
     }
 
     fn request_snapshot(&mut self) {
-        // The snapshot sees every socket in the watched states now, settled or not.
         self.settling.clear();
-        self.owners_wanted = false;
         self.in_flight = true;
         self.last_request = Some(Instant::now());
         self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
