@@ -74,32 +74,19 @@ impl Settling {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
     use super::*;
     use crate::{
-        event::{Comm, Task, TcpState, Transition},
-        tracker::TrackerConfig,
+        event::TcpState,
+        tracker::{
+            TrackerConfig,
+            tests::{sock, tr},
+        },
     };
 
     const MS: u64 = 1_000_000;
 
     fn enter(t: &mut Tracker, n: u64, old: TcpState, new: TcpState, ts_ns: u64) {
-        t.apply(&Transition {
-            ts_ns,
-            sock: SocketId(n),
-            saddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            sport: 40_000 + n as u16,
-            daddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            dport: 80,
-            old,
-            new,
-            task: Task {
-                pid: 1,
-                tid: 1,
-                comm: Comm([0; 16]),
-            },
-        });
+        t.apply(&tr(n, old, new, ts_ns));
     }
 
     #[test]
@@ -108,7 +95,7 @@ mod tests {
         let mut s = Settling::new(Duration::from_millis(500));
         // Socket 1 passes through CLOSE_WAIT in 1 ms; socket 2 stays.
         enter(&mut t, 1, TcpState::Established, TcpState::CloseWait, 0);
-        s.push(SocketId(1), 0);
+        s.push(sock(1), 0);
         enter(
             &mut t,
             2,
@@ -116,7 +103,7 @@ mod tests {
             TcpState::CloseWait,
             100 * MS,
         );
-        s.push(SocketId(2), 100 * MS);
+        s.push(sock(2), 100 * MS);
         enter(&mut t, 1, TcpState::CloseWait, TcpState::LastAck, MS);
         assert_eq!(s.next_due_ns(), Some(500 * MS));
         assert!(!s.due(&t, 499 * MS), "nothing settled yet");
@@ -133,7 +120,7 @@ mod tests {
         let t = Tracker::new(TrackerConfig::default());
         let mut s = Settling::new(Duration::from_millis(500));
         for n in 0..=MAX_SETTLING as u64 {
-            s.push(SocketId(n), 0);
+            s.push(sock(n), 0);
         }
         assert!(s.due(&t, 0), "overflowed");
         s.clear();

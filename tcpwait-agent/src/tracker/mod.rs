@@ -22,7 +22,7 @@ pub mod rules;
 pub mod snapshot;
 mod table;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use self::{
     alerts::{Alert, AlertChange, Engine},

@@ -29,7 +29,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// A kernel-looking socket address (x86_64 direct map).
-fn sock(n: u64) -> SocketId {
+pub(crate) fn sock(n: u64) -> SocketId {
     SocketId(0xffff_8880_0000_0000 + n * 0x800)
 }
 
@@ -52,7 +52,7 @@ fn task(pid: u32) -> Task {
 }
 
 /// A transition of the accepted socket `n` (local = SERVER, remote = client(n)).
-fn tr(n: u64, old: TcpState, new: TcpState, ts_ns: u64) -> Transition {
+pub(crate) fn tr(n: u64, old: TcpState, new: TcpState, ts_ns: u64) -> Transition {
     let (caddr, cport) = client(n);
     Transition {
         ts_ns,
