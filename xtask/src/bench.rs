@@ -23,6 +23,41 @@ use anyhow::{Context as _, Result, bail};
 pub struct Settings {
     pub runs: usize,
     pub seconds: u64,
+    pub modes: Vec<String>,
+}
+
+/// The modes `--modes` accepts.
+const KNOWN_MODES: [&str; 4] = ["none", "trace", "run", "floor"];
+
+/// The count-only program of the `floor` mode, for bpftrace (whose 0.17 knows no raw
+/// tracepoints): the cost of the classic tracepoint and of running any program at all.
+const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = count(); }";
+
+/// Refuses unknown modes, and `floor` without bpftrace, before anything is built.
+pub fn check_modes(modes: &[String]) -> Result<()> {
+    for m in modes {
+        if !KNOWN_MODES.contains(&m.as_str()) {
+            bail!(
+                "unknown bench mode `{m}`: choose from {}",
+                KNOWN_MODES.join(", ")
+            );
+        }
+    }
+    if modes.iter().any(|m| m == "floor")
+        && Command::new("bpftrace").arg("--version").output().is_err()
+    {
+        bail!("mode `floor` needs bpftrace: install it (apt-get install bpftrace) or drop `floor`");
+    }
+    Ok(())
+}
+
+/// How a mode is shown in the table.
+fn label(mode: &str) -> &str {
+    match mode {
+        "trace" => "trace --json",
+        "floor" => "floor (count)",
+        m => m,
+    }
 }
 
 #[derive(Clone, Default)]
@@ -129,8 +164,11 @@ struct Agent {
 }
 
 fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
+    if mode == "floor" {
+        return start_floor(dir, run);
+    }
     let (args, out, sock): (Vec<String>, _, _) = match mode {
-        "trace --json" => {
+        "trace" => {
             let out = dir.join(format!("trace-{run}.jsonl"));
             (vec!["trace".into(), "--json".into()], Some(out), None)
         }
@@ -171,6 +209,47 @@ fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
         sock,
         stderr: Some(stderr),
     })
+}
+
+/// bpftrace counting transitions: it prints "Attaching 1 probe..." once attached, and the
+/// count (`@n: N`) when interrupted.
+fn start_floor(dir: &Path, run: usize) -> Result<Agent> {
+    let out = dir.join(format!("floor-{run}.txt"));
+    let child = Command::new("bpftrace")
+        .args(["-e", FLOOR_PROGRAM])
+        .stdout(Stdio::from(std::fs::File::create(&out)?))
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start bpftrace")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("Attaching")
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "bpftrace did not attach within 30 s (its output: {})",
+                out.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Agent {
+        child,
+        out: Some(out),
+        sock: None,
+        stderr: None,
+    })
+}
+
+/// The count the floor program printed at exit.
+fn floor_count(out: &Path) -> u64 {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("@n: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn transitions_seen(bin: &Path, sock: &str) -> u64 {
@@ -223,6 +302,7 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
     // Let the agent drain: poll (bounded) until it has everything or stops moving.
     let count = |a: &Agent| -> u64 {
         match (&a.out, &a.sock) {
+            (Some(p), _) if mode == "floor" => floor_count(p),
             (Some(p), _) => std::fs::read_to_string(p)
                 .map(|t| {
                     t.lines()
@@ -287,9 +367,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-/// The modes compared, in the order each round runs them.
-const MODES: [&str; 3] = ["none", "trace --json", "run"];
-
 /// Runs everything and prints the table.
 pub fn bench(root: &Path, s: &Settings) -> Result<()> {
     let bin = root.join("target/release/tcpwait");
@@ -332,13 +409,13 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
     // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
     // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
     // mode alike instead of on whichever ran last.
-    let mut all: [Vec<Sample>; 3] = Default::default();
+    let mut all: Vec<Vec<Sample>> = vec![Vec::new(); s.modes.len()];
     for run in 0..s.runs {
-        for (i, mode) in MODES.iter().enumerate() {
+        for (i, mode) in s.modes.iter().enumerate() {
             all[i].push(one(&bin, mode, &dir, run, s.seconds)?);
         }
     }
-    for (mode, samples) in MODES.iter().copied().zip(all) {
+    for (mode, samples) in s.modes.iter().map(String::as_str).zip(all) {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let rate = m(|x| x.conns_per_s);
         if mode == "none" {
@@ -356,7 +433,7 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
             .collect();
         println!(
             "{:<14} {:>9.0} {:>8.1}% {:>11.0} {:>11.0} {:>8.0} {:>9.0} {:>10.0} {:>11.2} {:>7} MiB   lost per run: {}",
-            mode,
+            label(mode),
             rate,
             slowdown,
             m(|x| x.expected as f64),

@@ -40,6 +40,11 @@ enum Cmd {
         /// Seconds of workload per run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Modes to compare, in the order each round runs them: `none` (no tracer), `trace`
+        /// (`tcpwait trace --json` to a file), `run` (the daemon), `floor` (a BPF program that
+        /// only counts, run by bpftrace if installed: the cost floor of any tracer).
+        #[arg(long, value_delimiter = ',', default_value = "none,trace,run")]
+        modes: Vec<String>,
     },
     /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
     Test {
@@ -81,10 +86,22 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { runs, seconds } => {
+        Cmd::Bench {
+            runs,
+            seconds,
+            modes,
+        } => {
+            bench::check_modes(&modes)?;
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
-            bench::bench(&root, &bench::Settings { runs, seconds })
+            bench::bench(
+                &root,
+                &bench::Settings {
+                    runs,
+                    seconds,
+                    modes,
+                },
+            )
         }
         Cmd::Test { args } => {
             setup::setup(&root)?;
