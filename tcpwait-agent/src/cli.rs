@@ -196,10 +196,11 @@ pub struct TraceArgs {
     /// Attach to another tracepoint (CATEGORY:NAME). For tests of the error path only.
     #[arg(long, hide = true, default_value = "sock:inet_sock_set_state", value_parser = parse_tracepoint)]
     pub tracepoint: (String, String),
-    /// Make the raw-tracepoint (rescue) program record every transition too, so each appears
-    /// twice. For the test that compares both programs' decoding only.
+    /// Attach the main program both as a BTF and as a classic tracepoint, and make the rescue
+    /// program record every transition too, so each appears three times. For the test that
+    /// compares the three programs' decoding only.
     #[arg(long, hide = true)]
-    pub test_rescue_all: bool,
+    pub test_compare: bool,
 }
 
 /// Filters shared by `trace` and `tail`. Criteria combine with AND; repeated flags with OR.

@@ -62,7 +62,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         Format::Text
     };
     let (category, name) = &args.tracepoint;
-    let mut probe = Probe::attach(category, name, args.test_rescue_all)?;
+    let mut probe = Probe::attach(category, name, args.test_compare)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let clock = Clock::now();
@@ -71,7 +71,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{TEXT_HEADER}")?;
         out.flush()?;
     }
-    eprintln!("tcpwait: tracing TCP state transitions ({category}:{name}); Ctrl-C to stop");
+    eprintln!(
+        "tcpwait: tracing TCP state transitions ({category}:{name}, {}); Ctrl-C to stop",
+        probe.attachment()
+    );
 
     let mut ages = StateAges::new(AGES_CAP);
     let mut stats = Stats::default();

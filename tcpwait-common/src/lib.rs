@@ -56,8 +56,9 @@ pub mod counter {
     pub const SENT: u32 = 0;
     /// Events dropped because `bpf_ringbuf_reserve` failed (ring full).
     pub const RESERVE_FAILED: u32 = 1;
-    /// Events the raw-tracepoint program recorded because the main program was busy on this
-    /// CPU (the kernel skipped the nested run of the main program: a recursion miss rescued).
+    /// Events the raw-tracepoint program recorded because the main program had not marked
+    /// them handled on this CPU (the kernel skipped the nested run of the main program: a
+    /// recursion miss rescued).
     pub const RESCUED: u32 = 2;
     /// Nested transitions the raw-tracepoint program could not record: ring full. Apart from
     /// [`RESERVE_FAILED`] because that program runs nested inside the main one on the same CPU,
@@ -122,8 +123,8 @@ pub mod record {
     pub const DADDR_V6: usize = 56;
 }
 
-/// Offsets into `struct sock` for the raw-tracepoint program, read by the agent from the running
-/// kernel's BTF and passed in as a read-only global (`SOCK_OFFSETS`).
+/// Offsets into `struct sock` for the BTF- and raw-tracepoint programs, read by the agent from
+/// the running kernel's BTF and passed in as a read-only global (`SOCK_OFFSETS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockOffsets {
@@ -146,7 +147,8 @@ pub struct SockOffsets {
     pub protocol: u32,
     /// Size of `sk_protocol`: 1 or 2 bytes.
     pub protocol_size: u32,
-    /// Nonzero: record every transition, not only nested ones (tests compare both programs).
+    /// Nonzero: the rescue program records every transition, not only nested ones (for the
+    /// test that compares the programs' decoding).
     pub always: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockOffsets>() == 40);

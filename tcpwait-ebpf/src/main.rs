@@ -1,9 +1,17 @@
-//! tcpwait's kernel program: one fixed-size event per TCP state transition.
+//! tcpwait's kernel programs: one fixed-size event per TCP state transition.
 //!
-//! Attached to the classic tracepoint `sock:inet_sock_set_state`, which fires for every
-//! `inet_sk_set_state`/`inet_sk_state_store` (TCP, SCTP and MPTCP). It keeps TCP only, copies
-//! the tracepoint record into a ring-buffer reservation, and submits it. A failed reservation is
-//! counted in a per-CPU map, never silently lost. It never logs on this path.
+//! The tracepoint `sock:inet_sock_set_state` fires for every `inet_sk_set_state` and
+//! `inet_sk_state_store` (TCP, SCTP and MPTCP). The main program keeps TCP only, fills an event
+//! in a ring-buffer reservation, and submits it; a failed reservation is counted in a per-CPU
+//! map, never silently lost. Nothing logs on this path. The main program comes in two forms:
+//! - `inet_sock_set_state_btf`, a BTF tracepoint (`tp_btf`), the one the agent attaches: the
+//!   kernel builds no trace record for it, and it reads `struct sock` directly (BTF-checked,
+//!   fault-safe loads) at offsets the agent takes from the running kernel's BTF;
+//! - `inet_sock_set_state`, the classic tracepoint, which copies the kernel's trace record:
+//!   the fallback where the kernel has no BTF, and the reference a test compares against.
+//!
+//! A third program, `inet_sock_set_state_nested` (raw tracepoint), records the transitions the
+//! kernel skips because they nest into the main program on one CPU (see `HANDLED`).
 #![no_std]
 #![no_main]
 
@@ -13,9 +21,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tcpwait_common::{
     AF_INET6, IPPROTO_TCP, RING_BYTES, SockOffsets, TransitionEvent, WAKEUP_BYTES, counter, record,
@@ -29,12 +37,76 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// 1 while the main program runs on this CPU. The kernel skips a classic-tracepoint program
-/// that would nest into itself (and any other) on one CPU (`bpf_prog_active`); the
-/// raw-tracepoint program below has its own guard, runs for the nested hit, and records it
-/// only when this flag says the main program was interrupted.
+/// The last transition the main program handled, per socket (hashed into `HANDLED_SLOTS`
+/// slots), per CPU: `[skaddr, oldstate | newstate << 32]`.
+///
+/// The kernel skips a program that would nest into itself on one CPU (a BTF tracepoint's
+/// per-program `active` count; for a classic tracepoint, the per-CPU `bpf_prog_active` shared
+/// by all of them), counting a recursion miss. The rescue program, attached after the main one,
+/// runs after it for every transition, and also for the nested ones the main program missed
+/// (its own guard is not taken then). It records a transition only if the main program has
+/// not marked it here. A flag the main program raises while it runs would leave a gap: the
+/// kernel counts the program active some instructions before its first one and after its
+/// last, and a nested transition there would be skipped by both. The mark has no such gap: at
+/// the top level, the main program's mark for this very transition is there when the rescue
+/// program runs; nested, it cannot be (the main program did not run for it), and an older mark
+/// of the same socket always differs (two consecutive transitions of a socket never have the
+/// same old and new state; a new socket at a freed one's address starts from CLOSE, where the
+/// old one ended).
 #[map]
-static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static HANDLED: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(HANDLED_SLOTS, 0);
+
+/// One per-CPU word to turn the BTF tracepoint's typed `struct sock *` into a plain number:
+/// the verifier forbids arithmetic on the pointer (to hash it), but a value read back from a
+/// map is a number.
+#[map]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The address in a typed kernel pointer, as a number (see `SCRATCH`).
+#[inline(always)]
+fn address_of(ptr: u64) -> u64 {
+    match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a nested writer is done with it before this one goes on.
+        Some(slot) => unsafe {
+            core::ptr::write_volatile(slot, ptr);
+            core::ptr::read_volatile(slot)
+        },
+        None => 0,
+    }
+}
+
+/// Slots of `HANDLED` per CPU. A collision only matters when the rescue program is itself
+/// interrupted by a transition of another socket in the same slot; it then records a
+/// duplicate (never loses one).
+const HANDLED_SLOTS: u32 = 1024;
+
+/// `HANDLED`'s slot for a socket: `struct sock` objects are at least 1 KiB apart in their slab.
+#[inline(always)]
+fn slot_of(sk: u64) -> u32 {
+    ((sk >> 10) ^ (sk >> 20)) as u32 & (HANDLED_SLOTS - 1)
+}
+
+/// The mark of one transition.
+#[inline(always)]
+fn mark_of(sk: u64, oldstate: u64, newstate: u64) -> [u64; 2] {
+    [sk, (oldstate & 0xffff_ffff) | (newstate << 32)]
+}
+
+/// Marks a transition as handled on this CPU (recorded, or counted as lost, or not TCP).
+#[inline(always)]
+fn mark_handled(sk: u64, oldstate: u64, newstate: u64) {
+    if let Some(slot) = HANDLED.get_ptr_mut(slot_of(sk)) {
+        // SAFETY: this CPU's slot; a nested writer would be writing another transition's mark,
+        // which is the mark the slot should hold after it.
+        unsafe { *slot = mark_of(sk, oldstate, newstate) };
+    }
+}
+
+/// Whether the main program handled this transition on this CPU.
+#[inline(always)]
+fn was_handled(sk: u64, oldstate: u64, newstate: u64) -> bool {
+    HANDLED.get(slot_of(sk)).copied() == Some(mark_of(sk, oldstate, newstate))
+}
 
 /// `struct sock` field offsets from the running kernel's BTF, set by the agent at load.
 #[unsafe(no_mangle)]
@@ -56,87 +128,140 @@ const RECORD_BYTES: u64 = ((8 + core::mem::size_of::<TransitionEvent>() as u64) 
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    set_busy(1);
     // SAFETY: the offsets are the tracepoint record's layout, checked by the agent at load.
-    unsafe { try_inet_sock_set_state(&ctx) };
-    set_busy(0);
+    unsafe {
+        mark_handled(
+            field(&ctx, record::SKADDR),
+            field::<i32>(&ctx, record::OLDSTATE) as u32 as u64,
+            field::<i32>(&ctx, record::NEWSTATE) as u32 as u64,
+        );
+        try_inet_sock_set_state(&ctx);
+    }
     0
 }
 
-#[inline(always)]
-fn set_busy(v: u32) {
-    if let Some(slot) = BUSY.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; see `bump`.
-        unsafe { *slot = v };
-    }
-}
-
-/// The rescue path: the same transition, seen through the raw tracepoint (args: `struct sock
-/// *sk, int oldstate, int newstate`). Records only when the main program is busy on this CPU,
-/// i.e. when the kernel skipped the main program for this nested hit.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
-    // SAFETY: reads a read-only global the agent set at load.
-    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
-    let busy = BUSY.get(0).copied().unwrap_or(0) != 0;
-    if !busy && off.always == 0 {
-        return 0;
-    }
+/// The main program as a BTF tracepoint (args: `struct sock *sk, int oldstate, int newstate`).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
-    // SAFETY: bpf_probe_read_kernel checks every address; offsets come from the kernel's BTF.
-    unsafe { rescue(sk, state_u8(oldstate), state_u8(newstate), &off) };
+    mark_handled(address_of(sk), oldstate, newstate);
+    // SAFETY: reads a read-only global the agent set at load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+    // SAFETY: `sk` is the kernel's BTF-typed `struct sock *`: the verifier checks every direct
+    // load against the type and the kernel turns a fault into a zero read.
+    if let Some(ev) = unsafe { sock_event::<Direct>(sk, oldstate as i32, newstate as i32, &off) } {
+        match EVENTS.reserve::<TransitionEvent>(0) {
+            Some(mut entry) => {
+                entry.write(ev);
+                let flags = wakeup_flags();
+                entry.submit(flags);
+                bump(counter::SENT);
+            }
+            None => bump(counter::RESERVE_FAILED),
+        }
+    }
     0
 }
 
-#[inline(always)]
-unsafe fn read<T>(addr: u64) -> Option<T> {
-    // SAFETY: the helper validates the address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+/// The rescue path: the same transition, seen through the raw tracepoint (args: `struct sock
+/// *sk, int oldstate, int newstate`). Records only what the main program did not handle on
+/// this CPU, i.e. the nested transitions the kernel skipped it for (see `HANDLED`).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let oldstate: u64 = ctx.arg(1);
+    let newstate: u64 = ctx.arg(2);
+    // SAFETY: reads a read-only global the agent set at load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+    if off.always == 0 && was_handled(sk, oldstate, newstate) {
+        return 0;
+    }
+    // Marked too, so that the slot always holds the socket's last recorded transition.
+    mark_handled(sk, oldstate, newstate);
+    // SAFETY: bpf_probe_read_kernel checks every address; offsets come from the kernel's BTF.
+    let Some(ev) = (unsafe { sock_event::<Probed>(sk, oldstate as i32, newstate as i32, &off) })
+    else {
+        return 0;
+    };
+    match EVENTS.reserve::<TransitionEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            // Never a wake-up from here: this runs nested in an interrupt already.
+            entry.submit(BPF_RB_NO_WAKEUP.into());
+            bump(counter::RESCUED);
+        }
+        None => bump(counter::RESCUE_RESERVE_FAILED),
+    }
+    0
 }
 
+/// How a program reads `struct sock`: the raw tracepoint gets an untyped pointer and must go
+/// through `bpf_probe_read_kernel`; the BTF tracepoint gets a typed one and loads directly.
+trait SockMem {
+    /// The value of type `T` at `sk + off`, if readable.
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T>;
+}
+
+/// Loads through `bpf_probe_read_kernel` (raw tracepoint).
+struct Probed;
+
+impl SockMem for Probed {
+    #[inline(always)]
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T> {
+        // SAFETY: the helper validates the address and fails instead of faulting.
+        unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const T).ok() }
+    }
+}
+
+/// Direct loads from a BTF-typed pointer (BTF tracepoint). The verifier checks each load
+/// against `struct sock` (the offsets are constants to it: they come from a frozen read-only
+/// map) and the JIT makes it fault-safe.
+struct Direct;
+
+impl SockMem for Direct {
+    #[inline(always)]
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T> {
+        // SAFETY: see the type's documentation.
+        Some(unsafe { core::ptr::read_volatile((sk as *const u8).add(off as usize).cast::<T>()) })
+    }
+}
+
+/// The event for a transition of `sk`, or `None` if it is not a TCP socket.
 #[inline(always)]
-unsafe fn rescue(sk: u64, oldstate: u8, newstate: u8, off: &SockOffsets) {
+unsafe fn sock_event<M: SockMem>(
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+    off: &SockOffsets,
+) -> Option<TransitionEvent> {
     let protocol = unsafe {
         if off.protocol_size == 1 {
-            read::<u8>(sk + u64::from(off.protocol)).map(u16::from)
+            M::get::<u8>(sk, off.protocol).map(u16::from)
         } else {
-            read::<u16>(sk + u64::from(off.protocol))
+            M::get::<u16>(sk, off.protocol)
         }
     };
     if protocol != Some(IPPROTO_TCP) {
-        return;
+        return None;
     }
-    let family: u16 = unsafe { read(sk + u64::from(off.family)) }.unwrap_or(0);
-    let (saddr, daddr) = if family == AF_INET6 {
-        unsafe {
+    let family: u16 = unsafe { M::get(sk, off.family) }.unwrap_or(0);
+    let (saddr, daddr) = unsafe {
+        if family == AF_INET6 {
+            (v6::<M>(sk, off.v6_rcv_saddr), v6::<M>(sk, off.v6_daddr))
+        } else {
             (
-                read::<[u8; 16]>(sk + u64::from(off.v6_rcv_saddr)).unwrap_or([0; 16]),
-                read::<[u8; 16]>(sk + u64::from(off.v6_daddr)).unwrap_or([0; 16]),
-            )
-        }
-    } else {
-        unsafe {
-            (
-                words(
-                    u64::from(read::<u32>(sk + u64::from(off.rcv_saddr)).unwrap_or(0)),
-                    0,
-                ),
-                words(
-                    u64::from(read::<u32>(sk + u64::from(off.daddr)).unwrap_or(0)),
-                    0,
-                ),
+                words(u64::from(M::get::<u32>(sk, off.rcv_saddr).unwrap_or(0)), 0),
+                words(u64::from(M::get::<u32>(sk, off.daddr).unwrap_or(0)), 0),
             )
         }
     };
-    let sport: u16 = u16::from_be(unsafe { read(sk + u64::from(off.sport)) }.unwrap_or(0));
-    let dport: u16 = u16::from_be(unsafe { read(sk + u64::from(off.dport)) }.unwrap_or(0));
-    let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {
-        bump(counter::RESCUE_RESERVE_FAILED);
-        return;
-    };
-    entry.write(TransitionEvent {
+    // `inet_sport` lies in `struct inet_sock`, past the end of `struct sock`: the verifier
+    // refuses a direct load there, so both programs read it through the helper.
+    let sport: u16 = u16::from_be(unsafe { Probed::get(sk, off.sport) }.unwrap_or(0));
+    let dport: u16 = u16::from_be(unsafe { M::get(sk, off.dport) }.unwrap_or(0));
+    Some(TransitionEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr: sk,
         pid_tgid: bpf_get_current_pid_tgid(),
@@ -146,12 +271,36 @@ unsafe fn rescue(sk: u64, oldstate: u8, newstate: u8, off: &SockOffsets) {
         sport,
         dport,
         family,
-        oldstate,
-        newstate,
-    });
-    // Never a wake-up from here: this runs nested in an interrupt already.
-    entry.submit(BPF_RB_NO_WAKEUP.into());
-    bump(counter::RESCUED);
+        oldstate: state_u8(oldstate),
+        newstate: state_u8(newstate),
+    })
+}
+
+/// An IPv6 address at `sk + off`, as four 32-bit loads (`struct in6_addr` is an array of
+/// `__be32` to the verifier, which refuses a load across two of its elements).
+#[inline(always)]
+unsafe fn v6<M: SockMem>(sk: u64, off: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for i in 0..4 {
+        let w: u32 = unsafe { M::get(sk, off + 4 * i as u32) }.unwrap_or(0);
+        out[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    out
+}
+
+/// Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES. Waking
+/// on every event above the threshold (a reader that fell behind) would mean one irq_work
+/// interrupt per event, and interrupts inside this program are what let softirq work nest into
+/// the tracepoint, which the kernel then skips (recursion misses). The agent also drains on a
+/// 50 ms timer, so data below the threshold is never stranded. Call after reserving.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA.into());
+    if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
 }
 
 /// Reads a field of the tracepoint record. The record is the program's context: the verifier
@@ -240,18 +389,7 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         oldstate: state_u8(oldstate),
         newstate: state_u8(newstate),
     });
-    // Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES.
-    // Waking on every event above the threshold (a reader that fell behind) would mean one
-    // irq_work interrupt per event, and interrupts inside this program are what let softirq
-    // work nest into the tracepoint, which the kernel then skips (recursion misses). The agent
-    // also drains on a 50 ms timer, so data below the threshold is never stranded.
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA.into());
-    let flags = if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags.into());
+    entry.submit(wakeup_flags());
     bump(counter::SENT);
 }
 

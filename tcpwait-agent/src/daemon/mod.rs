@@ -93,6 +93,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
     let probe = Probe::attach(category, name, false)?;
+    let attachment = probe.attachment();
     let listener = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -184,8 +185,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         addr => format!("metrics at http://{addr}/metrics"),
     };
     eprintln!(
-        "tcpwait: agent running on {category}:{name}; {metrics_url}; API on {} (`tcpwait status`, \
-         `tcpwait tail`); SIGINT/SIGTERM to stop",
+        "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
+         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM to stop",
         d.config.agent.socket.display()
     );
 

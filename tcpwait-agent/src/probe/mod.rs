@@ -13,7 +13,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use tcpwait_common::{SockOffsets, counter, record};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -117,11 +117,33 @@ pub struct KernelCounters {
     pub run_count: u64,
 }
 
+/// How the main program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A BTF tracepoint (`tp_btf`), with the rescue program for nested transitions.
+    Btf,
+    /// The classic tracepoint, with the rescue program.
+    Classic,
+    /// The classic tracepoint alone (no kernel BTF): nested transitions are counted as lost.
+    ClassicOnly,
+}
+
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Btf => "BTF tracepoint",
+            Self::Classic => "classic tracepoint",
+            Self::ClassicOnly => "classic tracepoint, no rescue of nested transitions",
+        })
+    }
+}
+
 /// The loaded, attached kernel program and its ring buffer.
 pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     prog_fd: i32,
+    attachment: Attachment,
     // Dropping `Ebpf` detaches the program and frees the maps; keep it last.
     _ebpf: Ebpf,
 }
@@ -130,11 +152,15 @@ pub struct Probe {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwait"));
 
 impl Probe {
-    /// Loads the program and attaches it to `category:name` (normally [`TRACEPOINT`]; tests
+    /// Loads the programs and attaches them to `category:name` (normally [`TRACEPOINT`]; tests
     /// point it elsewhere to exercise the "tracepoint absent" path). Must run inside a tokio
     /// runtime (the ring buffer registers with its reactor).
-    /// `rescue_all` makes the rescue program record every transition (tests compare both).
-    pub fn attach(category: &str, name: &str, rescue_all: bool) -> Result<Self, ProbeError> {
+    ///
+    /// The main program is the BTF tracepoint; where the kernel has no BTF or refuses it, the
+    /// classic tracepoint takes its place. `compare` attaches both forms and makes the rescue
+    /// program record every transition too, so each transition arrives three times: for the
+    /// test that compares their decoding only.
+    pub fn attach(category: &str, name: &str, compare: bool) -> Result<Self, ProbeError> {
         raise_memlock();
         let offsets = btf::Btf::from_sys_fs().and_then(|b| b.sock_offsets());
         // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
@@ -142,7 +168,7 @@ impl Probe {
         // SAFETY: malloc_trim only releases free heap pages.
         let trim = || unsafe { libc::malloc_trim(0) };
         let global = offsets.as_ref().ok().map(|o| SockOffsets {
-            always: u32::from(rescue_all),
+            always: u32::from(compare),
             ..*o
         });
         let mut loader = EbpfLoader::new();
@@ -156,14 +182,6 @@ impl Probe {
             // The program logs nothing on its per-event path; no log map is the normal case.
             debug!(error = %e, "aya-log not initialised");
         }
-        let program: &mut TracePoint = ebpf
-            .program_mut("inet_sock_set_state")
-            .expect("the object defines inet_sock_set_state")
-            .try_into()
-            .expect("inet_sock_set_state is a tracepoint program");
-        program
-            .load()
-            .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
         let tracefs = ensure_tracefs()?;
         let dir = tracefs.join("events").join(category).join(name);
         let format = std::fs::read_to_string(dir.join("format")).map_err(|_| {
@@ -173,19 +191,35 @@ impl Probe {
                 tracefs: tracefs.clone(),
             }
         })?;
-        if (category, name) == TRACEPOINT {
-            check_layout(&parse_format(&format))?;
-        }
-        program.attach(category, name).map_err(|e| {
-            ProbeError::classify(e.into(), |e| {
-                ProbeError::Attach(format!("{category}:{name}"), e)
-            })
-        })?;
-        let prog_fd = program
-            .fd()
-            .map_err(|e| ProbeError::Load(e.into()))?
-            .as_fd()
-            .as_raw_fd();
+        let default = (category, name) == TRACEPOINT;
+        let btf_main = match (&offsets, default) {
+            (Ok(_), true) => attach_btf(&mut ebpf, name),
+            (Ok(_), false) => Err(anyhow::anyhow!("not the default tracepoint")),
+            (Err(e), _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
+        };
+        let mut attachment = Attachment::Btf;
+        let prog_fd = match btf_main {
+            Ok(fd) if !compare => fd,
+            btf_main => {
+                if let (Err(e), true) = (&btf_main, default) {
+                    // The first line: a verifier refusal carries the whole log after it.
+                    let e = e.to_string();
+                    let e = e.lines().next().unwrap_or_default();
+                    warn!(
+                        error = e,
+                        "BTF tracepoint unavailable, using the classic tracepoint"
+                    );
+                }
+                if btf_main.is_err() {
+                    attachment = Attachment::Classic;
+                }
+                if default {
+                    check_layout(&parse_format(&format))?;
+                }
+                let classic = attach_classic(&mut ebpf, category, name)?;
+                btf_main.unwrap_or(classic)
+            }
+        };
         // The rescue program is optional: without it, nested transitions are counted as lost.
         match offsets {
             Ok(_) => {
@@ -199,10 +233,12 @@ impl Probe {
                     .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
                 if let Err(e) = rescue.attach(name) {
                     warn!(error = %e, "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost");
+                    attachment = Attachment::ClassicOnly;
                 }
             }
             Err(e) => {
                 warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
+                attachment = Attachment::ClassicOnly;
             }
         }
         trim();
@@ -220,8 +256,14 @@ impl Probe {
             ring,
             counters,
             prog_fd,
+            attachment,
             _ebpf: ebpf,
         })
+    }
+
+    /// How the main program is attached.
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
     }
 
     /// Waits until the kernel signals data (it does so once per batch, see
@@ -264,6 +306,41 @@ impl Probe {
             run_count: info.get("run_cnt").copied().unwrap_or(0),
         })
     }
+}
+
+/// Loads and attaches the main program as a BTF tracepoint; returns its fd.
+fn attach_btf(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<i32> {
+    let btf = aya::Btf::from_sys_fs()?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut("inet_sock_set_state_btf")
+        .expect("the object defines inet_sock_set_state_btf")
+        .try_into()
+        .expect("inet_sock_set_state_btf is a BTF tracepoint program");
+    program.load(name, &btf)?;
+    program.attach()?;
+    Ok(program.fd()?.as_fd().as_raw_fd())
+}
+
+/// Loads and attaches the main program as a classic tracepoint; returns its fd.
+fn attach_classic(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<i32, ProbeError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut("inet_sock_set_state")
+        .expect("the object defines inet_sock_set_state")
+        .try_into()
+        .expect("inet_sock_set_state is a tracepoint program");
+    program
+        .load()
+        .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+    program.attach(category, name).map_err(|e| {
+        ProbeError::classify(e.into(), |e| {
+            ProbeError::Attach(format!("{category}:{name}"), e)
+        })
+    })?;
+    Ok(program
+        .fd()
+        .map_err(|e| ProbeError::Load(e.into()))?
+        .as_fd()
+        .as_raw_fd())
 }
 
 /// BPF memory is charged to the cgroup on kernels ≥ 5.11; older ones need RLIMIT_MEMLOCK
