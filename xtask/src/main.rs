@@ -40,11 +40,12 @@ enum Cmd {
         /// Seconds of workload per run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Modes to compare, in the order each round runs them: `none` (no tracer), `trace`
-        /// (`tcpwait trace --json` to a file), `run` (the daemon), `floor` (a BPF program that
-        /// only counts, run by bpftrace if installed: the cost floor of any tracer).
-        #[arg(long, value_delimiter = ',', default_value = "none,trace,run")]
-        modes: Vec<String>,
+        /// Modes to compare, in the order each round runs them: `none` (no tracer), `floor`
+        /// (bpftrace counting on the classic tracepoint: what any program there costs), `trace`
+        /// (`tcpwait trace --json` to a file), `run` (the daemon). Default: all four, `floor`
+        /// only if bpftrace is installed.
+        #[arg(long, value_delimiter = ',')]
+        modes: Option<Vec<String>>,
     },
     /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
     Test {
@@ -91,7 +92,7 @@ fn run() -> Result<()> {
             seconds,
             modes,
         } => {
-            bench::check_modes(&modes)?;
+            let modes = bench::check_modes(modes)?;
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
             bench::bench(
