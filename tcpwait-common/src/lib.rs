@@ -58,14 +58,18 @@ pub mod counter {
     pub const RESERVE_FAILED: u32 = 1;
     /// Events the raw-tracepoint program recorded because the main program had not marked
     /// them handled on this CPU (the kernel skipped the nested run of the main program: a
-    /// recursion miss rescued).
+    /// recursion miss rescued). Includes the rare duplicate, and every event in the test mode
+    /// that makes this program record everything.
     pub const RESCUED: u32 = 2;
     /// Nested transitions the raw-tracepoint program could not record: ring full. Apart from
     /// [`RESERVE_FAILED`] because that program runs nested inside the main one on the same CPU,
     /// and two programs incrementing one per-CPU slot could lose an increment.
     pub const RESCUE_RESERVE_FAILED: u32 = 3;
+    /// Nested transitions the raw-tracepoint program found not to be TCP (SCTP, MPTCP): missed
+    /// by the main program too, but nothing is lost.
+    pub const NESTED_NOT_TCP: u32 = 4;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.

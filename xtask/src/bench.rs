@@ -141,11 +141,13 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// (run_time_ns, run_cnt, recursion_misses) of the main BPF program `pid` holds: the BTF
-/// or classic tracepoint program, not the raw-tracepoint rescue program (prog_type 17).
+/// (run_time_ns, run_cnt, recursion_misses) of the main BPF program `pid` holds: summed over
+/// its programs but the raw-tracepoint rescue program (prog_type 17), so that a program loaded
+/// but not attached (a fallback) adds nothing.
 fn bpf_stats(pid: u32) -> (u64, u64, u64) {
+    let mut sum = (0, 0, 0);
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0, 0);
+        return sum;
     };
     for fd in fds.flatten() {
         let Ok(text) = std::fs::read_to_string(fd.path()) else {
@@ -154,19 +156,17 @@ fn bpf_stats(pid: u32) -> (u64, u64, u64) {
         if !text.contains("prog_type:") || text.contains("prog_type:\t17\n") {
             continue;
         }
-        let get = |k: &str| {
+        let get = |k: &str| -> u64 {
             text.lines()
                 .find_map(|l| l.strip_prefix(k))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        return (
-            get("run_time_ns:"),
-            get("run_cnt:"),
-            get("recursion_misses:"),
-        );
+        sum.0 += get("run_time_ns:");
+        sum.1 += get("run_cnt:");
+        sum.2 += get("recursion_misses:");
     }
-    (0, 0, 0)
+    sum
 }
 
 struct Agent {
@@ -446,7 +446,8 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         } else {
             0.0
         };
-        // Signed: a negative figure would be a transition delivered twice.
+        // Signed: a negative figure is a transition delivered twice, or TCP traffic of
+        // another program after the kernel's count was read.
         let lost: Vec<String> = samples
             .iter()
             .map(|x| (x.fired as i64 - x.captured as i64).to_string())

@@ -117,24 +117,26 @@ pub struct KernelCounters {
     pub run_count: u64,
 }
 
-/// How the main program is attached.
+/// How the programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attachment {
-    /// A BTF tracepoint (`tp_btf`), with the rescue program for nested transitions.
-    Btf,
-    /// The classic tracepoint, with the rescue program.
-    Classic,
-    /// The classic tracepoint alone (no kernel BTF): nested transitions are counted as lost.
-    ClassicOnly,
+pub struct Attachment {
+    /// The main program is a BTF tracepoint (`tp_btf`), not the classic tracepoint.
+    pub btf: bool,
+    /// The rescue program records nested transitions; without it they are counted as lost.
+    pub rescue: bool,
 }
 
 impl std::fmt::Display for Attachment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Btf => "BTF tracepoint",
-            Self::Classic => "classic tracepoint",
-            Self::ClassicOnly => "classic tracepoint, no rescue of nested transitions",
-        })
+        f.write_str(if self.btf {
+            "BTF tracepoint"
+        } else {
+            "classic tracepoint"
+        })?;
+        if !self.rescue {
+            f.write_str(", no rescue of nested transitions")?;
+        }
+        Ok(())
     }
 }
 
@@ -197,7 +199,10 @@ impl Probe {
             (Ok(_), false) => Err(anyhow::anyhow!("not the default tracepoint")),
             (Err(e), _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
         };
-        let mut attachment = Attachment::Btf;
+        let mut attachment = Attachment {
+            btf: true,
+            rescue: true,
+        };
         let prog_fd = match btf_main {
             Ok(fd) if !compare => fd,
             btf_main => {
@@ -211,7 +216,7 @@ impl Probe {
                     );
                 }
                 if btf_main.is_err() {
-                    attachment = Attachment::Classic;
+                    attachment.btf = false;
                 }
                 if default {
                     check_layout(&parse_format(&format))?;
@@ -228,17 +233,22 @@ impl Probe {
                     .expect("the object defines inet_sock_set_state_nested")
                     .try_into()
                     .expect("inet_sock_set_state_nested is a raw tracepoint program");
-                rescue
-                    .load()
-                    .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
-                if let Err(e) = rescue.attach(name) {
-                    warn!(error = %e, "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost");
-                    attachment = Attachment::ClassicOnly;
+                if let Err(e) = rescue.load().map_err(anyhow::Error::from).and_then(|()| {
+                    rescue.attach(name)?;
+                    Ok(())
+                }) {
+                    let e = e.to_string();
+                    let e = e.lines().next().unwrap_or_default();
+                    warn!(
+                        error = e,
+                        "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost"
+                    );
+                    attachment.rescue = false;
                 }
             }
             Err(e) => {
                 warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
-                attachment = Attachment::ClassicOnly;
+                attachment.rescue = false;
             }
         }
         trim();
@@ -296,11 +306,16 @@ impl Probe {
         Ok(KernelCounters {
             sent: sum(counter::SENT)?,
             reserve_failed: sum(counter::RESERVE_FAILED)? + sum(counter::RESCUE_RESERVE_FAILED)?,
+            // Every run of the main program the kernel skipped went to the rescue program,
+            // which recorded it, failed to reserve ring space for it (counted above), or found
+            // it not TCP; what is left was lost to nesting.
             recursion_misses: info
                 .get("recursion_misses")
                 .copied()
                 .unwrap_or(0)
-                .saturating_sub(sum(counter::RESCUED)?),
+                .saturating_sub(sum(counter::RESCUED)?)
+                .saturating_sub(sum(counter::RESCUE_RESERVE_FAILED)?)
+                .saturating_sub(sum(counter::NESTED_NOT_TCP)?),
             rescued: sum(counter::RESCUED)?,
             run_time_ns: info.get("run_time_ns").copied().unwrap_or(0),
             run_count: info.get("run_cnt").copied().unwrap_or(0),
