@@ -157,6 +157,9 @@ pub struct Counters {
     pub reconcile_added: u64,
     pub reconcile_removed: u64,
     pub reconcile_corrected: u64,
+    /// Transitions the kernel side delivered twice (ignored by the table).
+    #[serde(default)]
+    pub duplicates: u64,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.

@@ -85,7 +85,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 12] = [
+const METRICS: [(&str, Kind); 13] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_close_wait_sockets", Kind::Gauge),
@@ -95,6 +95,7 @@ const METRICS: [(&str, Kind); 12] = [
     ("tcpwait_reconcile_repairs_total", Kind::Counter),
     ("tcpwait_tracked_sockets", Kind::Gauge),
     ("tcpwait_table_overflow_total", Kind::Counter),
+    ("tcpwait_duplicate_transitions_total", Kind::Counter),
     ("tcpwait_owner_scan_denied_total", Kind::Counter),
     ("tcpwait_alert_deliveries_total", Kind::Counter),
     ("tcpwait_build_info", Kind::Gauge),

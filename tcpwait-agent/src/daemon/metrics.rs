@@ -197,6 +197,12 @@ pub(super) fn render(d: &Daemon) -> String {
     tracked.set(t.len() as i64);
     r.register("tcpwait_tracked_sockets", "Sockets in the table", tracked);
     r.register(
+        "tcpwait_duplicate_transitions",
+        "Transitions delivered twice by the kernel side (a rare effect of the rescue of nested \
+         transitions); ignored",
+        counter(c.duplicates),
+    );
+    r.register(
         "tcpwait_table_overflow",
         "Sockets not tracked because the table was full",
         counter(c.overflowed),

@@ -77,6 +77,7 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconcile_added: c.repairs_added,
             reconcile_removed: c.repairs_removed,
             reconcile_corrected: c.repairs_corrected,
+            duplicates: c.duplicates,
         },
     }
 }

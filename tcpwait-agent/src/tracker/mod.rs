@@ -80,6 +80,9 @@ pub struct Counters {
     pub reused_address: u64,
     /// Synthetic entries (from inet_diag) that met their kernel address in a transition.
     pub rekeyed: u64,
+    /// Transitions into the state a socket is already in, from another state: the kernel side
+    /// delivered a transition twice (its rescue of nested transitions can, rarely); ignored.
+    pub duplicates: u64,
     /// Sockets `reconcile` added (tracked nowhere, inet_diag shows them).
     pub repairs_added: u64,
     /// Sockets `reconcile` removed (tracked, inet_diag no longer shows them).
@@ -107,6 +110,9 @@ pub enum TableChange {
     Untracked,
     /// The table is full; the socket was not inserted ([`Counters::overflowed`]).
     Overflow,
+    /// The socket is already in the new state: a transition delivered twice, ignored
+    /// ([`Counters::duplicates`]).
+    Duplicate,
 }
 
 /// The answer of [`Tracker::apply`]: what happened, and what the daemon should do about it.
@@ -173,6 +179,18 @@ impl Tracker {
             self.counters.reused_address += 1;
             self.drop_slot(s);
             slot = None;
+        }
+        if let Some(s) = slot {
+            let e = self.table.get(s);
+            // Only an entry whose state came from a transition (not from inet_diag, which may
+            // run ahead of the ring) says for sure the socket is in `new` already.
+            if e.state == Some(t.new) && t.old != t.new && !e.lower_bound() && !is_synthetic(e.id) {
+                self.counters.duplicates += 1;
+                return Applied {
+                    change: TableChange::Duplicate,
+                    needs_owners: false,
+                };
+            }
         }
         if slot.is_none()
             && tuple.indexable()

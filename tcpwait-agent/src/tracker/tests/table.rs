@@ -244,3 +244,23 @@ fn awaits_owner_only_for_the_same_stint_in_a_watched_state_without_owner() {
     assert!(!t.awaits_owner(sock(1), 2 * SEC), "the old stint is gone");
     assert!(t.awaits_owner(sock(1), 8 * SEC));
 }
+
+#[test]
+fn a_transition_delivered_twice_is_counted_and_ignored() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    t.apply(&tr(1, TcpState::Close, TcpState::SynSent, SEC));
+    t.apply(&tr(1, TcpState::SynSent, TcpState::Established, 2 * SEC));
+    t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 3 * SEC));
+    let a = t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 4 * SEC));
+    assert_eq!(a.change, TableChange::Duplicate);
+    assert_eq!(t.counters().duplicates, 1);
+    // The first copy's entry time stands.
+    let unowned = t.unowned(TcpState::CloseWait, 10 * SEC);
+    assert_eq!(
+        (unowned.len(), unowned[0].entered_ns, unowned[0].age_ns),
+        (1, 3 * SEC, 7 * SEC)
+    );
+    let a = t.apply(&tr(1, TcpState::CloseWait, TcpState::LastAck, 11 * SEC));
+    assert_eq!(a.change, TableChange::Updated);
+    assert_eq!((t.len(), t.counters().duplicates), (1, 1));
+}
