@@ -44,6 +44,11 @@ use settle::{OWNER_SETTLE, Settling};
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
 const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The shortest wait for the next settling socket: settle deadlines are served in groups, at
+/// most this late, instead of one wake-up per socket passing through CLOSE_WAIT (measured at
+/// 870 wake-ups/s and a third of the agent's CPU at 16k connections/s).
+const SETTLE_COALESCE: Duration = Duration::from_millis(20);
+
 /// The states reconciled with inet_diag and attributed to processes.
 const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
 
@@ -241,7 +246,9 @@ impl Daemon {
             at = at.min(Instant::now() + wait);
         }
         if let Some(due) = self.settling.next_due_ns() {
-            let wait = Duration::from_nanos(due.saturating_sub(self.now_ns()));
+            // Never sooner than SETTLE_COALESCE: under load a socket settles every few
+            // microseconds, and waking for each one cost a wake-up per connection.
+            let wait = Duration::from_nanos(due.saturating_sub(self.now_ns())).max(SETTLE_COALESCE);
             let rate = self
                 .last_request
                 .map_or_else(Instant::now, |t| t + MIN_RESOLVE_INTERVAL);
