@@ -160,6 +160,9 @@ pub struct Counters {
     /// Transitions the kernel side delivered twice (ignored by the table).
     #[serde(default)]
     pub duplicates: u64,
+    /// Transitions that reached the agent after a later one (applied out of time order).
+    #[serde(default)]
+    pub late: u64,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.

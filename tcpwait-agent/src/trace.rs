@@ -98,8 +98,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             return Err(e).context("write to stdout");
         }
     }
+    // Detach, then show what the kernel side still had: the ring, the per-CPU stages.
+    probe.stop();
     if !stdout_closed {
-        // Events already in the ring when the signal came are still shown.
         let _ = drain(
             &mut probe, &mut out, format, &clock, &filter, &mut ages, &mut stats,
         );
@@ -123,13 +124,15 @@ impl Stats {
         let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
         format!(
             "{} transitions seen, {} printed, {lost} lost (ring buffer full: {}, kernel \
-             recursion misses: {}, malformed: {}); {} nested transitions rescued",
+             recursion misses: {}, malformed: {}); {} nested transitions rescued, {} out of \
+             order",
             self.seen,
             self.printed,
             k.reserve_failed,
             k.recursion_misses,
             self.malformed.total(),
-            k.rescued
+            k.rescued,
+            k.late
         )
     }
 }

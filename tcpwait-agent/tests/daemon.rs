@@ -442,6 +442,12 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
         assert_eq!(r["owner_comm"], "tw-tailed");
     }
     // Phase 2: a burst the stuck client cannot absorb (its socket buffer plus its backlog).
+    let transitions = || {
+        status(&sock)["counters"]["transitions"]
+            .as_u64()
+            .expect("counter")
+    };
+    let before = transitions();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let burst_port = listener.local_addr().expect("addr").port();
     for _ in 0..3000 {
@@ -449,6 +455,11 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
         let (a, _) = listener.accept().expect("accept");
         drop((a, c));
     }
+    // The daemon has published the burst (it hands transitions on in batches, some tens of
+    // milliseconds late) before the stuck client reads again.
+    assert!(wait_until(Duration::from_secs(10), || {
+        transitions() >= before + 3000 * 10
+    }));
     // The stuck client now reads: it was told how much it missed.
     let mut missed = 0;
     stuck

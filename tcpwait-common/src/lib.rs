@@ -43,6 +43,50 @@ pub const TRANSITION_EVENT_SIZE: usize = 80;
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
 
+/// Events a CPU stages before it hands them to the ring buffer as one record.
+pub const STAGE_EVENTS: usize = 32;
+
+/// A CPU's staged events (one `STAGE` per-CPU map slot). The main program appends each
+/// transition here and hands the staged events to the ring buffer as one record of
+/// `len` × [`TransitionEvent`] when the stage is full, when its oldest event is
+/// [`STAGE_MAX_AGE_NS`] old, or when the agent runs the flush program on that CPU (every
+/// [`FLUSH_INTERVAL_NS`]): one ring reservation per batch instead of one per event, and no
+/// contention on the ring's lock per event. Records therefore arrive out of time order across
+/// CPUs; the agent sorts them by `ts_ns` and hands on only what is older than its last
+/// complete flush of every CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stage {
+    /// Events staged in `events[..len]`.
+    pub len: u32,
+    /// 1 while the main program works on the stage, 2 while the flush program does; each
+    /// leaves the stage alone if it finds the other's mark (it interrupted it on this CPU).
+    pub busy: u32,
+    /// `ts_ns` of `events[0]`.
+    pub first_ts: u64,
+    pub events: [TransitionEvent; STAGE_EVENTS],
+}
+const _: () = assert!(core::mem::size_of::<Stage>() == 16 + STAGE_EVENTS * TRANSITION_EVENT_SIZE);
+
+/// Staged events at least this old go to the ring with the next transition on their CPU.
+pub const STAGE_MAX_AGE_NS: u64 = 5_000_000;
+
+/// The agent runs the flush program on every online CPU this often (at most; it does so from
+/// its drain loop). A quiet CPU's staged events wait this long at most, plus the agent's drain.
+pub const FLUSH_INTERVAL_NS: u64 = 25_000_000;
+
+/// The flush program's return value: the stage was flushed (or empty).
+pub const FLUSH_DONE: i32 = 0;
+/// The flush program's return value: it interrupted the main program on that CPU and left the
+/// stage alone.
+pub const FLUSH_BUSY: i32 = 1;
+
+/// Events sent outside a stage (the rescue program's, the classic tracepoint's, one that
+/// interrupted the flush program) are reserved in the ring some instants after their `ts_ns`
+/// is taken: the agent hands on only events this much older than its last complete flush. A
+/// later one is handed on at once, counted as out of order.
+pub const IN_FLIGHT_NS: u64 = 1_000_000;
+
 /// `AF_INET` as the kernel spells it.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6` as the kernel spells it.
@@ -54,7 +98,8 @@ pub const IPPROTO_TCP: u16 = 6;
 pub mod counter {
     /// Events submitted into the ring buffer.
     pub const SENT: u32 = 0;
-    /// Events dropped because `bpf_ringbuf_reserve` failed (ring full).
+    /// Events dropped because the ring buffer was full (`bpf_ringbuf_reserve` or, for a
+    /// staged batch, `bpf_ringbuf_output` failed).
     pub const RESERVE_FAILED: u32 = 1;
     /// Events the raw-tracepoint program recorded because the main program had not marked
     /// them handled on this CPU (the kernel skipped the nested run of the main program: a
@@ -68,8 +113,14 @@ pub mod counter {
     /// Nested transitions the raw-tracepoint program found not to be TCP (SCTP, MPTCP): missed
     /// by the main program too, but nothing is lost.
     pub const NESTED_NOT_TCP: u32 = 4;
+    /// Events the flush program sent into the ring buffer. Apart from [`SENT`] because the
+    /// flush program can be interrupted by the main program on the same CPU (see
+    /// [`RESCUE_RESERVE_FAILED`]).
+    pub const FLUSHED: u32 = 5;
+    /// Staged events the flush program could not send: ring full.
+    pub const FLUSH_RESERVE_FAILED: u32 = 6;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.
@@ -165,3 +216,7 @@ unsafe impl aya::Pod for SockOffsets {}
 // SAFETY: `TransitionEvent` is `repr(C)`, has no padding (size asserted above), and every
 // field is an integer or an integer array, so every bit pattern is a valid value.
 unsafe impl aya::Pod for TransitionEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers and `TransitionEvent`s only, no padding (size asserted above).
+unsafe impl aya::Pod for Stage {}

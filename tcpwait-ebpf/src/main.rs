@@ -1,14 +1,17 @@
 //! tcpwait's kernel programs: one fixed-size event per TCP state transition.
 //!
 //! The tracepoint `sock:inet_sock_set_state` fires for every `inet_sk_set_state` and
-//! `inet_sk_state_store` (TCP, SCTP and MPTCP). The main program keeps TCP only, fills an event
-//! in a ring-buffer reservation, and submits it; a failed reservation is counted in a per-CPU
-//! map, never silently lost. Nothing logs on this path. The main program comes in two forms:
+//! `inet_sk_state_store` (TCP, SCTP and MPTCP). The main program keeps TCP only and sends one
+//! event per transition; an event the ring buffer has no room for is counted in a per-CPU map,
+//! never silently lost. Nothing logs on this path. The main program comes in two forms:
 //! - `inet_sock_set_state_btf`, a BTF tracepoint (`tp_btf`), the one the agent attaches: the
 //!   kernel builds no trace record for it, and it reads `struct sock` directly (BTF-checked,
-//!   fault-safe loads) at offsets the agent takes from the running kernel's BTF;
-//! - `inet_sock_set_state`, the classic tracepoint, which copies the kernel's trace record:
-//!   the fallback where the kernel has no BTF, and the reference a test compares against.
+//!   fault-safe loads) at offsets the agent takes from the running kernel's BTF. It stages
+//!   events per CPU and hands them to the ring in batches (see `tcpwait_common::Stage`); the
+//!   agent runs `flush_stage` on every CPU to take what a quiet CPU has staged;
+//! - `inet_sock_set_state`, the classic tracepoint, which copies the kernel's trace record
+//!   into its own reservation: the fallback where the kernel has no BTF, and the reference a
+//!   test compares against.
 //!
 //! A third program, `inet_sock_set_state_nested` (raw tracepoint), records the transitions the
 //! kernel skips because they nest into the main program on one CPU (see `HANDLED`).
@@ -22,16 +25,30 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use tcpwait_common::{
-    AF_INET6, IPPROTO_TCP, RING_BYTES, SockOffsets, TransitionEvent, WAKEUP_BYTES, counter, record,
+    AF_INET6, FLUSH_BUSY, FLUSH_DONE, IPPROTO_TCP, RING_BYTES, STAGE_EVENTS, SockOffsets, Stage,
+    TransitionEvent, WAKEUP_BYTES, counter, record,
 };
 
 /// Transitions for the agent.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Each CPU's staged events (see `tcpwait_common::Stage`). Only the main BTF program (which
+/// the kernel never nests into itself on one CPU) and `flush_stage` touch a CPU's stage, each
+/// under the stage's `busy` mark: the one that finds it set (it interrupted the other, on the
+/// same CPU) leaves the stage alone. The agent reads what is left after it has detached both.
+#[map]
+static STAGE: PerCpuArray<Stage> = PerCpuArray::with_max_entries(1, 0);
+
+/// `[0]`: how old the oldest staged event may get before the next transition on its CPU sends
+/// the stage (`tcpwait_common::STAGE_MAX_AGE_NS`). The agent sets it once it has run
+/// `flush_stage` on every CPU; until then it is 0, and every event goes to the ring at once.
+#[map]
+static STAGE_AGE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per-CPU counters, indexed by `tcpwait_common::counter`.
 #[map]
@@ -184,22 +201,133 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
     mark_handled(address_of(sk), oldstate, newstate);
+    let Some(stage) = STAGE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's stage, which nothing else writes while `busy` is set (see `STAGE`).
+    let stage = unsafe { &mut *stage };
     // SAFETY: reads a read-only global the agent set at load.
     let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
     // SAFETY: `sk` is the kernel's BTF-typed `struct sock *`: the verifier checks every direct
     // load against the type and the kernel turns a fault into a zero read.
-    if let Some(ev) = unsafe { sock_event::<Direct>(sk, oldstate as i32, newstate as i32, &off) } {
-        match EVENTS.reserve::<TransitionEvent>(0) {
-            Some(mut entry) => {
-                entry.write(ev);
-                let flags = wakeup_flags();
-                entry.submit(flags);
-                bump(counter::SENT);
-            }
-            None => bump(counter::RESERVE_FAILED),
+    let Some(ev) = (unsafe { sock_event::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
+    else {
+        return 0;
+    };
+    // SAFETY: a plain load of this CPU's slot, volatile so it is not cached.
+    if unsafe { core::ptr::read_volatile(&stage.busy) } != 0 {
+        // This interrupted `flush_stage` on this CPU (run by the agent in process context):
+        // the stage is not ours now; send this one on its own.
+        send_now(ev);
+        return 0;
+    }
+    set_busy(stage, 1);
+    {
+        let ts = ev.ts_ns;
+        let mut n = staged(stage);
+        if n == STAGE_EVENTS {
+            // Never left full (a full stage is flushed at once); keep the bound for the verifier.
+            flush(stage, n, MAIN_COUNTERS);
+            n = 0;
+        }
+        // Every access to the stage is volatile, so none moves across the `busy` marks.
+        // SAFETY (the three blocks): plain loads and stores in this CPU's slot.
+        if n == 0 {
+            unsafe { core::ptr::write_volatile(&mut stage.first_ts, ts) };
+        }
+        if let Some(slot) = stage.events.get_mut(n) {
+            unsafe { core::ptr::write_volatile(slot, ev) };
+        }
+        n += 1;
+        let max_age = STAGE_AGE.get(0).copied().unwrap_or(0);
+        let first_ts = unsafe { core::ptr::read_volatile(&stage.first_ts) };
+        if n == STAGE_EVENTS || ts.wrapping_sub(first_ts) >= max_age {
+            flush(stage, n, MAIN_COUNTERS);
+        } else {
+            set_staged(stage, n);
         }
     }
+    set_busy(stage, 0);
     0
+}
+
+/// Hands a CPU's staged events to the ring buffer. Never attached: the agent runs it on each
+/// CPU in turn (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`, an interrupt on that CPU, or
+/// process context on the agent's own) every `tcpwait_common::FLUSH_INTERVAL_NS`. Returns
+/// `FLUSH_DONE`, or `FLUSH_BUSY` if it interrupted the main program, whose stage it then
+/// leaves alone: the agent then knows that CPU may still hold older events.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
+    let Some(stage) = STAGE.get_ptr_mut(0) else {
+        return FLUSH_DONE;
+    };
+    // SAFETY: this CPU's stage, taken under its `busy` mark (see `STAGE`).
+    let stage = unsafe { &mut *stage };
+    // SAFETY: a plain load of this CPU's slot, volatile so it is not cached.
+    if unsafe { core::ptr::read_volatile(&stage.busy) } != 0 {
+        return FLUSH_BUSY;
+    }
+    set_busy(stage, 2);
+    let n = staged(stage);
+    if n > 0 {
+        flush(stage, n, (counter::FLUSHED, counter::FLUSH_RESERVE_FAILED));
+    }
+    set_busy(stage, 0);
+    FLUSH_DONE
+}
+
+/// Sends one event to the ring buffer at once.
+#[inline(always)]
+fn send_now(ev: TransitionEvent) {
+    match EVENTS.reserve::<TransitionEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            entry.submit(wakeup_flags(RECORD_BYTES, RECORD_BYTES));
+            bump(counter::SENT);
+        }
+        None => bump(counter::RESERVE_FAILED),
+    }
+}
+
+/// Raises or clears the stage's `busy` mark. The stage's other accesses are volatile too, so
+/// the compiler keeps them between the marks (the BPF backend has no compiler fence); the
+/// interrupting reader is on this same CPU, so no hardware barrier is needed.
+#[inline(always)]
+fn set_busy(stage: &mut Stage, v: u32) {
+    // SAFETY: a plain store to this CPU's slot.
+    unsafe { core::ptr::write_volatile(&mut stage.busy, v) };
+}
+
+/// Events staged, bounded by the stage's size.
+#[inline(always)]
+fn staged(stage: &Stage) -> usize {
+    // SAFETY: a plain load of this CPU's slot.
+    let n = unsafe { core::ptr::read_volatile(&stage.len) } as usize;
+    n.min(STAGE_EVENTS)
+}
+
+#[inline(always)]
+fn set_staged(stage: &mut Stage, n: usize) {
+    // SAFETY: a plain store to this CPU's slot.
+    unsafe { core::ptr::write_volatile(&mut stage.len, n as u32) };
+}
+
+/// The main program's counters of events sent and lost to a full ring.
+const MAIN_COUNTERS: (u32, u32) = (counter::SENT, counter::RESERVE_FAILED);
+
+/// Outputs the first `n` staged events as one ring record and empties the stage; a full ring
+/// loses them, counted in `counters.1` (sent ones in `counters.0`).
+#[inline(always)]
+fn flush(stage: &mut Stage, n: usize, counters: (u32, u32)) {
+    let n = n.min(STAGE_EVENTS);
+    if let Some(events) = stage.events.get(..n) {
+        let bytes = 8 + (n * core::mem::size_of::<TransitionEvent>()) as u64;
+        match EVENTS.output::<[TransitionEvent]>(events, wakeup_flags(0, bytes)) {
+            Ok(()) => add(counters.0, n as u64),
+            Err(_) => add(counters.1, n as u64),
+        }
+    }
+    set_staged(stage, 0);
 }
 
 /// The rescue path: the same transition, seen through the raw tracepoint (args: `struct sock
@@ -325,15 +453,18 @@ unsafe fn v6<M: SockMem>(sk: u64, off: u32) -> [u8; 16] {
     out
 }
 
-/// Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES. Waking
-/// on every event above the threshold (a reader that fell behind) would mean one irq_work
-/// interrupt per event, and interrupts inside this program are what let softirq work nest into
-/// the tracepoint, which the kernel then skips (recursion misses). The agent also drains on a
-/// 50 ms timer, so data below the threshold is never stranded. Call after reserving.
+/// Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES with a
+/// record of `bytes` (of which `reserved` are already reserved, so pending). Waking on every record above the threshold (a reader
+/// that fell behind) would mean one irq_work interrupt per record, and interrupts inside this
+/// program are what let softirq work nest into the tracepoint, which the kernel then skips
+/// (recursion misses). The agent also drains on a 50 ms timer, so data below the threshold is
+/// never stranded.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA.into());
-    if pending >= WAKEUP_BYTES && pending < WAKEUP_BYTES + RECORD_BYTES {
+fn wakeup_flags(reserved: u64, bytes: u64) -> u64 {
+    let before = EVENTS
+        .query(BPF_RB_AVAIL_DATA.into())
+        .saturating_sub(reserved);
+    if before < WAKEUP_BYTES && before + bytes >= WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()
@@ -367,12 +498,18 @@ fn state_u8<T: TryInto<u8>>(state: T) -> u8 {
 
 #[inline(always)]
 fn bump(index: u32) {
+    add(index, 1);
+}
+
+#[inline(always)]
+fn add(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot is only touched by this CPU. The rescue program runs nested
-        // inside the main program on the same CPU (that is its purpose), so the two never
-        // share a slot: each has its own counters (a plain `+= 1` on a shared slot could lose
-        // an increment, and the BPF target has no atomic read-modify-write in `core`).
-        unsafe { *slot += 1 };
+        // inside the main program on the same CPU (that is its purpose), and the flush program
+        // interrupts it or is interrupted by it, so none of them share a slot: each has its own
+        // counters (a plain `+=` on a shared slot could lose an increment, and the BPF target
+        // has no atomic read-modify-write in `core`).
+        unsafe { *slot += n };
     }
 }
 
@@ -426,7 +563,8 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         oldstate: state_u8(oldstate),
         newstate: state_u8(newstate),
     });
-    entry.submit(wakeup_flags());
+    // The reservation is already in the pending data.
+    entry.submit(wakeup_flags(RECORD_BYTES, RECORD_BYTES));
     bump(counter::SENT);
 }
 

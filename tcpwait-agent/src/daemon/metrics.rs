@@ -203,6 +203,12 @@ pub(super) fn render(d: &Daemon) -> String {
         counter(c.duplicates),
     );
     r.register(
+        "tcpwait_late_transitions",
+        "Transitions that reached the agent after a later one (a CPU's batch came later than \
+         the agent's hold) and were applied out of time order",
+        counter(d.kernel.late),
+    );
+    r.register(
         "tcpwait_table_overflow",
         "Sockets not tracked because the table was full",
         counter(c.overflowed),

@@ -219,7 +219,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         d.maybe_request();
         d.publish().await;
     }
+    // Detach, then take in what the kernel side still had: the ring, the per-CPU stages.
+    d.probe.stop();
     d.drain();
+    if let Ok(k) = d.probe.counters() {
+        d.kernel = k;
+    }
     d.evaluate();
     let summary = d.summary();
     let Daemon {
@@ -495,11 +500,13 @@ impl Daemon {
 
     fn summary(&self) -> String {
         format!(
-            "{} transitions, lost: ring buffer full {}, kernel recursion misses {}, malformed {}",
+            "{} transitions, lost: ring buffer full {}, kernel recursion misses {}, malformed \
+             {}; out of order {}",
             self.transitions,
             self.kernel.reserve_failed,
             self.kernel.recursion_misses,
-            self.malformed.total()
+            self.malformed.total(),
+            self.kernel.late
         )
     }
 }

@@ -78,6 +78,7 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconcile_removed: c.repairs_removed,
             reconcile_corrected: c.repairs_corrected,
             duplicates: c.duplicates,
+            late: d.kernel.late,
         },
     }
 }

@@ -12,14 +12,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    util::online_cpus,
 };
-use tcpwait_common::{SockOffsets, counter, record};
+use tcpwait_common::{
+    FLUSH_BUSY, FLUSH_DONE, FLUSH_INTERVAL_NS, IN_FLIGHT_NS, STAGE_MAX_AGE_NS, SockOffsets, Stage,
+    TRANSITION_EVENT_SIZE, counter, record,
+};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{debug, warn};
 
 pub mod btf;
+mod reorder;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
@@ -115,6 +120,9 @@ pub struct KernelCounters {
     pub run_time_ns: u64,
     /// Program runs counted with `run_time_ns`.
     pub run_count: u64,
+    /// Transitions that reached the agent after a later one had been handed on, so out of time
+    /// order (a CPU's staged batch came later than the agent's hold; see `probe::reorder`).
+    pub late: u64,
 }
 
 /// How the programs are attached.
@@ -124,6 +132,9 @@ pub struct Attachment {
     pub btf: bool,
     /// The rescue program records nested transitions; without it they are counted as lost.
     pub rescue: bool,
+    /// The main program sends events in per-CPU batches (the agent can run the flush program
+    /// on every CPU); without it, one by one.
+    pub batched: bool,
 }
 
 impl std::fmt::Display for Attachment {
@@ -136,6 +147,9 @@ impl std::fmt::Display for Attachment {
         if !self.rescue {
             f.write_str(", no rescue of nested transitions")?;
         }
+        if self.btf && !self.batched {
+            f.write_str(", unbatched")?;
+        }
         Ok(())
     }
 }
@@ -144,10 +158,18 @@ impl std::fmt::Display for Attachment {
 pub struct Probe {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    stage: PerCpuArray<MapData, Stage>,
+    reorder: reorder::Reorder,
+    /// The flush program, run on every CPU, when events are batched.
+    flush: Option<Flush>,
+    /// Every event up to this `ts_ns` has reached the ring.
+    watermark: u64,
     prog_fd: i32,
     attachment: Attachment,
-    // Dropping `Ebpf` detaches the program and frees the maps; keep it last.
-    _ebpf: Ebpf,
+    /// The main program's fdinfo numbers, kept by [`Probe::stop`] when it closes the program.
+    stopped: Option<HashMap<String, u64>>,
+    /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
+    ebpf: Option<Ebpf>,
 }
 
 /// The eBPF object built by `build.rs` from `tcpwait-ebpf`.
@@ -202,6 +224,7 @@ impl Probe {
         let mut attachment = Attachment {
             btf: true,
             rescue: true,
+            batched: false,
         };
         let prog_fd = match btf_main {
             Ok(fd) if !compare => fd,
@@ -251,6 +274,20 @@ impl Probe {
                 attachment.rescue = false;
             }
         }
+        let flush = if attachment.btf {
+            match Flush::load(&mut ebpf) {
+                Ok(f) => {
+                    attachment.batched = true;
+                    Some(f)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot run the flush program: events are sent one by one");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;
@@ -262,13 +299,57 @@ impl Probe {
                 .expect("the object defines COUNTERS"),
         )
         .map_err(|e| ProbeError::Load(e.into()))?;
+        let stage =
+            PerCpuArray::try_from(ebpf.take_map("STAGE").expect("the object defines STAGE"))
+                .map_err(|e| ProbeError::Load(e.into()))?;
         Ok(Self {
             ring,
             counters,
+            stage,
+            reorder: reorder::Reorder::default(),
+            flush,
+            watermark: 0,
             prog_fd,
             attachment,
-            _ebpf: ebpf,
+            stopped: None,
+            ebpf: Some(ebpf),
         })
+    }
+
+    /// Detaches the programs; the next [`Probe::drain`] then hands on everything left,
+    /// the events still staged on each CPU included. Counters stay readable.
+    pub fn stop(&mut self) {
+        if self.stopped.is_some() {
+            return;
+        }
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))
+            .map(|t| {
+                parse_fdinfo(&t)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.stopped = Some(info);
+        self.flush = None;
+        self.ebpf = None;
+        // A program already running on another CPU when its link went finishes within
+        // microseconds; give it that before reading the stages it may be writing.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        match self.stage.get(&0, 0) {
+            Ok(stages) => {
+                for stage in stages.iter() {
+                    let n = (stage.len as usize).min(stage.events.len());
+                    for ev in &stage.events[..n] {
+                        // SAFETY: `TransitionEvent` is plain integers without padding (Pod).
+                        let bytes: &[u8; TRANSITION_EVENT_SIZE] =
+                            unsafe { &*std::ptr::from_ref(ev).cast() };
+                        self.reorder.push(bytes);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the events staged at exit"),
+        }
     }
 
     /// How the main program is attached.
@@ -284,15 +365,40 @@ impl Probe {
         Ok(())
     }
 
-    /// Hands every pending record to `f`, in order; returns how many there were.
+    /// Hands every event that is due to `f`, one event's bytes at a time, in time order:
+    /// those held long enough (see `probe::reorder`), or all of them after [`Probe::stop`].
+    /// A record that is not whole events is handed on as it is, for the decoder to count.
+    /// Returns how many were handed on.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        let ring = self.ring.get_mut();
+        let now = crate::output::clock_ns(libc::CLOCK_MONOTONIC);
+        match &mut self.flush {
+            _ if self.stopped.is_some() => self.watermark = u64::MAX,
+            Some(flush) => {
+                if now >= flush.last_ns + FLUSH_INTERVAL_NS {
+                    flush.last_ns = now;
+                    // The CPUs' stages are in the ring once this returns, unless one was busy.
+                    if flush.all_cpus() {
+                        self.watermark = now.saturating_sub(IN_FLIGHT_NS);
+                    }
+                }
+            }
+            None => self.watermark = now.saturating_sub(IN_FLIGHT_NS),
+        }
+        let Self { ring, reorder, .. } = self;
+        let ring = ring.get_mut();
         let mut n = 0;
         while let Some(item) = ring.next() {
-            f(&item);
-            n += 1;
+            let events = item.chunks_exact(TRANSITION_EVENT_SIZE);
+            if item.is_empty() || !events.remainder().is_empty() {
+                f(&item);
+                n += 1;
+                continue;
+            }
+            for ev in events {
+                reorder.push(ev.try_into().expect("whole chunk"));
+            }
         }
-        n
+        n + self.reorder.release(self.watermark, f)
     }
 
     /// Reads the kernel-side counters.
@@ -301,11 +407,19 @@ impl Probe {
             let values = self.counters.get(&index, 0).map_err(io::Error::other)?;
             Ok(values.iter().sum())
         };
-        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))?;
-        let info = parse_fdinfo(&fdinfo);
+        let fdinfo;
+        let info: HashMap<&str, u64> = match &self.stopped {
+            Some(saved) => saved.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            None => {
+                fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))?;
+                parse_fdinfo(&fdinfo)
+            }
+        };
         Ok(KernelCounters {
-            sent: sum(counter::SENT)?,
-            reserve_failed: sum(counter::RESERVE_FAILED)? + sum(counter::RESCUE_RESERVE_FAILED)?,
+            sent: sum(counter::SENT)? + sum(counter::FLUSHED)?,
+            reserve_failed: sum(counter::RESERVE_FAILED)?
+                + sum(counter::RESCUE_RESERVE_FAILED)?
+                + sum(counter::FLUSH_RESERVE_FAILED)?,
             // Every run of the main program the kernel skipped went to the rescue program,
             // which recorded it, failed to reserve ring space for it (counted above), or found
             // it not TCP; what is left was lost to nesting.
@@ -319,6 +433,7 @@ impl Probe {
             rescued: sum(counter::RESCUED)?,
             run_time_ns: info.get("run_time_ns").copied().unwrap_or(0),
             run_count: info.get("run_cnt").copied().unwrap_or(0),
+            late: self.reorder.late(),
         })
     }
 }
@@ -335,6 +450,100 @@ fn attach_btf(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<i32> {
     program.attach()?;
     Ok(program.fd()?.as_fd().as_raw_fd())
 }
+
+/// The flush program (`flush_stage`), loaded but never attached: the agent runs it on each
+/// CPU in turn with `BPF_PROG_TEST_RUN` (`BPF_F_TEST_RUN_ON_CPU`, Linux 5.10), which hands
+/// that CPU's staged events to the ring buffer before it returns.
+struct Flush {
+    prog_fd: i32,
+    cpus: Vec<u32>,
+    /// When it last ran (CLOCK_MONOTONIC ns).
+    last_ns: u64,
+    /// A failure was logged already.
+    warned: bool,
+}
+
+impl Flush {
+    /// Loads the program and runs it once on every online CPU; if that works, lets the main
+    /// program stage events (`STAGE_AGE` in the kernel program). A CPU brought online later is
+    /// not flushed by the agent: its staged events go with its next transition once they are
+    /// `STAGE_MAX_AGE_NS` old, and at the latest when tcpwait stops.
+    fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut("flush_stage")
+            .expect("the object defines flush_stage")
+            .try_into()
+            .expect("flush_stage is a raw tracepoint program");
+        program.load()?;
+        let mut flush = Self {
+            prog_fd: program.fd()?.as_fd().as_raw_fd(),
+            cpus: online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
+            last_ns: 0,
+            warned: false,
+        };
+        for &cpu in &flush.cpus {
+            flush.run_on(cpu)?;
+        }
+        flush.warned = false;
+        let mut age: Array<_, u64> = Array::try_from(
+            ebpf.map_mut("STAGE_AGE")
+                .expect("the object defines STAGE_AGE"),
+        )?;
+        age.set(0, STAGE_MAX_AGE_NS, 0)?;
+        Ok(flush)
+    }
+
+    /// Runs the program on every CPU; true if every stage was flushed (none was busy).
+    fn all_cpus(&mut self) -> bool {
+        let mut done = true;
+        for i in 0..self.cpus.len() {
+            let cpu = self.cpus[i];
+            match self.run_on(cpu) {
+                Ok(flushed) => done &= flushed,
+                Err(e) => {
+                    done = false;
+                    if !self.warned {
+                        self.warned = true;
+                        warn!(error = %e, cpu, "cannot flush a CPU's staged events");
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// Runs the program on `cpu`; true if it flushed, false if it found the main program busy.
+    fn run_on(&self, cpu: u32) -> io::Result<bool> {
+        // `union bpf_attr` for BPF_PROG_TEST_RUN: prog_fd at 0, retval at 4, flags at 64, cpu
+        // at 68; everything else zero (no data, no context: the program reads neither).
+        let mut attr = [0u32; 20];
+        attr[0] = self.prog_fd as u32;
+        attr[16] = BPF_F_TEST_RUN_ON_CPU;
+        attr[17] = cpu;
+        // SAFETY: `attr` is a valid, zero-filled prefix of `union bpf_attr`, sized as passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match attr[1] as i32 {
+            FLUSH_DONE => Ok(true),
+            FLUSH_BUSY => Ok(false),
+            other => Err(io::Error::other(format!("flush program returned {other}"))),
+        }
+    }
+}
+
+/// `BPF_PROG_TEST_RUN`, the `bpf(2)` command.
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// Run the program on the CPU given (in interrupt context there, unless it is this one).
+const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
 
 /// Loads and attaches the main program as a classic tracepoint; returns its fd.
 fn attach_classic(ebpf: &mut Ebpf, category: &str, name: &str) -> Result<i32, ProbeError> {
