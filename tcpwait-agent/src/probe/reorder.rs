@@ -10,14 +10,28 @@ use tcpwait_common::TRANSITION_EVENT_SIZE;
 type Bytes = [u8; TRANSITION_EVENT_SIZE];
 
 /// Events waiting for their time, and what was handed on.
-#[derive(Default)]
 pub struct Reorder {
-    /// `(ts_ns, event)`, in arrival order until sorted by [`Reorder::release`].
+    /// `(ts_ns, event)`: sorted up to `sorted`, then in arrival order.
     held: Vec<(u64, Bytes)>,
+    sorted: usize,
+    /// The smallest `ts_ns` held (`u64::MAX` if none): nothing to sort while it is not due.
+    min_ts: u64,
     /// The newest `ts_ns` handed on.
     released_to: u64,
     /// Events that arrived after a later one had been handed on.
     late: u64,
+}
+
+impl Default for Reorder {
+    fn default() -> Self {
+        Self {
+            held: Vec::new(),
+            sorted: 0,
+            min_ts: u64::MAX,
+            released_to: 0,
+            late: 0,
+        }
+    }
 }
 
 impl Reorder {
@@ -25,16 +39,19 @@ impl Reorder {
     pub fn push(&mut self, event: &Bytes) {
         let ts = u64::from_ne_bytes(event[..8].try_into().expect("8 bytes"));
         self.held.push((ts, *event));
+        self.min_ts = self.min_ts.min(ts);
     }
 
     /// Hands on, in `ts_ns` order, every held event with `ts_ns <= upto` (CLOCK_MONOTONIC ns,
     /// the clock of `bpf_ktime_get_ns`); returns how many. `u64::MAX` hands on everything.
     pub fn release(&mut self, upto: u64, mut f: impl FnMut(&[u8])) -> usize {
-        if self.held.is_empty() {
+        if self.min_ts > upto {
             return 0;
         }
-        // Stable, and quick on what is mostly sorted runs (one per batch).
-        self.held.sort_by_key(|&(ts, _)| ts);
+        if self.sorted < self.held.len() {
+            // Stable, and quick on what is sorted runs (the rest, and one per batch).
+            self.held.sort_by_key(|&(ts, _)| ts);
+        }
         let n = self.held.partition_point(|&(ts, _)| ts <= upto);
         for (ts, event) in self.held.drain(..n) {
             if ts < self.released_to {
@@ -44,6 +61,8 @@ impl Reorder {
             }
             f(&event);
         }
+        self.sorted = self.held.len();
+        self.min_ts = self.held.first().map_or(u64::MAX, |&(ts, _)| ts);
         n
     }
 
