@@ -2,6 +2,11 @@
 //! tcpwait, measured on this machine with public tools only (std, /proc, the kernel's BPF run
 //! statistics). Results are printed as one table; BENCHMARKS.md records them.
 //!
+//! Every tracer mode runs twice per round: with the kernel's BPF run statistics off, as on a
+//! production host (the slowdown), and on (BPF run time per event, and the kernel's own count of
+//! the tracepoint's firings to measure loss against). The statistics cost two clock reads per
+//! program run, which would count as tcpwait's slowdown otherwise.
+//!
 //! The workload is a loopback client/server pair on 127.0.0.1 (bounded in time): the server
 //! accepts and closes first, the client reads EOF and closes, so every connection makes exactly
 //! 10 transitions (DESIGN.md), plus 2 for the listener.
@@ -70,8 +75,13 @@ fn label(mode: &str) -> &str {
     }
 }
 
+/// The kernel's switch for BPF run statistics (`run_time_ns`, `run_cnt` in a program's fdinfo).
+const STATS_PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
 #[derive(Clone, Default)]
 struct Sample {
+    /// Run with BPF run statistics on.
+    stats: bool,
     conns_per_s: f64,
     expected: u64,
     captured: u64,
@@ -79,7 +89,11 @@ struct Sample {
     recursion_misses: u64,
     /// Times the tracepoint fired on the whole host during the run, by the kernel's own count
     /// (the main program's runs plus the runs it skipped): what the agent should have got.
+    /// Known only with BPF run statistics on.
     fired: u64,
+    /// Transitions the agent counted as lost (ring full, recursion misses not rescued,
+    /// malformed): what it knows without the kernel's fire count.
+    agent_lost: u64,
     bpf_ns_per_event: f64,
     agent_us_per_event: f64,
     peak_rss_kib: u64,
@@ -290,8 +304,29 @@ fn counter_of(bin: &Path, sock: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
+/// The lost count in the agent's last line: `…, N lost (…` (trace) or `lost: ring buffer full
+/// A, kernel recursion misses B, malformed C` (run).
+fn agent_lost(summary: &str) -> u64 {
+    let num = |s: &str| -> u64 {
+        s.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    if let Some((head, _)) = summary.split_once(" lost (") {
+        return num(head.rsplit(' ').next().unwrap_or_default());
+    }
+    ["ring buffer full ", "recursion misses ", "malformed "]
+        .iter()
+        .filter_map(|k| summary.split_once(k).map(|(_, rest)| num(rest)))
+        .sum()
+}
+
+fn one(bin: &Path, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
     let tick_us = 1e6 / 100.0; // USER_HZ
+    std::fs::write(STATS_PATH, if stats { "1" } else { "0" })
+        .context("switch BPF run statistics (needs root)")?;
     let agent = if mode == "none" {
         None
     } else {
@@ -307,6 +342,7 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
     let (conns, elapsed) = workload(secs)?;
     let expected = conns * 10 + 2;
     let mut s = Sample {
+        stats,
         conns_per_s: conns as f64 / elapsed.as_secs_f64(),
         expected,
         ..Default::default()
@@ -346,7 +382,8 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(300));
         let c = count(&agent);
-        if c >= s.fired || c == last {
+        // Without statistics the kernel's count is unknown: the workload's is the target.
+        if c >= if stats { s.fired } else { expected } || c == last {
             break;
         }
         last = c;
@@ -368,6 +405,7 @@ fn one(bin: &Path, mode: &str, dir: &Path, run: usize, secs: u64) -> Result<Samp
         .take()
         .and_then(|h| h.join().ok().flatten())
         .unwrap_or_default();
+    s.agent_lost = agent_lost(&s.summary);
     if agent.out.is_some() {
         // After exit: the file holds the final drain too.
         s.captured = count(&agent);
@@ -391,9 +429,6 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
     let bin = root.join("target/release/tcpwait");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
-    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_default();
-    std::fs::write(stats_path, "1").context("enable BPF run statistics (needs root)")?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -408,93 +443,15 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         .unwrap_or(0);
     println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
     println!(
-        "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs per mode (modes take turns), medians",
+        "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs per mode (modes \
+         take turns), medians; each tracer mode with BPF run statistics off (slowdown) and on \
+         (`+stats`: BPF ns/event, the kernel's fire count)",
         s.seconds, s.runs
     );
-    let mut base = 0.0;
-    println!(
-        "{:<14} {:>9} {:>9} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9}",
-        "mode",
-        "conn/s",
-        "slowdown",
-        "expected",
-        "fired",
-        "captured",
-        "ring",
-        "recursion",
-        "bpf ns/ev",
-        "agent µs/ev",
-        "peak RSS"
-    );
-    // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
-    // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
-    // mode alike instead of on whichever ran last.
-    let mut all: Vec<Vec<Sample>> = vec![Vec::new(); s.modes.len()];
-    for run in 0..s.runs {
-        for (i, mode) in s.modes.iter().enumerate() {
-            all[i].push(one(&bin, mode, &dir, run, s.seconds)?);
-        }
-    }
-    for (mode, samples) in s.modes.iter().map(String::as_str).zip(all) {
-        let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-        let rate = m(|x| x.conns_per_s);
-        if mode == "none" {
-            base = rate;
-        }
-        let slowdown = if base > 0.0 {
-            (1.0 - rate / base) * 100.0
-        } else {
-            0.0
-        };
-        // Signed: a negative figure is a transition delivered twice, or TCP traffic of
-        // another program after the kernel's count was read.
-        let lost: Vec<String> = samples
-            .iter()
-            .map(|x| (x.fired as i64 - x.captured as i64).to_string())
-            .collect();
-        println!(
-            "{:<14} {:>9.0} {:>8.1}% {:>11.0} {:>11.0} {:>11.0} {:>8.0} {:>9.0} {:>10.0} {:>11.2} {:>7} MiB   lost per run: {}",
-            label(mode),
-            rate,
-            slowdown,
-            m(|x| x.expected as f64),
-            m(|x| x.fired as f64),
-            m(|x| x.captured as f64),
-            m(|x| x.ring_full as f64),
-            m(|x| x.recursion_misses as f64),
-            m(|x| x.bpf_ns_per_event),
-            m(|x| x.agent_us_per_event),
-            (m(|x| x.peak_rss_kib as f64) / 1024.0).round(),
-            if mode == "none" {
-                "-".into()
-            } else {
-                lost.join(" ")
-            },
-        );
-        let rates: Vec<String> = samples
-            .iter()
-            .map(|x| format!("{:.0}", x.conns_per_s))
-            .collect();
-        println!("  conn/s per run: {}", rates.join(" "));
-        for (i, x) in samples.iter().enumerate() {
-            if mode != "none" && x.fired != x.captured {
-                println!(
-                    "  run {i}: the tracepoint fired {} times, tcpwait captured {}; agent: {}",
-                    x.fired, x.captured, x.summary
-                );
-            }
-            if mode != "none" && x.fired != x.expected {
-                println!(
-                    "  run {i}: the workload's {} connections made {} transitions by the \
-                     kernel's count, not {} (10 each, 2 for the listener)",
-                    (x.expected - 2) / 10,
-                    x.fired,
-                    x.expected
-                );
-            }
-        }
-    }
-    let _ = std::fs::write(stats_path, stats_before.trim());
+    let stats_before = std::fs::read_to_string(STATS_PATH).unwrap_or_default();
+    let result = table(&bin, &dir, s);
+    let _ = std::fs::write(STATS_PATH, stats_before.trim());
+    result?;
     // Idle RSS of the agent.
     let mut idle = start(&bin, "run", &dir, 999)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -537,4 +494,127 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Runs every mode (modes take turns, each tracer mode with BPF statistics off then on) and
+/// prints one row per mode and setting.
+fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
+    let mut base = 0.0;
+    println!(
+        "{:<20} {:>9} {:>9} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9}",
+        "mode",
+        "conn/s",
+        "slowdown",
+        "expected",
+        "fired",
+        "captured",
+        "ring",
+        "recursion",
+        "bpf ns/ev",
+        "agent µs/ev",
+        "peak RSS"
+    );
+    // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
+    // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
+    // mode alike instead of on whichever ran last.
+    let entries: Vec<(&str, bool)> = s
+        .modes
+        .iter()
+        .flat_map(|m| {
+            let m = m.as_str();
+            if m == "none" || m == "floor" {
+                vec![(m, false)]
+            } else {
+                vec![(m, false), (m, true)]
+            }
+        })
+        .collect();
+    let mut all: Vec<Vec<Sample>> = vec![Vec::new(); entries.len()];
+    for run in 0..s.runs {
+        for (i, &(mode, stats)) in entries.iter().enumerate() {
+            all[i].push(one(bin, mode, stats, dir, run, s.seconds)?);
+        }
+    }
+    for (&(mode, stats), samples) in entries.iter().zip(all) {
+        let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        let rate = m(|x| x.conns_per_s);
+        if mode == "none" {
+            base = rate;
+        }
+        let slowdown = if base > 0.0 {
+            (1.0 - rate / base) * 100.0
+        } else {
+            0.0
+        };
+        // With statistics: the kernel's count less what tcpwait captured, signed (a negative
+        // figure is a transition delivered twice, or TCP traffic of another program after the
+        // kernel's count was read). Without: what the agent counted as lost.
+        let lost: Vec<String> = samples
+            .iter()
+            .map(|x| match x.stats {
+                true => (x.fired as i64 - x.captured as i64).to_string(),
+                false => x.agent_lost.to_string(),
+            })
+            .collect();
+        let dash = |v: String| if stats { v } else { "-".to_owned() };
+        println!(
+            "{:<20} {:>9.0} {:>8.1}% {:>11.0} {:>11} {:>11.0} {:>8.0} {:>9.0} {:>10} {:>11.2} {:>7} MiB   lost per run: {}",
+            format!("{}{}", label(mode), if stats { " +stats" } else { "" }),
+            rate,
+            slowdown,
+            m(|x| x.expected as f64),
+            dash(format!("{:.0}", m(|x| x.fired as f64))),
+            m(|x| x.captured as f64),
+            m(|x| x.ring_full as f64),
+            m(|x| x.recursion_misses as f64),
+            dash(format!("{:.0}", m(|x| x.bpf_ns_per_event))),
+            m(|x| x.agent_us_per_event),
+            (m(|x| x.peak_rss_kib as f64) / 1024.0).round(),
+            if mode == "none" {
+                "-".into()
+            } else {
+                lost.join(" ")
+            },
+        );
+        let rates: Vec<String> = samples
+            .iter()
+            .map(|x| format!("{:.0}", x.conns_per_s))
+            .collect();
+        println!("  conn/s per run: {}", rates.join(" "));
+        for (i, x) in samples.iter().enumerate() {
+            if mode != "none" && x.stats && x.fired != x.captured {
+                println!(
+                    "  run {i}: the tracepoint fired {} times, tcpwait captured {}; agent: {}",
+                    x.fired, x.captured, x.summary
+                );
+            }
+            if mode != "none" && x.stats && x.fired != x.expected {
+                println!(
+                    "  run {i}: the workload's {} connections made {} transitions by the \
+                     kernel's count, not {} (10 each, 2 for the listener)",
+                    (x.expected - 2) / 10,
+                    x.fired,
+                    x.expected
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_lost;
+
+    #[test]
+    fn reads_the_agents_lost_count() {
+        let trace = "tcpwait: 812 transitions seen, 812 printed, 7 lost (ring buffer full: 5, \
+                     kernel recursion misses: 2, malformed: 0); 3 nested transitions rescued, 0 \
+                     out of order";
+        assert_eq!(agent_lost(trace), 7);
+        let run = "tcpwait: stopped; 900 transitions, lost: ring buffer full 4, kernel recursion \
+                   misses 1, malformed 2; out of order 0";
+        assert_eq!(agent_lost(run), 7);
+        assert_eq!(agent_lost(""), 0);
+    }
 }
