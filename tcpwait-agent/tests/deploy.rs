@@ -85,7 +85,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 13] = [
+const METRICS: [(&str, Kind); 14] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_close_wait_sockets", Kind::Gauge),
@@ -96,6 +96,7 @@ const METRICS: [(&str, Kind); 13] = [
     ("tcpwait_tracked_sockets", Kind::Gauge),
     ("tcpwait_table_overflow_total", Kind::Counter),
     ("tcpwait_duplicate_transitions_total", Kind::Counter),
+    ("tcpwait_late_transitions_total", Kind::Counter),
     ("tcpwait_owner_scan_denied_total", Kind::Counter),
     ("tcpwait_alert_deliveries_total", Kind::Counter),
     ("tcpwait_build_info", Kind::Gauge),

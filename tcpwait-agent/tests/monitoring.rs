@@ -308,6 +308,7 @@ fn promtool_accepts_the_metrics() {
         "tcpwait_tracked_sockets ",
         "tcpwait_table_overflow_total 0",
         "tcpwait_duplicate_transitions_total 0",
+        "tcpwait_late_transitions_total 0",
         "tcpwait_owner_scan_denied_total 0",
         "tcpwait_build_info{version=",
     ] {

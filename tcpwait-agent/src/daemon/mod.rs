@@ -204,10 +204,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = tick.tick() => d.on_tick(),
             _ = tokio::time::sleep_until(deadline) => {}
             Some(snapshot) = d.resolver.snapshots.recv() => {
+                // Every transition before the dump is applied before it, as the reconciliation
+                // of the two expects: take in what the CPUs have staged.
+                d.probe.flush_now();
                 d.drain();
                 d.on_snapshot(snapshot);
             }
             Some(cmd) = cmd_rx.recv() => {
+                // A status answer includes every transition up to the request.
+                d.probe.flush_now();
                 d.drain();
                 d.on_command(cmd);
             }

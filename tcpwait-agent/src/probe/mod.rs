@@ -316,6 +316,14 @@ impl Probe {
         })
     }
 
+    /// Makes the next [`Probe::drain`] flush every CPU's stage whatever the time since the
+    /// last flush, so that it hands on every transition up to now (less `IN_FLIGHT_NS`).
+    pub fn flush_now(&mut self) {
+        if let Some(flush) = &mut self.flush {
+            flush.last_ns = 0;
+        }
+    }
+
     /// Detaches the programs; the next [`Probe::drain`] then hands on everything left,
     /// the events still staged on each CPU included. Counters stay readable.
     pub fn stop(&mut self) {
