@@ -22,7 +22,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_current_comm,
     },
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
@@ -210,7 +211,8 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
     // SAFETY: `sk` is the kernel's BTF-typed `struct sock *`: the verifier checks every direct
     // load against the type and the kernel turns a fault into a zero read.
-    let Some(ev) = (unsafe { sock_event::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
+    let Some(fields) =
+        (unsafe { sock_fields::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
     else {
         return 0;
     };
@@ -218,25 +220,22 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     if unsafe { core::ptr::read_volatile(&stage.busy) } != 0 {
         // This interrupted `flush_stage` on this CPU (run by the agent in process context):
         // the stage is not ours now; send this one on its own.
-        send_now(ev);
+        send_now(&fields);
         return 0;
     }
     set_busy(stage, 1);
-    {
-        let ts = ev.ts_ns;
-        let mut n = staged(stage);
-        if n == STAGE_EVENTS {
-            // Never left full (a full stage is flushed at once); keep the bound for the verifier.
-            flush(stage, n, MAIN_COUNTERS);
-            n = 0;
-        }
+    let mut n = staged(stage);
+    if n == STAGE_EVENTS {
+        // Never left full (a full stage is flushed at once); keep the bound for the verifier.
+        flush(stage, n, MAIN_COUNTERS);
+        n = 0;
+    }
+    if let Some(slot) = stage.events.get_mut(n) {
         // Every access to the stage is volatile, so none moves across the `busy` marks.
-        // SAFETY (the three blocks): plain loads and stores in this CPU's slot.
+        // SAFETY (the block): stores in this CPU's slot, and plain loads of it.
+        let ts = unsafe { write_event(slot, &fields) };
         if n == 0 {
             unsafe { core::ptr::write_volatile(&mut stage.first_ts, ts) };
-        }
-        if let Some(slot) = stage.events.get_mut(n) {
-            unsafe { core::ptr::write_volatile(slot, ev) };
         }
         n += 1;
         let max_age = STAGE_AGE.get(0).copied().unwrap_or(0);
@@ -278,10 +277,11 @@ pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
 
 /// Sends one event to the ring buffer at once.
 #[inline(always)]
-fn send_now(ev: TransitionEvent) {
+fn send_now(fields: &Fields) {
     match EVENTS.reserve::<TransitionEvent>(0) {
         Some(mut entry) => {
-            entry.write(ev);
+            // SAFETY: the reservation is sized for one event.
+            unsafe { write_event(entry.as_mut_ptr(), fields) };
             entry.submit(wakeup_flags(RECORD_BYTES, RECORD_BYTES));
             bump(counter::SENT);
         }
@@ -344,7 +344,8 @@ pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: bpf_probe_read_kernel checks every address; offsets come from the kernel's BTF.
-    let Some(ev) = (unsafe { sock_event::<Probed>(sk, oldstate as i32, newstate as i32, &off) })
+    let Some(fields) =
+        (unsafe { sock_fields::<Probed>(sk, oldstate as i32, newstate as i32, &off) })
     else {
         // A nested transition of another protocol: the main program's miss, but no loss.
         bump(counter::NESTED_NOT_TCP);
@@ -352,7 +353,8 @@ pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
     };
     match EVENTS.reserve::<TransitionEvent>(0) {
         Some(mut entry) => {
-            entry.write(ev);
+            // SAFETY: the reservation is sized for one event.
+            unsafe { write_event(entry.as_mut_ptr(), &fields) };
             // Never a wake-up from here: this runs nested in an interrupt already.
             entry.submit(BPF_RB_NO_WAKEUP.into());
             bump(counter::RESCUED);
@@ -393,14 +395,27 @@ impl SockMem for Direct {
     }
 }
 
-/// The event for a transition of `sk`, or `None` if it is not a TCP socket.
+/// What an event carries besides what helpers give when it is written (time, task).
+struct Fields {
+    skaddr: u64,
+    /// Address words in memory order: an IPv4 address in the first.
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
+    family: u16,
+    oldstate: u8,
+    newstate: u8,
+}
+
+/// The fields of a transition of `sk`, or `None` if it is not a TCP socket.
 #[inline(always)]
-unsafe fn sock_event<M: SockMem>(
+unsafe fn sock_fields<M: SockMem>(
     sk: u64,
     oldstate: i32,
     newstate: i32,
     off: &SockOffsets,
-) -> Option<TransitionEvent> {
+) -> Option<Fields> {
     let protocol = unsafe {
         if off.protocol_size == 1 {
             M::get::<u8>(sk, off.protocol).map(u16::from)
@@ -412,13 +427,14 @@ unsafe fn sock_event<M: SockMem>(
         return None;
     }
     let family: u16 = unsafe { M::get(sk, off.family) }.unwrap_or(0);
+    // SAFETY (the block): loads checked as `M` says; offsets come from the kernel's BTF.
     let (saddr, daddr) = unsafe {
         if family == AF_INET6 {
             (v6::<M>(sk, off.v6_rcv_saddr), v6::<M>(sk, off.v6_daddr))
         } else {
             (
-                words(u64::from(M::get::<u32>(sk, off.rcv_saddr).unwrap_or(0)), 0),
-                words(u64::from(M::get::<u32>(sk, off.daddr).unwrap_or(0)), 0),
+                [M::get::<u32>(sk, off.rcv_saddr).unwrap_or(0), 0, 0, 0],
+                [M::get::<u32>(sk, off.daddr).unwrap_or(0), 0, 0, 0],
             )
         }
     };
@@ -426,13 +442,10 @@ unsafe fn sock_event<M: SockMem>(
     // refuses a direct load there, so both programs read it through the helper.
     let sport: u16 = u16::from_be(unsafe { Probed::get(sk, off.sport) }.unwrap_or(0));
     let dport: u16 = u16::from_be(unsafe { M::get(sk, off.dport) }.unwrap_or(0));
-    Some(TransitionEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+    Some(Fields {
         skaddr: sk,
-        pid_tgid: bpf_get_current_pid_tgid(),
         saddr,
         daddr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
         sport,
         dport,
         family,
@@ -444,13 +457,39 @@ unsafe fn sock_event<M: SockMem>(
 /// An IPv6 address at `sk + off`, as four 32-bit loads (`struct in6_addr` is an array of
 /// `__be32` to the verifier, which refuses a load across two of its elements).
 #[inline(always)]
-unsafe fn v6<M: SockMem>(sk: u64, off: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for i in 0..4 {
-        let w: u32 = unsafe { M::get(sk, off + 4 * i as u32) }.unwrap_or(0);
-        out[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+unsafe fn v6<M: SockMem>(sk: u64, off: u32) -> [u32; 4] {
+    let w = |i: u32| unsafe { M::get::<u32>(sk, off + 4 * i) }.unwrap_or(0);
+    [w(0), w(1), w(2), w(3)]
+}
+
+/// Writes the event at `dst` (a stage slot or a ring reservation) in place, one store per
+/// field, `comm` straight from the helper (which zero-fills it on failure); returns its
+/// `ts_ns`. Building the event elsewhere and copying it cost more than the rest of the program
+/// (byte-wise moves of the arrays and a zeroing loop, in the BPF code the compiler makes).
+#[inline(always)]
+unsafe fn write_event(dst: *mut TransitionEvent, f: &Fields) -> u64 {
+    use core::ptr::{addr_of_mut, write_volatile as put};
+    // SAFETY (whole function): the caller passes memory for one event; volatile stores so that
+    // none moves across the stage's `busy` marks.
+    unsafe {
+        let ts = bpf_ktime_get_ns();
+        put(addr_of_mut!((*dst).ts_ns), ts);
+        put(addr_of_mut!((*dst).skaddr), f.skaddr);
+        put(addr_of_mut!((*dst).pid_tgid), bpf_get_current_pid_tgid());
+        let saddr = addr_of_mut!((*dst).saddr).cast::<u32>();
+        let daddr = addr_of_mut!((*dst).daddr).cast::<u32>();
+        for i in 0..4 {
+            put(saddr.add(i), f.saddr[i]);
+            put(daddr.add(i), f.daddr[i]);
+        }
+        bpf_get_current_comm(addr_of_mut!((*dst).comm).cast(), 16);
+        put(addr_of_mut!((*dst).sport), f.sport);
+        put(addr_of_mut!((*dst).dport), f.dport);
+        put(addr_of_mut!((*dst).family), f.family);
+        put(addr_of_mut!((*dst).oldstate), f.oldstate);
+        put(addr_of_mut!((*dst).newstate), f.newstate);
+        ts
     }
-    out
 }
 
 /// Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES with a
@@ -477,15 +516,6 @@ fn wakeup_flags(reserved: u64, bytes: u64) -> u64 {
 unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     // SAFETY: the caller passes an in-record offset aligned for T.
     unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
-}
-
-/// 16 address bytes from two words read in memory order (native endianness both ways).
-#[inline(always)]
-fn words(lo: u64, hi: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&lo.to_ne_bytes());
-    out[8..].copy_from_slice(&hi.to_ne_bytes());
-    out
 }
 
 /// A kernel state as one byte. Kernel TCP states are 1..=12; a value that does not fit is
@@ -525,44 +555,43 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         return;
     };
     let family: u16 = unsafe { field(ctx, record::FAMILY) };
-    // Addresses are copied as whole words at constant offsets: the verifier rejects loads
+    // Addresses are read as whole words at constant offsets: the verifier rejects loads
     // through a ctx pointer that was moved (as a byte-wise memcpy loop would do).
-    let (saddr, daddr) = if family == AF_INET6 {
+    let words = |at: usize| -> [u32; 4] {
+        // SAFETY: `at` is SADDR_V6 or DADDR_V6, 16 bytes within the record.
         unsafe {
-            (
-                words(
-                    field(ctx, record::SADDR_V6),
-                    field(ctx, record::SADDR_V6 + 8),
-                ),
-                words(
-                    field(ctx, record::DADDR_V6),
-                    field(ctx, record::DADDR_V6 + 8),
-                ),
-            )
+            [
+                field(ctx, at),
+                field(ctx, at + 4),
+                field(ctx, at + 8),
+                field(ctx, at + 12),
+            ]
         }
+    };
+    let (saddr, daddr) = if family == AF_INET6 {
+        (words(record::SADDR_V6), words(record::DADDR_V6))
     } else {
         unsafe {
             (
-                words(u64::from(field::<u32>(ctx, record::SADDR)), 0),
-                words(u64::from(field::<u32>(ctx, record::DADDR)), 0),
+                [field::<u32>(ctx, record::SADDR), 0, 0, 0],
+                [field::<u32>(ctx, record::DADDR), 0, 0, 0],
             )
         }
     };
     let oldstate: i32 = unsafe { field(ctx, record::OLDSTATE) };
     let newstate: i32 = unsafe { field(ctx, record::NEWSTATE) };
-    entry.write(TransitionEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+    let fields = Fields {
         skaddr: unsafe { field(ctx, record::SKADDR) },
-        pid_tgid: bpf_get_current_pid_tgid(),
         saddr,
         daddr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
         sport: unsafe { field(ctx, record::SPORT) },
         dport: unsafe { field(ctx, record::DPORT) },
         family,
         oldstate: state_u8(oldstate),
         newstate: state_u8(newstate),
-    });
+    };
+    // SAFETY: the reservation is sized for one event.
+    unsafe { write_event(entry.as_mut_ptr(), &fields) };
     // The reservation is already in the pending data.
     entry.submit(wakeup_flags(RECORD_BYTES, RECORD_BYTES));
     bump(counter::SENT);
