@@ -444,7 +444,8 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
     println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
     println!(
         "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs per mode (modes \
-         take turns), medians; each tracer mode with BPF run statistics off (slowdown) and on \
+         take turns), medians; slowdown: the median of each round's against that round's `none`; \
+         each tracer mode with BPF run statistics off (slowdown) and on \
          (`+stats`: BPF ns/event, the kernel's fire count)",
         s.seconds, s.runs
     );
@@ -499,7 +500,6 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
 /// Runs every mode (modes take turns, each tracer mode with BPF statistics off then on) and
 /// prints one row per mode and setting.
 fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
-    let mut base = 0.0;
     println!(
         "{:<20} {:>9} {:>9} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9}",
         "mode",
@@ -535,17 +535,25 @@ fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
             all[i].push(one(bin, mode, stats, dir, run, s.seconds)?);
         }
     }
+    // The no-tracer rate of each round, if `none` ran.
+    let baseline: Option<Vec<f64>> = entries
+        .iter()
+        .position(|&(m, _)| m == "none")
+        .map(|i| all[i].iter().map(|x| x.conns_per_s).collect());
     for (&(mode, stats), samples) in entries.iter().zip(all) {
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         let rate = m(|x| x.conns_per_s);
-        if mode == "none" {
-            base = rate;
-        }
-        let slowdown = if base > 0.0 {
-            (1.0 - rate / base) * 100.0
-        } else {
-            0.0
+        // Each round's slowdown against the no-tracer run of the same round (the runs next to
+        // each other in time, so that a drift of the machine cancels out), and their median.
+        let per_round: Vec<f64> = match &baseline {
+            Some(base) => samples
+                .iter()
+                .zip(base)
+                .map(|(x, b)| (1.0 - x.conns_per_s / b) * 100.0)
+                .collect(),
+            None => Vec::new(),
         };
+        let slowdown = median(per_round.clone());
         // With statistics: the kernel's count less what tcpwait captured, signed (a negative
         // figure is a transition delivered twice, or TCP traffic of another program after the
         // kernel's count was read). Without: what the agent counted as lost.
@@ -581,6 +589,16 @@ fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
             .map(|x| format!("{:.0}", x.conns_per_s))
             .collect();
         println!("  conn/s per run: {}", rates.join(" "));
+        if mode != "none" && !per_round.is_empty() {
+            let rounds: Vec<String> = per_round.iter().map(|p| format!("{p:.1}%")).collect();
+            println!(
+                "  slowdown per round: {} (ratio of the medians: {:.1}%)",
+                rounds.join(" "),
+                baseline
+                    .as_ref()
+                    .map_or(0.0, |b| (1.0 - rate / median(b.clone())) * 100.0)
+            );
+        }
         for (i, x) in samples.iter().enumerate() {
             if mode != "none" && x.stats && x.fired != x.captured {
                 println!(
