@@ -493,11 +493,11 @@ unsafe fn write_event(dst: *mut TransitionEvent, f: &Fields) -> u64 {
 }
 
 /// Batch wake-ups: wake the reader once, when the pending data *crosses* WAKEUP_BYTES with a
-/// record of `bytes` (of which `reserved` are already reserved, so pending). Waking on every record above the threshold (a reader
-/// that fell behind) would mean one irq_work interrupt per record, and interrupts inside this
-/// program are what let softirq work nest into the tracepoint, which the kernel then skips
-/// (recursion misses). The agent also drains on a 50 ms timer, so data below the threshold is
-/// never stranded.
+/// record of `bytes` (of which `reserved` are already reserved, so pending). Waking on every
+/// record above the threshold (a reader that fell behind) would mean one irq_work interrupt per
+/// record, and interrupts inside this program are what let softirq work nest into the
+/// tracepoint, which the kernel then skips (recursion misses). The agent also drains on a 50 ms
+/// timer, so data below the threshold is never stranded.
 #[inline(always)]
 fn wakeup_flags(reserved: u64, bytes: u64) -> u64 {
     let before = EVENTS

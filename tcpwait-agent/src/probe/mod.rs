@@ -121,7 +121,8 @@ pub struct KernelCounters {
     /// Program runs counted with `run_time_ns`.
     pub run_count: u64,
     /// Transitions that reached the agent after a later one had been handed on, so out of time
-    /// order (a CPU's staged batch came later than the agent's hold; see `probe::reorder`).
+    /// order (one that reached the ring after the agent's flush of every CPU; see
+    /// `probe::reorder`).
     pub late: u64,
 }
 
@@ -373,8 +374,9 @@ impl Probe {
         Ok(())
     }
 
-    /// Hands every event that is due to `f`, one event's bytes at a time, in time order:
-    /// those held long enough (see `probe::reorder`), or all of them after [`Probe::stop`].
+    /// Hands every event that is due to `f`, one event's bytes at a time, in time order: those
+    /// up to the last flush that reached every CPU (see `probe::reorder`), or all of them after
+    /// [`Probe::stop`].
     /// A record that is not whole events is handed on as it is, for the decoder to count.
     /// Returns how many were handed on.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
@@ -384,8 +386,10 @@ impl Probe {
             Some(flush) => {
                 if now >= flush.last_ns + FLUSH_INTERVAL_NS {
                     flush.last_ns = now;
-                    // The CPUs' stages are in the ring once this returns, unless one was busy.
-                    if flush.all_cpus() {
+                    // The CPUs' stages are in the ring once this returns, unless one was busy (its
+                    // older events may still be staged: wait for the next flush). If flushing
+                    // fails, events are handed on all the same, the late ones counted.
+                    if flush.all_cpus() != Flushed::Busy {
                         self.watermark = now.saturating_sub(IN_FLIGHT_NS);
                     }
                 }
@@ -501,23 +505,39 @@ impl Flush {
         Ok(flush)
     }
 
-    /// Runs the program on every CPU; true if every stage was flushed (none was busy).
-    fn all_cpus(&mut self) -> bool {
-        let mut done = true;
+    /// Runs the program on every CPU (again, up to twice, on one where it found the main
+    /// program busy).
+    fn all_cpus(&mut self) -> Flushed {
+        let mut outcome = Flushed::All;
         for i in 0..self.cpus.len() {
             let cpu = self.cpus[i];
-            match self.run_on(cpu) {
-                Ok(flushed) => done &= flushed,
+            let mut result = self.run_on(cpu);
+            for _ in 0..2 {
+                if !matches!(result, Ok(false)) {
+                    break;
+                }
+                result = self.run_on(cpu);
+            }
+            match result {
+                Ok(true) => {}
+                Ok(false) => outcome = Flushed::Busy,
                 Err(e) => {
-                    done = false;
+                    if outcome == Flushed::All {
+                        outcome = Flushed::Failed;
+                    }
                     if !self.warned {
                         self.warned = true;
-                        warn!(error = %e, cpu, "cannot flush a CPU's staged events");
+                        warn!(
+                            error = %e,
+                            cpu,
+                            "cannot flush a CPU's staged events: they go with its next \
+                             transitions, and may reach tcpwait out of order (counted)"
+                        );
                     }
                 }
             }
         }
-        done
+        outcome
     }
 
     /// Runs the program on `cpu`; true if it flushed, false if it found the main program busy.
@@ -546,6 +566,17 @@ impl Flush {
             other => Err(io::Error::other(format!("flush program returned {other}"))),
         }
     }
+}
+
+/// What a flush of every CPU found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flushed {
+    /// Every CPU's stage went to the ring.
+    All,
+    /// The main program was busy on a CPU each time: its stage may still hold older events.
+    Busy,
+    /// The program could not run on a CPU.
+    Failed,
 }
 
 /// `BPF_PROG_TEST_RUN`, the `bpf(2)` command.
