@@ -522,7 +522,7 @@ fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
         .iter()
         .flat_map(|m| {
             let m = m.as_str();
-            if m == "none" || m == "floor" {
+            if m == "none" {
                 vec![(m, false)]
             } else {
                 vec![(m, false), (m, true)]
@@ -559,9 +559,11 @@ fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
         // kernel's count was read). Without: what the agent counted as lost.
         let lost: Vec<String> = samples
             .iter()
-            .map(|x| match x.stats {
-                true => (x.fired as i64 - x.captured as i64).to_string(),
-                false => x.agent_lost.to_string(),
+            .map(|x| match (x.stats, mode) {
+                (true, _) => (x.fired as i64 - x.captured as i64).to_string(),
+                // bpftrace counts no loss of its own.
+                (false, "floor") => "-".to_owned(),
+                (false, _) => x.agent_lost.to_string(),
             })
             .collect();
         let dash = |v: String| if stats { v } else { "-".to_owned() };

@@ -33,7 +33,7 @@ impl Flush {
             .try_into()
             .expect("flush_stage is a raw tracepoint program");
         program.load()?;
-        let mut flush = Self {
+        let flush = Self {
             prog_fd: program.fd()?.as_fd().as_raw_fd(),
             cpus: online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
             last_ns: 0,
@@ -42,7 +42,6 @@ impl Flush {
         for &cpu in &flush.cpus {
             flush.run_on(cpu)?;
         }
-        flush.warned = false;
         let mut age: Array<_, u64> = Array::try_from(
             ebpf.map_mut("STAGE_AGE")
                 .expect("the object defines STAGE_AGE"),

@@ -167,8 +167,8 @@ pub struct Probe {
     watermark: u64,
     prog_fd: i32,
     attachment: Attachment,
-    /// The main program's fdinfo numbers, kept by [`Probe::stop`] when it closes the program.
-    stopped: Option<HashMap<String, u64>>,
+    /// The main program's statistics, kept by [`Probe::stop`] when it closes the program.
+    stopped: Option<ProgStats>,
     /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
     ebpf: Option<Ebpf>,
 }
@@ -331,15 +331,7 @@ impl Probe {
         if self.stopped.is_some() {
             return;
         }
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))
-            .map(|t| {
-                parse_fdinfo(&t)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.stopped = Some(info);
+        self.stopped = Some(self.prog_stats().unwrap_or_default());
         self.flush = None;
         self.ebpf = None;
         // A program already running on another CPU when its link went finishes within
@@ -419,13 +411,9 @@ impl Probe {
             let values = self.counters.get(&index, 0).map_err(io::Error::other)?;
             Ok(values.iter().sum())
         };
-        let fdinfo;
-        let info: HashMap<&str, u64> = match &self.stopped {
-            Some(saved) => saved.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
-            None => {
-                fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))?;
-                parse_fdinfo(&fdinfo)
-            }
+        let prog = match self.stopped {
+            Some(saved) => saved,
+            None => self.prog_stats()?,
         };
         Ok(KernelCounters {
             sent: sum(counter::SENT)? + sum(counter::FLUSHED)?,
@@ -435,19 +423,38 @@ impl Probe {
             // Every run of the main program the kernel skipped went to the rescue program,
             // which recorded it, failed to reserve ring space for it (counted above), or found
             // it not TCP; what is left was lost to nesting.
-            recursion_misses: info
-                .get("recursion_misses")
-                .copied()
-                .unwrap_or(0)
+            recursion_misses: prog
+                .recursion_misses
                 .saturating_sub(sum(counter::RESCUED)?)
                 .saturating_sub(sum(counter::RESCUE_RESERVE_FAILED)?)
                 .saturating_sub(sum(counter::NESTED_NOT_TCP)?),
             rescued: sum(counter::RESCUED)?,
-            run_time_ns: info.get("run_time_ns").copied().unwrap_or(0),
-            run_count: info.get("run_cnt").copied().unwrap_or(0),
+            run_time_ns: prog.run_time_ns,
+            run_count: prog.run_count,
             late: self.reorder.late(),
         })
     }
+
+    /// The main program's statistics from its fdinfo.
+    fn prog_stats(&self) -> io::Result<ProgStats> {
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.prog_fd))?;
+        let info = parse_fdinfo(&text);
+        let get = |k: &str| info.get(k).copied().unwrap_or(0);
+        Ok(ProgStats {
+            recursion_misses: get("recursion_misses"),
+            run_time_ns: get("run_time_ns"),
+            run_count: get("run_cnt"),
+        })
+    }
+}
+
+/// A BPF program's statistics, as its fdinfo gives them (`run_time_ns`, `run_cnt` only while
+/// `kernel.bpf_stats_enabled` is on).
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgStats {
+    recursion_misses: u64,
+    run_time_ns: u64,
+    run_count: u64,
 }
 
 /// Loads and attaches the main program as a BTF tracepoint; returns its fd.
