@@ -240,13 +240,26 @@ fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
 }
 
 /// bpftrace counting transitions: it prints "Attaching 1 probe..." once attached, and the
-/// count (`@n: N`) when interrupted.
+/// count (`@n: N`) when interrupted. bpftrace finds classic tracepoints through tracefs, which
+/// this kernel does not mount by itself (tcpwait mounts it when it needs it).
 fn start_floor(dir: &Path, run: usize) -> Result<Agent> {
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        let st = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+            .status()
+            .context("run mount")?;
+        if !st.success() {
+            bail!(
+                "mounting tracefs for bpftrace failed: run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
+            );
+        }
+    }
     let out = dir.join(format!("floor-{run}.txt"));
-    let child = Command::new("bpftrace")
+    let err = dir.join(format!("floor-{run}.err"));
+    let mut child = Command::new("bpftrace")
         .args(["-e", FLOOR_PROGRAM])
         .stdout(Stdio::from(std::fs::File::create(&out)?))
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&err)?))
         .spawn()
         .context("start bpftrace")?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -254,10 +267,20 @@ fn start_floor(dir: &Path, run: usize) -> Result<Agent> {
         .unwrap_or_default()
         .contains("Attaching")
     {
+        let why = std::fs::read_to_string(&err).unwrap_or_default();
+        let why = why
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        if let Some(st) = child.try_wait()? {
+            bail!("bpftrace exited ({st}) before attaching: {why}");
+        }
         if Instant::now() > deadline {
             bail!(
-                "bpftrace did not attach within 30 s (its output: {})",
-                out.display()
+                "bpftrace did not attach within 30 s: {why} (see {})",
+                err.display()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
