@@ -1,0 +1,143 @@
+//! Reading a transition's fields from `struct sock` (at offsets from the running kernel's BTF),
+//! and writing an event in place.
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    generated::bpf_get_current_comm,
+};
+use tcpwait_common::{AF_INET6, IPPROTO_TCP, SockOffsets, TransitionEvent};
+
+/// How a program reads `struct sock`: the raw tracepoint gets an untyped pointer and must go
+/// through `bpf_probe_read_kernel`; the BTF tracepoint gets a typed one and loads directly.
+pub(crate) trait SockMem {
+    /// The value of type `T` at `sk + off`, if readable.
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T>;
+}
+
+/// Loads through `bpf_probe_read_kernel` (raw tracepoint).
+pub(crate) struct Probed;
+
+impl SockMem for Probed {
+    #[inline(always)]
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T> {
+        // SAFETY: the helper validates the address and fails instead of faulting.
+        unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const T).ok() }
+    }
+}
+
+/// Direct loads from a BTF-typed pointer (BTF tracepoint). The verifier checks each load
+/// against `struct sock` (the offsets are constants to it: they come from a frozen read-only
+/// map) and the JIT makes it fault-safe.
+pub(crate) struct Direct;
+
+impl SockMem for Direct {
+    #[inline(always)]
+    unsafe fn get<T: Copy>(sk: u64, off: u32) -> Option<T> {
+        // SAFETY: see the type's documentation.
+        Some(unsafe { core::ptr::read_volatile((sk as *const u8).add(off as usize).cast::<T>()) })
+    }
+}
+
+/// What an event carries besides what helpers give when it is written (time, task).
+pub(crate) struct Fields {
+    pub(crate) skaddr: u64,
+    /// Address words in memory order: an IPv4 address in the first.
+    pub(crate) saddr: [u32; 4],
+    pub(crate) daddr: [u32; 4],
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) family: u16,
+    pub(crate) oldstate: u8,
+    pub(crate) newstate: u8,
+}
+
+/// The fields of a transition of `sk`, or `None` if it is not a TCP socket.
+#[inline(always)]
+pub(crate) unsafe fn sock_fields<M: SockMem>(
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+    off: &SockOffsets,
+) -> Option<Fields> {
+    let protocol = unsafe {
+        if off.protocol_size == 1 {
+            M::get::<u8>(sk, off.protocol).map(u16::from)
+        } else {
+            M::get::<u16>(sk, off.protocol)
+        }
+    };
+    if protocol != Some(IPPROTO_TCP) {
+        return None;
+    }
+    let family: u16 = unsafe { M::get(sk, off.family) }.unwrap_or(0);
+    // SAFETY (the block): loads checked as `M` says; offsets come from the kernel's BTF.
+    let (saddr, daddr) = unsafe {
+        if family == AF_INET6 {
+            (v6::<M>(sk, off.v6_rcv_saddr), v6::<M>(sk, off.v6_daddr))
+        } else {
+            (
+                [M::get::<u32>(sk, off.rcv_saddr).unwrap_or(0), 0, 0, 0],
+                [M::get::<u32>(sk, off.daddr).unwrap_or(0), 0, 0, 0],
+            )
+        }
+    };
+    // `inet_sport` lies in `struct inet_sock`, past the end of `struct sock`: the verifier
+    // refuses a direct load there, so both programs read it through the helper.
+    let sport: u16 = u16::from_be(unsafe { Probed::get(sk, off.sport) }.unwrap_or(0));
+    let dport: u16 = u16::from_be(unsafe { M::get(sk, off.dport) }.unwrap_or(0));
+    Some(Fields {
+        skaddr: sk,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        oldstate: state_u8(oldstate),
+        newstate: state_u8(newstate),
+    })
+}
+
+/// An IPv6 address at `sk + off`, as four 32-bit loads (`struct in6_addr` is an array of
+/// `__be32` to the verifier, which refuses a load across two of its elements).
+#[inline(always)]
+unsafe fn v6<M: SockMem>(sk: u64, off: u32) -> [u32; 4] {
+    let w = |i: u32| unsafe { M::get::<u32>(sk, off + 4 * i) }.unwrap_or(0);
+    [w(0), w(1), w(2), w(3)]
+}
+
+/// Writes the event at `dst` (a stage slot or a ring reservation) in place, one store per
+/// field, `comm` straight from the helper (which zero-fills it on failure); returns its
+/// `ts_ns`. Building the event elsewhere and copying it cost more than the rest of the program
+/// (byte-wise moves of the arrays and a zeroing loop, in the BPF code the compiler makes).
+#[inline(always)]
+pub(crate) unsafe fn write_event(dst: *mut TransitionEvent, f: &Fields) -> u64 {
+    use core::ptr::{addr_of_mut, write_volatile as put};
+    // SAFETY (whole function): the caller passes memory for one event; volatile stores so that
+    // none moves across the stage's `busy` marks.
+    unsafe {
+        let ts = bpf_ktime_get_ns();
+        put(addr_of_mut!((*dst).ts_ns), ts);
+        put(addr_of_mut!((*dst).skaddr), f.skaddr);
+        put(addr_of_mut!((*dst).pid_tgid), bpf_get_current_pid_tgid());
+        let saddr = addr_of_mut!((*dst).saddr).cast::<u32>();
+        let daddr = addr_of_mut!((*dst).daddr).cast::<u32>();
+        for i in 0..4 {
+            put(saddr.add(i), f.saddr[i]);
+            put(daddr.add(i), f.daddr[i]);
+        }
+        bpf_get_current_comm(addr_of_mut!((*dst).comm).cast(), 16);
+        put(addr_of_mut!((*dst).sport), f.sport);
+        put(addr_of_mut!((*dst).dport), f.dport);
+        put(addr_of_mut!((*dst).family), f.family);
+        put(addr_of_mut!((*dst).oldstate), f.oldstate);
+        put(addr_of_mut!((*dst).newstate), f.newstate);
+        ts
+    }
+}
+
+/// A kernel state as one byte. Kernel TCP states are 1..=12; a value that does not fit is
+/// sent as 0, which the agent counts as an unknown state (truncating 257 to 1 would forge
+/// ESTABLISHED).
+#[inline(always)]
+pub(crate) fn state_u8<T: TryInto<u8>>(state: T) -> u8 {
+    state.try_into().unwrap_or(0)
+}
