@@ -1,0 +1,117 @@
+//! The configuration's parsing and validation: defaults, overrides, and the one-line errors.
+use super::*;
+
+#[test]
+fn the_documented_file_is_the_default() {
+    assert_eq!(
+        Config::parse(DEFAULT_CONFIG, "default").expect("valid"),
+        Config::default()
+    );
+    assert_eq!(
+        Config::parse("", "empty").expect("valid"),
+        Config::default()
+    );
+}
+
+#[test]
+fn durations_take_seconds_or_units() {
+    let c = Config::parse("[rules]\nclose_wait_age = 2\n", "t").expect("valid");
+    assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(2)));
+    let c = Config::parse("[rules]\nclose_wait_age = \"1m 30s\"\n", "t").expect("valid");
+    assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(90)));
+}
+
+fn error(text: &str) -> String {
+    Config::parse(text, "f.toml")
+        .expect_err("invalid")
+        .to_string()
+}
+
+#[test]
+fn each_key_is_validated() {
+    for (text, msg) in [
+        (
+            "[agent]\nmax_sockets = 0",
+            "f.toml: agent.max_sockets: 0 is out of range: allowed 1 ..= 100000000",
+        ),
+        (
+            "[agent]\nmax_sockets = \"many\"",
+            "f.toml: agent.max_sockets: invalid type: string \"many\", expected u64",
+        ),
+        (
+            "[agent]\nsocket = \"\"",
+            "f.toml: agent.socket: \"\" is not a path: give the API socket's path",
+        ),
+        (
+            "[agent]\nreconcile_interval = \"0.5s\"",
+            "f.toml: agent.reconcile_interval: 500ms is out of range: allowed 1s ..= 1h",
+        ),
+        (
+            "[rules]\nclose_wait_age = \"soon\"",
+            "f.toml: rules.close_wait_age: invalid duration \"soon\" (expected number at 0): expected e.g. 60, \"90s\", \"5m\"",
+        ),
+        (
+            "[rules]\nclose_wait_age = -1",
+            "f.toml: rules.close_wait_age: invalid duration -1: expected a positive number of seconds or a string like \"90s\"",
+        ),
+        (
+            "[rules]\nclose_wait_count = 0",
+            "f.toml: rules.close_wait_count: 0 is out of range: allowed 1 ..= 10000000",
+        ),
+        (
+            "[rules]\nclose_wait_count = -5",
+            "f.toml: rules.close_wait_count: invalid value: integer `-5`, expected u32",
+        ),
+        (
+            "[metrics]\nlisten = \"localhost\"",
+            "f.toml: metrics.listen: \"localhost\" is not an address: allowed \"IP:PORT\" (e.g. \"127.0.0.1:9977\") or \"\" to disable",
+        ),
+        (
+            "[metrics]\ntop_processes = 0",
+            "f.toml: metrics.top_processes: 0 is out of range: allowed 1 ..= 10000",
+        ),
+        (
+            "[alertmanager]\nurl = \"https://am:9093\"",
+            "f.toml: alertmanager.url: \"https://am:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alertmanager]\nresend_interval = \"2h\"",
+            "f.toml: alertmanager.resend_interval: 2h is out of range: allowed 1s ..= 1h",
+        ),
+        (
+            "[alertmanager]\ninstance = 5",
+            "f.toml: alertmanager.instance: invalid type: integer `5`, expected a string",
+        ),
+        (
+            "[webhook]\nurl = \"ftp://x\"",
+            "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alert_file]\npath = 1",
+            "f.toml: alert_file.path: invalid type: integer `1`, expected a string",
+        ),
+        (
+            "[delivery]\nqueue_size = 0",
+            "f.toml: delivery.queue_size: 0 is out of range: allowed 1 ..= 1000000",
+        ),
+        (
+            "[delivery]\nmax_backoff = \"1ms\"",
+            "f.toml: delivery.max_backoff: 1ms is out of range: allowed 100ms ..= 1h",
+        ),
+        (
+            "[rules]\nclose_wait_agee = 5",
+            "f.toml: rules.close_wait_agee: unknown field `close_wait_agee`, expected `close_wait_age` or `close_wait_count`",
+        ),
+        (
+            "[nope]\n",
+            "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`, `transition_log`",
+        ),
+        (
+            "[rules\n",
+            "f.toml:1: invalid TOML: unclosed table, expected `]`",
+        ),
+    ] {
+        assert_eq!(error(text), msg, "{text}");
+        assert!(!error(text).contains('\n'));
+    }
+}
