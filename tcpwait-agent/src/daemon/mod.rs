@@ -4,6 +4,7 @@
 //! clients) talk to it through channels; nothing is shared behind a lock.
 mod delivery;
 mod metrics;
+mod owning;
 mod report;
 mod resolver;
 mod settle;
@@ -38,19 +39,14 @@ use crate::{
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
-use resolver::{Resolver, Snapshot};
+use owning::MIN_RESOLVE_INTERVAL;
+use resolver::Resolver;
 use settle::{OWNER_SETTLE, Settling};
-
-/// Owner snapshots are taken at most this often while sockets wait for their owner.
-const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The shortest wait for the next settling socket: settle deadlines are served in groups, at
 /// most this late, instead of one wake-up per socket passing through CLOSE_WAIT (measured at
 /// 870 wake-ups/s and a third of the agent's CPU at 16k connections/s).
 const SETTLE_COALESCE: Duration = Duration::from_millis(20);
-
-/// The states reconciled with inet_diag and attributed to processes.
-const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
 
 /// Everything the state task owns.
 struct Daemon {
@@ -395,79 +391,6 @@ impl Daemon {
                 self.kernel = k;
             }
             Err(e) => warn!(error = %e, "cannot read the kernel's counters"),
-        }
-    }
-
-    fn maybe_request(&mut self) {
-        if self.in_flight {
-            return;
-        }
-        let now = Instant::now();
-        if self
-            .last_request
-            .is_some_and(|t| now < t + MIN_RESOLVE_INTERVAL)
-            && now < self.next_reconcile
-        {
-            return;
-        }
-        let now_ns = self.now_ns();
-        if self.settling.due(&self.tracker, now_ns) || now >= self.next_reconcile {
-            self.request_snapshot();
-        }
-    }
-
-    fn request_snapshot(&mut self) {
-        self.settling.clear();
-        self.in_flight = true;
-        self.last_request = Some(Instant::now());
-        self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
-        self.resolver
-            .request(RECONCILED.to_vec(), self.tracker.process_keys());
-    }
-
-    fn on_snapshot(&mut self, snapshot: Snapshot) {
-        self.in_flight = false;
-        // A holder that exited holds nothing: its alerts resolve at the next evaluation, even
-        // while another process still holds the sockets it shared (fork, fd passing).
-        for key in &snapshot.gone {
-            self.tracker.forget_process(key);
-        }
-        self.scan_denied += snapshot.scan.denied;
-        if snapshot.scan.denied > 0 && !self.warned_denied {
-            self.warned_denied = true;
-            warn!(
-                processes = snapshot.scan.denied,
-                "cannot read /proc/<pid>/fd of some processes: the sockets they hold stay \
-                 \"holder unknown\"; run tcpwait as root or grant CAP_SYS_PTRACE and \
-                 CAP_DAC_READ_SEARCH"
-            );
-        }
-        // A loss not yet noticed would make reconcile date missing sockets from agent start.
-        self.on_tick();
-        if let Some(e) = &snapshot.error {
-            warn!(error = %e, "owner snapshot failed");
-            self.left_during_snapshot.clear();
-            return;
-        }
-        let left = std::mem::take(&mut self.left_during_snapshot);
-        let truth: Vec<_> = snapshot
-            .sockets
-            .into_iter()
-            .filter(|(d, _)| left.get(&d.tuple).is_none_or(|&at| at < snapshot.taken_ns))
-            .collect();
-        let report = self.tracker.reconcile(
-            &truth,
-            &snapshot.states,
-            snapshot.taken_ns,
-            self.complete_since_ns.max(self.started_ns),
-        );
-        if report.added + report.removed + report.corrected > 0 {
-            info!(
-                added = report.added,
-                removed = report.removed,
-                corrected = report.corrected,
-                "reconciled the CLOSE_WAIT table with inet_diag"
-            );
         }
     }
 
