@@ -10,19 +10,23 @@
 //! The workload is a loopback client/server pair on 127.0.0.1 (bounded in time): the server
 //! accepts and closes first, the client reads EOF and closes, so every connection makes exactly
 //! 10 transitions (DESIGN.md), plus 2 for the listener.
+mod table;
+mod tracers;
+mod workload;
+
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
-    net::{TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use tracers::{
+    Agent, agent_lost, bpf_stats, counter_of, floor_count, proc_cpu_ticks, start, status_kib,
+    transitions_seen,
+};
+use workload::workload;
 
 /// Bench settings.
 pub struct Settings {
@@ -33,10 +37,6 @@ pub struct Settings {
 
 /// The modes `--modes` accepts.
 const KNOWN_MODES: [&str; 4] = ["none", "trace", "run", "floor"];
-
-/// The count-only program of the `floor` mode, for bpftrace (whose 0.17 knows no raw
-/// tracepoints): the cost of the classic tracepoint and of running any program at all.
-const FLOOR_PROGRAM: &str = "tracepoint:sock:inet_sock_set_state { @n = count(); }";
 
 /// The modes to run: those asked for (refusing unknown ones, and `floor` without bpftrace), or
 /// by default all of them, without `floor` if bpftrace is not installed (said on stdout).
@@ -66,15 +66,6 @@ pub fn check_modes(modes: Option<Vec<String>>) -> Result<Vec<String>> {
     Ok(modes)
 }
 
-/// How a mode is shown in the table.
-fn label(mode: &str) -> &str {
-    match mode {
-        "trace" => "trace --json",
-        "floor" => "floor (count)",
-        m => m,
-    }
-}
-
 /// The kernel's switch for BPF run statistics (`run_time_ns`, `run_cnt` in a program's fdinfo).
 const STATS_PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -100,250 +91,6 @@ struct Sample {
     /// The agent's own last line on stderr (its summary of transitions seen and lost, by
     /// reason), kept for the runs where captured ≠ expected.
     summary: String,
-}
-
-/// Runs the loopback workload for `secs`; returns (connections, elapsed).
-fn workload(secs: u64) -> Result<(u64, Duration)> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind")?;
-    let port = listener.local_addr()?.port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                drop(s);
-            }
-        })
-    };
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(secs);
-    let mut n = 0u64;
-    let mut buf = [0u8; 1];
-    while Instant::now() < deadline {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
-        // EOF: the server closed first, so this socket goes through CLOSE_WAIT.
-        let _ = c.read(&mut buf);
-        drop(c);
-        n += 1;
-    }
-    let elapsed = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let _ = TcpStream::connect(("127.0.0.1", port)).map(|mut c| c.read(&mut buf));
-    let _ = server.join();
-    // The wake-up connection above is one more.
-    Ok((n + 1, elapsed))
-}
-
-fn proc_cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// (run_time_ns, run_cnt, recursion_misses) of the main BPF program `pid` holds: summed over
-/// its programs but the raw-tracepoint rescue program (prog_type 17), so that a program loaded
-/// but not attached (a fallback) adds nothing.
-fn bpf_stats(pid: u32) -> (u64, u64, u64) {
-    let mut sum = (0, 0, 0);
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return sum;
-    };
-    for fd in fds.flatten() {
-        let Ok(text) = std::fs::read_to_string(fd.path()) else {
-            continue;
-        };
-        if !text.contains("prog_type:") || text.contains("prog_type:\t17\n") {
-            continue;
-        }
-        let get = |k: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        sum.0 += get("run_time_ns:");
-        sum.1 += get("run_cnt:");
-        sum.2 += get("recursion_misses:");
-    }
-    sum
-}
-
-struct Agent {
-    child: Child,
-    out: Option<std::path::PathBuf>,
-    sock: Option<String>,
-    /// The agent's last line on stderr after the ready line, read until it exits.
-    stderr: Option<std::thread::JoinHandle<Option<String>>>,
-}
-
-fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
-    if mode == "floor" {
-        return start_floor(dir, run);
-    }
-    let (args, out, sock): (Vec<String>, _, _) = match mode {
-        "trace" => {
-            let out = dir.join(format!("trace-{run}.jsonl"));
-            (vec!["trace".into(), "--json".into()], Some(out), None)
-        }
-        _ => {
-            let sock = dir.join(format!("bench-{run}.sock")).display().to_string();
-            (
-                vec![
-                    "run".into(),
-                    "--socket".into(),
-                    sock.clone(),
-                    "--metrics-listen".into(),
-                    String::new(),
-                ],
-                None,
-                Some(sock),
-            )
-        }
-    };
-    let stdout = match &out {
-        Some(p) => Stdio::from(std::fs::File::create(p)?),
-        None => Stdio::null(),
-    };
-    let mut child = Command::new(bin)
-        .args(&args)
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let ready = lines.next().transpose()?.unwrap_or_default();
-    if !ready.contains("tracing TCP") && !ready.contains("agent running") {
-        bail!("tcpwait {mode} did not start: {ready}");
-    }
-    let stderr = std::thread::spawn(move || lines.map_while(Result::ok).last());
-    Ok(Agent {
-        child,
-        out,
-        sock,
-        stderr: Some(stderr),
-    })
-}
-
-/// bpftrace counting transitions: it prints "Attaching 1 probe..." once attached, and the
-/// count (`@n: N`) when interrupted. bpftrace finds classic tracepoints through tracefs, which
-/// this kernel does not mount by itself (tcpwait mounts it when it needs it).
-fn start_floor(dir: &Path, run: usize) -> Result<Agent> {
-    if !Path::new("/sys/kernel/tracing/events").exists() {
-        let st = Command::new("mount")
-            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
-            .status()
-            .context("run mount")?;
-        if !st.success() {
-            bail!(
-                "mounting tracefs for bpftrace failed: run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
-            );
-        }
-    }
-    let out = dir.join(format!("floor-{run}.txt"));
-    let err = dir.join(format!("floor-{run}.err"));
-    let mut child = Command::new("bpftrace")
-        .args(["-e", FLOOR_PROGRAM])
-        .stdout(Stdio::from(std::fs::File::create(&out)?))
-        .stderr(Stdio::from(std::fs::File::create(&err)?))
-        .spawn()
-        .context("start bpftrace")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("Attaching")
-    {
-        let why = std::fs::read_to_string(&err).unwrap_or_default();
-        let why = why
-            .lines()
-            .find(|l| l.contains("ERROR"))
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        if let Some(st) = child.try_wait()? {
-            bail!("bpftrace exited ({st}) before attaching: {why}");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "bpftrace did not attach within 30 s: {why} (see {})",
-                err.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(Agent {
-        child,
-        out: Some(out),
-        sock: None,
-        stderr: None,
-    })
-}
-
-/// The count the floor program printed at exit.
-fn floor_count(out: &Path) -> u64 {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("@n: "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn transitions_seen(bin: &Path, sock: &str) -> u64 {
-    counter_of(bin, sock, "transitions")
-}
-
-/// A counter of the daemon's `status --json` report.
-fn counter_of(bin: &Path, sock: &str, key: &str) -> u64 {
-    let o = Command::new(bin)
-        .args(["status", "--json", "--socket", sock])
-        .output();
-    o.ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let k = format!("\"{key}\":");
-            let i = text.find(&k)? + k.len();
-            text[i..]
-                .trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// The lost count in the agent's last line: `…, N lost (…` (trace) or `lost: ring buffer full
-/// A, kernel recursion misses B, malformed C` (run).
-fn agent_lost(summary: &str) -> u64 {
-    let num = |s: &str| -> u64 {
-        s.trim_start()
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    if let Some((head, _)) = summary.split_once(" lost (") {
-        return num(head.rsplit(' ').next().unwrap_or_default());
-    }
-    ["ring buffer full ", "recursion misses ", "malformed "]
-        .iter()
-        .filter_map(|k| summary.split_once(k).map(|(_, rest)| num(rest)))
-        .sum()
 }
 
 fn one(bin: &Path, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
@@ -420,9 +167,7 @@ fn one(bin: &Path, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -
     if agent.sock.is_some() {
         s.captured = count(&agent);
     }
-    // SAFETY: signal our own child.
-    unsafe { libc_kill(pid as i32, 2) };
-    let _ = agent.child.wait();
+    agent.interrupt();
     s.summary = agent
         .stderr
         .take()
@@ -435,16 +180,6 @@ fn one(bin: &Path, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -
     }
     s.agent_us_per_event = (cpu1.saturating_sub(cpu0)) as f64 * tick_us / s.captured.max(1) as f64;
     Ok(s)
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 /// Runs everything and prints the table.
@@ -473,16 +208,14 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         s.seconds, s.runs
     );
     let stats_before = std::fs::read_to_string(STATS_PATH).unwrap_or_default();
-    let result = table(&bin, &dir, s);
+    let result = rounds(&bin, &dir, s);
     let _ = std::fs::write(STATS_PATH, stats_before.trim());
     result?;
     // Idle RSS of the agent.
     let mut idle = start(&bin, "run", &dir, 999)?;
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = status_kib(idle.child.id(), "VmRSS:");
-    // SAFETY: signal our own child.
-    unsafe { libc_kill(idle.child.id() as i32, 2) };
-    let _ = idle.child.wait();
+    idle.interrupt();
     println!(
         "agent idle RSS (tcpwait run, 2 s after start): {:.1} MiB",
         idle_rss as f64 / 1024.0
@@ -522,21 +255,8 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
 
 /// Runs every mode (modes take turns, each tracer mode with BPF statistics off then on) and
 /// prints one row per mode and setting.
-fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
-    println!(
-        "{:<20} {:>9} {:>9} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9}",
-        "mode",
-        "conn/s",
-        "slowdown",
-        "expected",
-        "fired",
-        "captured",
-        "ring",
-        "recursion",
-        "bpf ns/ev",
-        "agent µs/ev",
-        "peak RSS"
-    );
+fn rounds(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
+    table::print_header();
     // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
     // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
     // mode alike instead of on whichever ran last.
@@ -558,106 +278,6 @@ fn table(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
             all[i].push(one(bin, mode, stats, dir, run, s.seconds)?);
         }
     }
-    // The no-tracer rate of each round, if `none` ran.
-    let baseline: Option<Vec<f64>> = entries
-        .iter()
-        .position(|&(m, _)| m == "none")
-        .map(|i| all[i].iter().map(|x| x.conns_per_s).collect());
-    for (&(mode, stats), samples) in entries.iter().zip(all) {
-        let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-        let rate = m(|x| x.conns_per_s);
-        // Each round's slowdown against the no-tracer run of the same round (the runs next to
-        // each other in time, so that a drift of the machine cancels out), and their median.
-        let per_round: Vec<f64> = match &baseline {
-            Some(base) => samples
-                .iter()
-                .zip(base)
-                .map(|(x, b)| (1.0 - x.conns_per_s / b) * 100.0)
-                .collect(),
-            None => Vec::new(),
-        };
-        let slowdown = median(per_round.clone());
-        // With statistics: the kernel's count less what tcpwait captured, signed (a negative
-        // figure is a transition delivered twice, or TCP traffic of another program after the
-        // kernel's count was read). Without: what the agent counted as lost.
-        let lost: Vec<String> = samples
-            .iter()
-            .map(|x| match (x.stats, mode) {
-                (true, _) => (x.fired as i64 - x.captured as i64).to_string(),
-                // bpftrace counts no loss of its own.
-                (false, "floor") => "-".to_owned(),
-                (false, _) => x.agent_lost.to_string(),
-            })
-            .collect();
-        let dash = |v: String| if stats { v } else { "-".to_owned() };
-        println!(
-            "{:<20} {:>9.0} {:>8.1}% {:>11.0} {:>11} {:>11.0} {:>8.0} {:>9.0} {:>10} {:>11.2} {:>7} MiB   lost per run: {}",
-            format!("{}{}", label(mode), if stats { " +stats" } else { "" }),
-            rate,
-            slowdown,
-            m(|x| x.expected as f64),
-            dash(format!("{:.0}", m(|x| x.fired as f64))),
-            m(|x| x.captured as f64),
-            m(|x| x.ring_full as f64),
-            m(|x| x.recursion_misses as f64),
-            dash(format!("{:.0}", m(|x| x.bpf_ns_per_event))),
-            m(|x| x.agent_us_per_event),
-            (m(|x| x.peak_rss_kib as f64) / 1024.0).round(),
-            if mode == "none" {
-                "-".into()
-            } else {
-                lost.join(" ")
-            },
-        );
-        let rates: Vec<String> = samples
-            .iter()
-            .map(|x| format!("{:.0}", x.conns_per_s))
-            .collect();
-        println!("  conn/s per run: {}", rates.join(" "));
-        if mode != "none" && !per_round.is_empty() {
-            let rounds: Vec<String> = per_round.iter().map(|p| format!("{p:.1}%")).collect();
-            println!(
-                "  slowdown per round: {} (ratio of the medians: {:.1}%)",
-                rounds.join(" "),
-                baseline
-                    .as_ref()
-                    .map_or(0.0, |b| (1.0 - rate / median(b.clone())) * 100.0)
-            );
-        }
-        for (i, x) in samples.iter().enumerate() {
-            if mode != "none" && x.stats && x.fired != x.captured {
-                println!(
-                    "  run {i}: the tracepoint fired {} times, tcpwait captured {}; agent: {}",
-                    x.fired, x.captured, x.summary
-                );
-            }
-            if mode != "none" && x.stats && x.fired != x.expected {
-                println!(
-                    "  run {i}: the workload's {} connections made {} transitions by the \
-                     kernel's count, not {} (10 each, 2 for the listener)",
-                    (x.expected - 2) / 10,
-                    x.fired,
-                    x.expected
-                );
-            }
-        }
-    }
+    table::print_rows(&entries, all);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::agent_lost;
-
-    #[test]
-    fn reads_the_agents_lost_count() {
-        let trace = "tcpwait: 812 transitions seen, 812 printed, 7 lost (ring buffer full: 5, \
-                     kernel recursion misses: 2, malformed: 0); 3 nested transitions rescued, 0 \
-                     out of order";
-        assert_eq!(agent_lost(trace), 7);
-        let run = "tcpwait: stopped; 900 transitions, lost: ring buffer full 4, kernel recursion \
-                   misses 1, malformed 2; out of order 0";
-        assert_eq!(agent_lost(run), 7);
-        assert_eq!(agent_lost(""), 0);
-    }
 }
