@@ -229,6 +229,14 @@ pub fn client(comm: &str, addr: SocketAddr, n: usize) -> (Peer, Vec<u16>) {
     (p, ports)
 }
 
+/// A leaking client: `n` sockets in CLOSE_WAIT, owned by a process named `comm`.
+pub fn leak(comm: &str, n: usize) -> (Peer, Peer) {
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", n);
+    let (cli, _) = client(comm, format!("127.0.0.1:{port}").parse().expect("addr"), n);
+    srv.expect_line("accepted");
+    (srv, cli)
+}
+
 /// Entry point of a peer role, called by each test binary's `common_role_entry` test.
 pub fn role_main() {
     let Ok(role) = std::env::var("TCPWAIT_TEST_ROLE") else {
