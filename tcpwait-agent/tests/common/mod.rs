@@ -405,3 +405,22 @@ pub fn edges(records: &[Value]) -> Vec<String> {
         })
         .collect()
 }
+
+/// What `tcpwait run` prints once it is attached and serving.
+pub const AGENT_READY: &str = "agent running";
+
+/// `tcpwait run --json` serving its API on `socket`, with `extra` flags.
+pub fn daemon(socket: &str, extra: &[&str]) -> Tcpwait {
+    // No metrics endpoint: tests run in parallel and would share the default port.
+    let mut args = vec!["run", "--json", "--socket", socket, "--metrics-listen", ""];
+    args.extend_from_slice(extra);
+    Tcpwait::start(&args, AGENT_READY)
+}
+
+/// Alert lines (JSON) the daemon printed.
+pub fn alerts(tw: &Tcpwait) -> Vec<Value> {
+    tw.json()
+        .into_iter()
+        .filter(|v| v.get("alert").is_some())
+        .collect()
+}
