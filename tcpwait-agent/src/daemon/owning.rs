@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{Daemon, resolver::Snapshot};
-use crate::{event::TcpState, model::ProcessKey};
+use crate::event::TcpState;
 
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
 pub(super) const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -59,7 +59,7 @@ impl Daemon {
         if let Some(e) = &snapshot.error {
             warn!(error = %e, "owner snapshot failed");
             self.left_during_snapshot.clear();
-            self.forget_exited(&snapshot.gone);
+            self.tracker.forget_processes(&snapshot.gone);
             return;
         }
         let left = std::mem::take(&mut self.left_during_snapshot);
@@ -68,13 +68,13 @@ impl Daemon {
             .into_iter()
             .filter(|(d, _)| left.get(&d.tuple).is_none_or(|&at| at < snapshot.taken_ns))
             .collect();
-        let report = self.tracker.reconcile(
+        let report = self.tracker.apply_snapshot(
             &truth,
             &snapshot.states,
             snapshot.taken_ns,
             self.complete_since_ns.max(self.started_ns),
+            &snapshot.gone,
         );
-        self.forget_exited(&snapshot.gone);
         if report.added + report.removed + report.corrected > 0 {
             info!(
                 added = report.added,
@@ -82,16 +82,6 @@ impl Daemon {
                 corrected = report.corrected,
                 "reconciled the CLOSE_WAIT table with inet_diag"
             );
-        }
-    }
-
-    /// A holder that exited holds nothing: its alerts resolve at the next evaluation, even
-    /// while another process still holds the sockets it shared (fork, fd passing). Applied
-    /// after the snapshot's holders: the liveness check ran after the /proc scan, so a process
-    /// that died in between is listed by the scan but gone by the check, and must stay gone.
-    fn forget_exited(&mut self, gone: &[ProcessKey]) {
-        for key in gone {
-            self.tracker.forget_process(key);
         }
     }
 }

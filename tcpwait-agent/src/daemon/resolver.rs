@@ -34,8 +34,8 @@ pub struct Snapshot {
     pub error: Option<String>,
     /// What the /proc scan saw (processes skipped because they could not be read, above all).
     pub scan: ScanStats,
-    /// Of the processes the request named, those that have exited (or whose pid now names
-    /// another process): they hold nothing any more.
+    /// Of the processes the request named or the scan found, those that have exited (or
+    /// whose pid now names another process) by the end of the scan: they hold nothing any more.
     pub gone: Vec<ProcessKey>,
 }
 
@@ -64,9 +64,18 @@ impl Resolver {
                 let mut scanner = ProcScanner::new(proc_root);
                 while let Ok(Request { states, known }) = req_rx.recv() {
                     let mut snapshot = take(&mut scanner, states);
-                    snapshot.gone = known
+                    // Checked after the scan: the processes the daemon knows, and those the
+                    // scan just found, which may have exited since it saw their fds.
+                    let mut candidates: HashSet<ProcessKey> = known.into_iter().collect();
+                    candidates.extend(
+                        snapshot
+                            .sockets
+                            .iter()
+                            .flat_map(|(_, holders)| holders.iter().map(|p| p.key)),
+                    );
+                    snapshot.gone = candidates
                         .into_iter()
-                        .filter(|k| !scanner.is_alive(*k))
+                        .filter(|k| scanner.has_exited(*k))
                         .collect();
                     if snap_tx.blocking_send(snapshot).is_err() {
                         break;

@@ -100,7 +100,7 @@ mod tests {
             assert_eq!(held.len(), 1, "{held:?}");
             assert_eq!(held[0].key.pid, std::process::id());
             assert_eq!(held[0].key.start_ticks, me.starttime);
-            assert!(scanner.is_alive(held[0].key));
+            assert!(!scanner.has_exited(held[0].key));
             let stats = scanner.last_scan();
             assert!(stats.processes > 1 && stats.fds > 0, "{stats:?}");
         }

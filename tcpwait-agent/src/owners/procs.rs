@@ -250,12 +250,14 @@ impl ProcScanner {
         Ok(info)
     }
 
-    /// Whether `key` still names a live process: the pid exists with the same start time (a
-    /// reused pid has a later one) and is not a zombie (whose fds are already closed).
-    pub fn is_alive(&self, key: ProcessKey) -> bool {
-        Process::new_with_root(self.root.join(key.pid.to_string()))
-            .and_then(|p| p.stat())
-            .is_ok_and(|s| s.starttime == key.start_ticks && !matches!(s.state, 'Z' | 'X'))
+    /// Whether `key` has exited: its pid is gone, names a later process (a reused pid has a
+    /// later start time), or a zombie (whose fds are already closed). A read that fails for
+    /// another reason (no permission, no memory) proves nothing: the process counts as alive.
+    pub fn has_exited(&self, key: ProcessKey) -> bool {
+        match Process::new_with_root(self.root.join(key.pid.to_string())).and_then(|p| p.stat()) {
+            Ok(s) => s.starttime != key.start_ticks || matches!(s.state, 'Z' | 'X'),
+            Err(e) => matches!(Skip::from(e), Skip::Vanished),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use super::{Tracker, table::CompactTuple};
 use crate::{
     event::{SocketId, TcpState},
-    model::{DiagSocket, ProcessInfo},
+    model::{DiagSocket, ProcessInfo, ProcessKey},
 };
 
 /// Tag in bits 63..48 of a synthetic [`SocketId`]. Kernel `struct sock` addresses live in the
@@ -169,5 +169,28 @@ impl Tracker {
         self.counters.repairs_removed += report.removed;
         self.counters.repairs_corrected += report.corrected;
         report
+    }
+
+    /// Applies one owner snapshot: [`Tracker::reconcile`] with its sockets and their holders,
+    /// then forgets the processes found exited (`exited`). Their liveness was checked after the
+    /// /proc scan, so a holder that died in between is listed by the scan but must stay gone.
+    pub fn apply_snapshot(
+        &mut self,
+        truth: &[(DiagSocket, Vec<ProcessInfo>)],
+        states: &[TcpState],
+        now_ns: u64,
+        agent_start_ns: u64,
+        exited: &[ProcessKey],
+    ) -> ReconcileReport {
+        let report = self.reconcile(truth, states, now_ns, agent_start_ns);
+        self.forget_processes(exited);
+        report
+    }
+
+    /// Forgets processes that have exited (see [`Tracker::forget_process`]).
+    pub fn forget_processes(&mut self, exited: &[ProcessKey]) {
+        for key in exited {
+            self.forget_process(key);
+        }
     }
 }

@@ -185,9 +185,9 @@ fn pid_reuse_is_detected_by_start_time() {
     let mut s = ProcScanner::new(r);
     let first = s.holders(&HashSet::from([11]));
     assert_eq!(first[&11][0].key, key(100, 5000));
-    assert!(s.is_alive(key(100, 5000)));
-    assert!(!s.is_alive(key(100, 4999)), "another start time");
-    assert!(!s.is_alive(key(555, 5000)), "no such pid");
+    assert!(!s.has_exited(key(100, 5000)));
+    assert!(s.has_exited(key(100, 4999)), "another start time");
+    assert!(s.has_exited(key(555, 5000)), "no such pid");
 
     // Details are read once per process: a changed cmdline with the same start time is not
     // read again.
@@ -212,12 +212,16 @@ fn pid_reuse_is_detected_by_start_time() {
     assert_eq!(reused[&11][0].comm, "other");
     assert_eq!(reused[&11][0].cmdline, "other");
     assert_eq!(s.last_scan().cached, 0);
-    assert!(!s.is_alive(key(100, 5000)));
-    assert!(s.is_alive(key(100, 9000)));
+    assert!(s.has_exited(key(100, 5000)));
+    assert!(!s.has_exited(key(100, 9000)));
 
-    // A zombie has closed its fds: not alive for ownership.
+    // A stat that cannot be read proves nothing: the holder is kept.
+    fs::write(r.join("100/stat"), "garbage").expect("stat");
+    assert!(!s.has_exited(key(100, 9000)));
+
+    // A zombie has closed its fds: exited, for ownership.
     fs::write(r.join("100/stat"), stat_line(100, "other", 'Z', 9000)).expect("stat");
-    assert!(!s.is_alive(key(100, 9000)));
+    assert!(s.has_exited(key(100, 9000)));
 }
 
 #[test]

@@ -195,3 +195,18 @@ fn a_new_socket_does_not_inherit_a_stale_synthetic_entry() {
     assert_eq!((t.owners_of(sock(77)), t.len()), (vec![], 1));
     assert_eq!((t.counters().reused_address, t.counters().rekeyed), (1, 0));
 }
+
+#[test]
+fn a_holder_that_exited_after_the_scan_stays_gone() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    // The scan saw pids 10 and 11 holding the socket; 11 had exited by the liveness check.
+    let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10), info(11)])];
+    let r = t.apply_snapshot(&truth, CW, 1000 * SEC, 900 * SEC, &[key(11)]);
+    assert_eq!(r.added, 1);
+    assert_eq!(t.owners_of(synthetic_id(7_001)), vec![key(10)]);
+    assert_eq!(t.process_keys(), vec![key(10)]);
+    // The next snapshot no longer lists 11: nothing changes.
+    let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
+    t.apply_snapshot(&truth, CW, 1001 * SEC, 900 * SEC, &[]);
+    assert_eq!(t.owners_of(synthetic_id(7_001)), vec![key(10)]);
+}
