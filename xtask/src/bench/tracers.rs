@@ -152,21 +152,32 @@ fn start_floor(dir: &Path, run: usize) -> Result<Agent> {
         .unwrap_or_default()
         .contains("Attaching")
     {
-        let why = std::fs::read_to_string(&err).unwrap_or_default();
-        let why = why
-            .lines()
-            .find(|l| l.contains("ERROR"))
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        if let Some(st) = child.try_wait()? {
-            bail!("bpftrace exited ({st}) before attaching: {why}");
+        // Whether it exited is asked first, so that what it wrote before is all in the file.
+        let exited = child.try_wait()?;
+        let timed_out = Instant::now() > deadline;
+        if exited.is_none() && timed_out {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        if Instant::now() > deadline {
-            bail!(
-                "bpftrace did not attach within 30 s: {why} (see {})",
-                err.display()
-            );
+        if exited.is_some() || timed_out {
+            let text = std::fs::read_to_string(&err).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            // The last error bpftrace printed (the first can be a harmless RLIMIT_MEMLOCK one).
+            let why = lines
+                .iter()
+                .rev()
+                .find(|l| l.contains("ERROR"))
+                .or(lines.last())
+                .copied()
+                .unwrap_or("no message");
+            match exited {
+                Some(st) => bail!("bpftrace exited ({st}) before attaching: {why}"),
+                None => bail!("bpftrace did not attach within 30 s (stopped): {why}"),
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
