@@ -1,5 +1,5 @@
 //! Builds the eBPF object (`tcpwait-ebpf`) for the BPF target and leaves it in `OUT_DIR`,
-//! where `src/probe.rs` embeds it with `include_bytes_aligned!`.
+//! where `src/probe/mod.rs` embeds it with `include_bytes_aligned!`.
 //!
 //! The nested build uses the workspace's pinned toolchain with `RUSTC_BOOTSTRAP=1` (needed by
 //! `-Z build-std=core`), set for that child build only, and the bpf-linker that

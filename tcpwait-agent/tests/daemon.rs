@@ -1,4 +1,4 @@
-//! `tcpwait run` with `status` and `tail`, on the real kernel with real processes.
+//! `tcpwait run` and `status`, on the real kernel with real processes.
 //!
 //! Kernel behaviour exercised (DESIGN.md, "attribution trap"): ESTABLISHED→CLOSE_WAIT runs in
 //! softirq — on loopback in the *peer's* close() — so the on-CPU task is never the owner; the

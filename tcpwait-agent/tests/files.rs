@@ -15,8 +15,6 @@ fn common_role_entry() {
     role_main();
 }
 
-const READY: &str = "agent running";
-
 #[test]
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
 fn sigterm_under_load_delivers_what_is_owed_and_exits_within_2s() {
@@ -37,7 +35,7 @@ fn sigterm_under_load_delivers_what_is_owed_and_exits_within_2s() {
             "--alert-file",
             file.to_str().expect("utf-8"),
         ],
-        READY,
+        AGENT_READY,
     );
     // Load: a thread opening and closing loopback connections as fast as it can.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -238,7 +236,7 @@ fn transition_log_rotates_by_size_and_keeps_the_tail_schema() {
             "--config",
             config.to_str().expect("utf-8"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, mut cli) = leak("tw-logged", 300);
     // Owners are resolved within a few hundred ms; close once they are known.

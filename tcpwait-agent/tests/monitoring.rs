@@ -15,8 +15,6 @@ fn common_role_entry() {
     role_main();
 }
 
-const READY: &str = "agent running";
-
 /// GET `url`, body as text (None when unreachable).
 fn get(url: &str) -> Option<String> {
     ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
@@ -113,7 +111,7 @@ fn prometheus_scrapes_close_wait_sockets_per_process() {
             "--metrics-listen",
             &format!("127.0.0.1:{metrics}"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, cli) = leak("tw-prom", 5);
     let (_prom, port) = prometheus(dir.path(), metrics);
@@ -161,7 +159,7 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
             "--alertmanager-url",
             &format!("http://127.0.0.1:{am_port}"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, mut cli) = leak("tw-am", 3);
     assert!(
@@ -216,7 +214,7 @@ fn an_alert_raised_while_alertmanager_is_down_arrives_when_it_starts() {
             "--alertmanager-url",
             &format!("http://127.0.0.1:{am_port}"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, cli) = leak("tw-amdown", 2);
     let deliveries = |result: &str| -> u64 {
@@ -260,7 +258,7 @@ fn promtool_accepts_the_metrics() {
             "--metrics-listen",
             &format!("127.0.0.1:{metrics}"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, cli) = leak("tw-promtool", 2);
     let url = format!("http://127.0.0.1:{metrics}/metrics");
@@ -367,7 +365,7 @@ fn webhook_receives_firing_and_resolved_alerts() {
             "--webhook-url",
             &format!("http://127.0.0.1:{port}/hook"),
         ],
-        READY,
+        AGENT_READY,
     );
     let (_srv, mut cli) = leak("tw-hooked", 2);
     let pid = cli.pid();

@@ -78,7 +78,7 @@ fn seq(index: u32) -> u64 {
 #[inline(always)]
 fn set_seq(index: u32, v: u64) {
     if let Some(slot) = SEQ.get_ptr_mut(index) {
-        // SAFETY: this CPU's slot; see `bump`.
+        // SAFETY: this CPU's slot; see `crate::add`.
         unsafe { *slot = v };
     }
 }

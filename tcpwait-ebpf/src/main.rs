@@ -14,7 +14,7 @@
 //!   test compares against.
 //!
 //! A third program, `inet_sock_set_state_nested` (raw tracepoint), records the transitions the
-//! kernel skips because they nest into the main program on one CPU (see `HANDLED`).
+//! kernel skips because they nest into the main program on one CPU (see `handled::HANDLED`).
 #![no_std]
 #![no_main]
 
@@ -212,7 +212,7 @@ fn flush(stage: &mut Stage, n: usize, counters: (u32, u32)) {
 
 /// The rescue path: the same transition, seen through the raw tracepoint (args: `struct sock
 /// *sk, int oldstate, int newstate`). Records only what the main program did not handle on
-/// this CPU, i.e. the nested transitions the kernel skipped it for (see `HANDLED`).
+/// this CPU, i.e. the nested transitions the kernel skipped it for (see `handled::HANDLED`).
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);

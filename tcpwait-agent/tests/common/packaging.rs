@@ -1,5 +1,10 @@
 //! The files under deploy/ and the checkers that judge them (promtool, amtool, systemd-analyze),
 //! shared by the deploy test binaries. No root needed; a missing checker fails the test.
+#![allow(
+    dead_code,
+    reason = "each deploy test binary uses a different part of this module"
+)]
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
