@@ -101,13 +101,7 @@ fn count_rule_fires_before_the_age_threshold() {
         &sock,
         &["--close-wait-count", "10", "--close-wait-age", "60"],
     );
-    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 20);
-    let (cli, _) = client(
-        "tw-many",
-        format!("127.0.0.1:{port}").parse().expect("addr"),
-        20,
-    );
-    srv.expect_line("accepted");
+    let (_srv, cli) = leak("tw-many", 20);
     let closed_at = Instant::now();
     assert!(
         wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty()),
@@ -320,13 +314,7 @@ fn a_burst_of_2000_close_wait_sockets_is_tracked_and_attributed() {
     const N: usize = 2000;
     let sock = api_socket("burst");
     let _tw = daemon(&sock, &[]);
-    let (mut srv, port) = server("tw-server", "127.0.0.1:0", N);
-    let (cli, _) = client(
-        "tw-burst",
-        format!("127.0.0.1:{port}").parse().expect("addr"),
-        N,
-    );
-    srv.expect_line("accepted");
+    let (_srv, cli) = leak("tw-burst", N);
     let all = wait_until(Duration::from_secs(10), || {
         process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == N)
     });
