@@ -98,6 +98,12 @@ pub struct ProcessReport {
     pub cmdline: String,
     pub cgroup: Option<String>,
     pub container: Option<String>,
+    /// Kubernetes pod UID, from the cgroup path.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// Inode of the process's network namespace (`/proc/<pid>/ns/net`).
+    #[serde(default)]
+    pub netns: Option<u32>,
     /// CLOSE_WAIT sockets it holds.
     pub count: u64,
     /// Age of its oldest CLOSE_WAIT socket, s.
@@ -119,6 +125,9 @@ pub struct PeerReport {
 /// One socket.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SocketReport {
+    /// Inode of the socket's network namespace, when the kernel program reads it.
+    #[serde(default)]
+    pub netns: Option<u32>,
     pub local: String,
     pub remote: String,
     /// Time in its state, s.
@@ -138,6 +147,12 @@ pub struct AlertReport {
     pub comm: String,
     pub cmdline: String,
     pub cgroup: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    #[serde(default)]
+    pub netns: Option<u32>,
     pub count: u64,
     pub oldest_age_s: f64,
     /// Seconds since it fired.
@@ -163,6 +178,12 @@ pub struct Counters {
     /// Transitions that reached the agent after a later one (applied out of time order).
     #[serde(default)]
     pub late: u64,
+    /// Network namespaces the last owner snapshot dumped.
+    #[serde(default)]
+    pub namespaces_dumped: u64,
+    /// Namespace dumps that failed (could not enter, or gone), summed.
+    #[serde(default)]
+    pub namespace_failures: u64,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.

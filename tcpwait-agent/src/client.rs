@@ -121,6 +121,19 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
             peers.join(" ")
         )?;
         writeln!(out, "{:44}{}", "", escape_control(&p.cmdline))?;
+        let mut context = Vec::new();
+        if let Some(ns) = p.netns {
+            context.push(format!("netns {ns}"));
+        }
+        if let Some(uid) = &p.pod_uid {
+            context.push(format!("pod {}", escape_control(uid)));
+        }
+        if let Some(c) = &p.container {
+            context.push(format!("container {}", escape_control(c)));
+        }
+        if !context.is_empty() {
+            writeln!(out, "{:44}{}", "", context.join("  "))?;
+        }
         for s in &p.sockets {
             let recv_q = s.recv_q.map_or_else(|| "?".to_owned(), |q| q.to_string());
             writeln!(

@@ -174,6 +174,10 @@ pub struct Transition {
     pub new: TcpState,
     /// Task on CPU.
     pub task: Task,
+    /// Inode number of the socket's network namespace (`ns.inum`, what `/proc/<pid>/ns/net`
+    /// names); 0 when the kernel program could not read it. Two namespaces can hold the same
+    /// 4-tuple at once, so (netns, tuple) is what identifies a connection across the host.
+    pub netns: u32,
 }
 
 impl Transition {
@@ -229,6 +233,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
             tid: ev.pid_tgid as u32,
             comm: Comm(ev.comm),
         },
+        netns: 0,
     })
 }
 

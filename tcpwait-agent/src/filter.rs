@@ -61,6 +61,7 @@ mod tests {
                 tid: 7,
                 comm: Comm(comm),
             },
+            netns: 0,
         }
     }
 

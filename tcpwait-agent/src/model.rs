@@ -24,10 +24,15 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     /// Container id derived from the cgroup path (64-hex docker/containerd/cri-o id), if any.
     pub container: Option<String>,
+    /// Kubernetes pod UID derived from the cgroup path (kubelet's `pod<uid>` component), if any.
+    pub pod_uid: Option<String>,
+    /// Inode of the process's network namespace (`/proc/<pid>/ns/net`), if readable.
+    pub netns: Option<u32>,
 }
 
-/// A socket's 4-tuple. Unique among non-listening TCP sockets of one network namespace, so it
-/// links an inet_diag record (which has no kernel socket address) to the tracked socket.
+/// A socket's 4-tuple. Unique among non-listening TCP sockets of one network namespace (not of
+/// the host: every pod has its own 127.0.0.1), so (namespace inode, tuple) links an inet_diag
+/// record (which has no kernel socket address) to the tracked socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tuple {
     pub saddr: IpAddr,
@@ -39,6 +44,9 @@ pub struct Tuple {
 /// One socket as inet_diag (`NETLINK_SOCK_DIAG`) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiagSocket {
+    /// Inode of the network namespace the dump ran in (0: unknown, when the kernel program
+    /// cannot read socket namespaces and only the agent's own namespace is dumped).
+    pub netns: u32,
     pub tuple: Tuple,
     pub state: TcpState,
     /// Socket inode (`socket:[N]` in `/proc/<pid>/fd`); 0 when no file refers to it any more
@@ -56,4 +64,14 @@ pub struct DiagSocket {
     /// entered it when the peer's FIN (which carries an ACK) arrived, so its age in CLOSE_WAIT
     /// is at least this.
     pub last_ack_recv_ms: Option<u32>,
+}
+
+/// A socket whose holders the owner resolver should find (see `Tracker::owner_query`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerQuery {
+    /// Network namespace inode (0: unknown).
+    pub netns: u32,
+    pub tuple: Tuple,
+    /// Pids to check first (their fd tables only), most likely first; none confirmed.
+    pub candidates: Vec<u32>,
 }

@@ -231,6 +231,7 @@ mod tests {
                 tid: 11,
                 comm: Comm(comm),
             },
+            netns: 0,
         }
     }
 

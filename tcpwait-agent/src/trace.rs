@@ -183,6 +183,7 @@ mod tests {
                 tid: 1,
                 comm: Comm([0; 16]),
             },
+            netns: 0,
         }
     }
 

@@ -36,6 +36,10 @@ struct ProcessLabels {
     pid: u32,
     comm: String,
     container: String,
+    /// Kubernetes pod UID ("" outside a pod).
+    pod_uid: String,
+    /// Network namespace inode ("" if unreadable).
+    netns: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +132,8 @@ pub(super) fn render(d: &Daemon) -> String {
             pid: p.process.key.pid,
             comm: p.process.comm.clone(),
             container: p.process.container.clone().unwrap_or_default(),
+            pod_uid: p.process.pod_uid.clone().unwrap_or_default(),
+            netns: p.process.netns.map(|n| n.to_string()).unwrap_or_default(),
         };
         count.get_or_create(&labels).set(i64::from(p.count));
         oldest
@@ -219,6 +225,28 @@ pub(super) fn render(d: &Daemon) -> String {
         "Processes whose /proc/<pid>/fd could not be read while looking for socket holders \
          (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH), summed over scans",
         counter(d.scan_denied),
+    );
+
+    let namespaces = Gauge::<i64>::default();
+    namespaces.set(i64::try_from(d.last_cost.namespaces).unwrap_or(i64::MAX));
+    r.register(
+        "tcpwait_owner_snapshot_namespaces",
+        "Network namespaces the last owner snapshot dumped with inet_diag",
+        namespaces,
+    );
+    r.register(
+        "tcpwait_owner_namespace_failures",
+        "Network namespace dumps that failed (could not enter the namespace, or it was gone), \
+         summed over snapshots",
+        counter(d.namespace_failures),
+    );
+    let seconds = Gauge::<f64, AtomicU64>::default();
+    seconds.set(d.last_cost.seconds);
+    r.register_with_unit(
+        "tcpwait_owner_snapshot_duration",
+        "Wall time of the last owner snapshot (namespace dumps and /proc reads)",
+        Unit::Seconds,
+        seconds,
     );
 
     let deliveries = Family::<DeliveryLabels, Counter>::default();

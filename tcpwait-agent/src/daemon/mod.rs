@@ -11,7 +11,7 @@ mod settle;
 mod translog;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{self, Write as _},
     process::ExitCode,
     sync::{Arc, atomic::AtomicU64},
@@ -80,7 +80,13 @@ struct Daemon {
     next_reconcile: Instant,
     /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
     /// still show them, and must not bring them back.
-    left_during_snapshot: HashMap<Tuple, u64>,
+    left_during_snapshot: HashMap<(u32, Tuple), u64>,
+    /// Namespaces whose dump failed, each named once in the log.
+    warned_namespaces: HashSet<u32>,
+    /// Namespace dumps that failed, summed over snapshots.
+    namespace_failures: u64,
+    /// What the last snapshot cost (for metrics and status).
+    last_cost: resolver::Cost,
     /// The `instance` label of delivered alerts.
     instance: String,
     /// The transition log file, when configured.
@@ -96,7 +102,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let probe = Probe::attach(category, name, false)?;
     let attachment = probe.attachment();
     let listener = api::bind(&config.agent.socket).await?;
-    let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
+    let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
+        .context("start the owner resolver thread")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
@@ -164,6 +171,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_request: None,
         next_reconcile: Instant::now() + config.agent.reconcile_interval.0,
         left_during_snapshot: HashMap::new(),
+        warned_namespaces: HashSet::new(),
+        namespace_failures: 0,
+        last_cost: resolver::Cost::default(),
         args,
         config,
         delivery,
@@ -304,7 +314,7 @@ impl Daemon {
                         daddr: t.daddr,
                         dport: t.dport,
                     };
-                    left_during_snapshot.insert(tuple, t.ts_ns);
+                    left_during_snapshot.insert((t.netns, tuple), t.ts_ns);
                 }
                 let applied = tracker.apply(&t);
                 if applied.needs_owners {

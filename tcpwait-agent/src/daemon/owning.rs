@@ -1,18 +1,21 @@
-//! Owner resolution, seen from the state task: when to ask the resolver thread for an
-//! inet_diag + /proc snapshot, and how its answer reconciles the table and its holders.
+//! Owner resolution, seen from the state task: when to ask the resolver thread for holders
+//! (settled sockets) or for the whole truth (reconciliation), and how its answer reconciles
+//! the table and its holders. The states asked for are the rules' states.
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Daemon, resolver::Snapshot};
-use crate::event::TcpState;
+use super::{
+    Daemon,
+    resolver::{Ask, Snapshot},
+};
 
 /// Owner snapshots are taken at most this often while sockets wait for their owner.
 pub(super) const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The states reconciled with inet_diag and attributed to processes.
-const RECONCILED: [TcpState; 1] = [TcpState::CloseWait];
+/// Settled sockets resolved in one request at most; the rest wait for the next.
+const MAX_QUERIES: usize = 4096;
 
 impl Daemon {
     pub(super) fn maybe_request(&mut self) {
@@ -20,31 +23,55 @@ impl Daemon {
             return;
         }
         let now = Instant::now();
+        if now >= self.next_reconcile || self.settling.overflowed() {
+            if self
+                .last_request
+                .is_none_or(|t| now >= t + MIN_RESOLVE_INTERVAL)
+                || now >= self.next_reconcile
+            {
+                self.request_snapshot();
+            }
+            return;
+        }
         if self
             .last_request
             .is_some_and(|t| now < t + MIN_RESOLVE_INTERVAL)
-            && now < self.next_reconcile
         {
             return;
         }
         let now_ns = self.now_ns();
-        if self.settling.due(&self.tracker, now_ns) || now >= self.next_reconcile {
-            self.request_snapshot();
+        let due = self.settling.take_due(&self.tracker, now_ns, MAX_QUERIES);
+        let queries: Vec<_> = due
+            .into_iter()
+            .filter_map(|s| self.tracker.owner_query(s))
+            .collect();
+        if queries.is_empty() {
+            return;
         }
+        self.send(Ask::Resolve(queries));
     }
 
+    /// Asks for the whole truth: every namespace, every holder.
     pub(super) fn request_snapshot(&mut self) {
         self.settling.clear();
+        self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
+        self.send(Ask::Reconcile);
+    }
+
+    fn send(&mut self, ask: Ask) {
         self.in_flight = true;
         self.last_request = Some(Instant::now());
-        self.next_reconcile = Instant::now() + self.config.agent.reconcile_interval.0;
-        self.resolver
-            .request(RECONCILED.to_vec(), self.tracker.process_keys());
+        self.resolver.request(
+            ask,
+            self.tracker.watched_states(),
+            self.tracker.process_keys(),
+        );
     }
 
     pub(super) fn on_snapshot(&mut self, snapshot: Snapshot) {
         self.in_flight = false;
         self.scan_denied += snapshot.scan.denied;
+        self.last_cost = snapshot.cost;
         if snapshot.scan.denied > 0 && !self.warned_denied {
             self.warned_denied = true;
             warn!(
@@ -53,6 +80,19 @@ impl Daemon {
                  \"holder unknown\"; run tcpwait as root or grant CAP_SYS_PTRACE and \
                  CAP_DAC_READ_SEARCH"
             );
+        }
+        self.namespace_failures += snapshot.failed.len() as u64;
+        for (inode, why) in &snapshot.failed {
+            // A namespace that vanished between discovery and dump is normal churn (a pod
+            // went away): its sockets leave through their own transitions.
+            if !why.contains("is gone") && self.warned_namespaces.insert(*inode) {
+                warn!(
+                    netns = inode,
+                    error = %why,
+                    "cannot dump a network namespace: its sockets stay tracked from events, \
+                     their holders unknown (logged once per namespace)"
+                );
+            }
         }
         // A loss not yet noticed would make reconcile date missing sockets from agent start.
         self.on_tick();
@@ -66,11 +106,15 @@ impl Daemon {
         let truth: Vec<_> = snapshot
             .sockets
             .into_iter()
-            .filter(|(d, _)| left.get(&d.tuple).is_none_or(|&at| at < snapshot.taken_ns))
+            .filter(|(d, _)| {
+                left.get(&(d.netns, d.tuple))
+                    .is_none_or(|&at| at < snapshot.taken_ns)
+            })
             .collect();
         let report = self.tracker.apply_snapshot(
             &truth,
             &snapshot.states,
+            &snapshot.namespaces,
             snapshot.taken_ns,
             self.complete_since_ns.max(self.started_ns),
             &snapshot.gone,
@@ -80,7 +124,8 @@ impl Daemon {
                 added = report.added,
                 removed = report.removed,
                 corrected = report.corrected,
-                "reconciled the CLOSE_WAIT table with inet_diag"
+                namespaces = snapshot.namespaces.len(),
+                "reconciled the table with inet_diag"
             );
         }
     }

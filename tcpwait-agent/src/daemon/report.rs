@@ -29,6 +29,7 @@ fn peers(top: &[(std::net::IpAddr, u32)]) -> Vec<PeerReport> {
 
 fn socket(s: &SocketDetail) -> SocketReport {
     SocketReport {
+        netns: (s.netns != 0).then_some(s.netns),
         local: endpoint(s.tuple.saddr, s.tuple.sport),
         remote: endpoint(s.tuple.daddr, s.tuple.dport),
         age_s: secs(s.age_ns),
@@ -54,6 +55,8 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
                 cmdline: p.process.cmdline.clone(),
                 cgroup: p.process.cgroup.clone(),
                 container: p.process.container.clone(),
+                pod_uid: p.process.pod_uid.clone(),
+                netns: p.process.netns,
                 count: u64::from(p.count),
                 oldest_age_s: secs(p.oldest_age_ns),
                 oldest_age_is_lower_bound: p.oldest_is_lower_bound,
@@ -79,6 +82,8 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconcile_corrected: c.repairs_corrected,
             duplicates: c.duplicates,
             late: d.kernel.late,
+            namespaces_dumped: d.last_cost.namespaces,
+            namespace_failures: d.namespace_failures,
         },
     }
 }
@@ -91,6 +96,9 @@ fn alert_report(a: &Alert, now: u64) -> AlertReport {
         comm: a.process.comm.clone(),
         cmdline: a.process.cmdline.clone(),
         cgroup: a.process.cgroup.clone(),
+        container: a.process.container.clone(),
+        pod_uid: a.process.pod_uid.clone(),
+        netns: a.process.netns,
         count: u64::from(a.count),
         oldest_age_s: secs(a.oldest_age_at(now)),
         firing_for_s: secs(now.saturating_sub(a.fired_at_ns)),
@@ -124,6 +132,12 @@ pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> A
     ]);
     if let Some(c) = &a.process.container {
         labels.insert("container".into(), c.clone());
+    }
+    if let Some(uid) = &a.process.pod_uid {
+        labels.insert("pod_uid".into(), uid.clone());
+    }
+    if let Some(ns) = a.process.netns {
+        labels.insert("netns".into(), ns.to_string());
     }
     let annotations = BTreeMap::from([
         ("summary".to_owned(), format!(
@@ -169,6 +183,8 @@ pub(super) fn alert_line(change: &AlertChange, now: u64, as_json: bool) -> Strin
             "cmdline": a.process.cmdline,
             "cgroup": a.process.cgroup,
             "container": a.process.container,
+            "pod_uid": a.process.pod_uid,
+            "netns": a.process.netns,
             "count": a.count,
             "oldest_age_s": age,
             "oldest_age_is_lower_bound": a.oldest_is_lower_bound,

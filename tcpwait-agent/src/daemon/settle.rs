@@ -11,8 +11,8 @@ use crate::{event::SocketId, tracker::Tracker};
 /// Default settle time; the daemon uses half the age threshold when that is shorter.
 pub(super) const OWNER_SETTLE: Duration = Duration::from_millis(500);
 
-/// Sockets waiting to settle are remembered up to this many; past it the next snapshot is taken
-/// as soon as the rate limit allows (it covers them all) and the queue starts over.
+/// Sockets waiting to settle are remembered up to this many; past it a full reconciliation is
+/// taken as soon as the rate limit allows (it covers them all) and the queue starts over.
 const MAX_SETTLING: usize = 65_536;
 
 /// Sockets waiting for their settle time, oldest first.
@@ -48,24 +48,31 @@ impl Settling {
             .map(|&(_, entered)| entered.saturating_add(self.settle_ns))
     }
 
-    /// True if a snapshot is needed now: a socket settled and still awaits its owner (sockets
-    /// that left the state or got an owner meanwhile are dropped on the way), or the queue
-    /// overflowed.
-    pub(super) fn due(&mut self, tracker: &Tracker, now_ns: u64) -> bool {
+    /// The sockets that settled by `now_ns` and still await their owner (sockets that left the
+    /// state or got an owner meanwhile are dropped on the way), oldest first, at most `max`;
+    /// sockets not settled yet stay queued.
+    pub(super) fn take_due(&mut self, tracker: &Tracker, now_ns: u64, max: usize) -> Vec<SocketId> {
         let settled_before = now_ns.saturating_sub(self.settle_ns);
-        while !self.overflowed
+        let mut due = Vec::new();
+        while due.len() < max
             && let Some(&(sock, entered)) = self.queue.front()
             && entered <= settled_before
         {
             self.queue.pop_front();
             if tracker.awaits_owner(sock, entered) {
-                return true;
+                due.push(sock);
             }
         }
+        due
+    }
+
+    /// True once the queue has overflowed: some sockets were not remembered, so only a full
+    /// reconciliation finds them.
+    pub(super) fn overflowed(&self) -> bool {
         self.overflowed
     }
 
-    /// A snapshot was requested: it sees every socket in the watched states now.
+    /// A full reconciliation was requested: it sees every socket in the watched states now.
     pub(super) fn clear(&mut self) {
         self.queue.clear();
         self.overflowed = false;
@@ -106,13 +113,44 @@ mod tests {
         s.push(sock(2), 100 * MS);
         enter(&mut t, 1, TcpState::CloseWait, TcpState::LastAck, MS);
         assert_eq!(s.next_due_ns(), Some(500 * MS));
-        assert!(!s.due(&t, 499 * MS), "nothing settled yet");
-        assert!(!s.due(&t, 550 * MS), "socket 1 left CLOSE_WAIT");
+        assert_eq!(s.take_due(&t, 499 * MS, 100), [], "nothing settled yet");
+        assert_eq!(
+            s.take_due(&t, 550 * MS, 100),
+            [],
+            "socket 1 left CLOSE_WAIT"
+        );
         assert_eq!(s.next_due_ns(), Some(600 * MS));
-        assert!(s.due(&t, 600 * MS), "socket 2 settled without an owner");
-        s.clear();
+        assert_eq!(
+            s.take_due(&t, 600 * MS, 100),
+            [sock(2)],
+            "socket 2 settled without an owner"
+        );
         assert_eq!(s.next_due_ns(), None);
-        assert!(!s.due(&t, 10_000 * MS));
+        assert_eq!(s.take_due(&t, 10_000 * MS, 100), []);
+    }
+
+    #[test]
+    fn sockets_not_settled_stay_queued_and_max_bounds_a_batch() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut s = Settling::new(Duration::from_millis(500));
+        for n in 0..3 {
+            enter(
+                &mut t,
+                n,
+                TcpState::Established,
+                TcpState::CloseWait,
+                n * 100 * MS,
+            );
+            s.push(sock(n), n * 100 * MS);
+        }
+        assert_eq!(s.take_due(&t, 650 * MS, 1), [sock(0)], "max 1");
+        assert_eq!(
+            s.take_due(&t, 650 * MS, 10),
+            [sock(1)],
+            "socket 2 settles at 700 ms"
+        );
+        assert_eq!(s.next_due_ns(), Some(700 * MS));
+        assert_eq!(s.take_due(&t, 700 * MS, 10), [sock(2)]);
     }
 
     #[test]
@@ -122,8 +160,9 @@ mod tests {
         for n in 0..=MAX_SETTLING as u64 {
             s.push(sock(n), 0);
         }
-        assert!(s.due(&t, 0), "overflowed");
+        assert!(s.overflowed());
         s.clear();
-        assert!(!s.due(&t, 0));
+        assert!(!s.overflowed());
+        assert_eq!(s.take_due(&t, 0, 10), []);
     }
 }

@@ -1,6 +1,7 @@
 //! inet_diag over `NETLINK_SOCK_DIAG`, through the rust-netlink crates: one dump of the TCP
 //! sockets (IPv4 and IPv6) of the agent's network namespace in chosen states, each with its
-//! 4-tuple, inode, owner uid, queues, cookie and `tcp_info.tcpi_last_ack_recv`.
+//! 4-tuple, inode, owner uid, queues, cookie and `tcp_info.tcpi_last_ack_recv`. The dump answers
+//! for the namespace the netlink socket was opened in (`netns` opens one in each namespace).
 //!
 //! The socket I/O ([`dump_tcp`]) is separate from the parsing of the kernel's answers
 //! ([`parse_datagram`]), which is a pure function over bytes, tested over real answers captured
@@ -87,15 +88,32 @@ pub enum Progress {
     Done,
 }
 
-/// Dumps the TCP sockets in `states` (empty: every state tcpwait knows), IPv4 then IPv6, with
-/// `tcp_info`. Blocking; cost is linear in the number of sockets in those states (the kernel
-/// filters by state before answering). Answers with unknown states are skipped and logged.
+/// Opens a `NETLINK_SOCK_DIAG` socket. It answers for the network namespace of the thread that
+/// opens it, for its whole life (see `netns`).
+pub fn open() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// Dumps the TCP sockets in `states` (empty: every state tcpwait knows) of the agent's own
+/// network namespace, labelled `netns`. See [`dump_on`].
+#[cfg(test)]
 pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>, DiagError> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
-    socket.bind_auto().map_err(DiagError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(DiagError::Socket)?;
+    let socket = open().map_err(DiagError::Socket)?;
+    dump_on(&socket, states, 0)
+}
+
+/// Dumps the TCP sockets in `states` (empty: every state tcpwait knows) of the namespace
+/// `socket` lives in, IPv4 then IPv6, with `tcp_info`; each record is labelled `netns`.
+/// Blocking; cost is linear in the number of sockets in those states (the kernel filters by
+/// state before answering). Answers with unknown states are skipped and logged.
+pub fn dump_on(
+    socket: &Socket,
+    states: &[TcpState],
+    netns: u32,
+) -> Result<Vec<DiagSocket>, DiagError> {
     let mut dump = Dump::default();
     let mut buf = vec![0u8; RECV_BUF];
     for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
@@ -124,6 +142,9 @@ pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>, DiagError> {
             skipped = dump.unknown_states,
             "inet_diag answers with unknown TCP states"
         );
+    }
+    for s in &mut dump.sockets {
+        s.netns = netns;
     }
     Ok(dump.sockets)
 }
@@ -213,6 +234,8 @@ fn to_diag_socket(r: &InetResponse) -> Option<DiagSocket> {
     let low = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
     let high = u32::from_ne_bytes([c[4], c[5], c[6], c[7]]);
     Some(DiagSocket {
+        // Set by the caller, which knows which namespace it dumped.
+        netns: 0,
         // An AF_INET6 socket talking IPv4 reports v4-mapped IPv6 addresses (`::ffff:a.b.c.d`);
         // the tracepoint reports them the same way (its family is the socket's), so tuples
         // from both sides agree and are kept as the kernel gives them.

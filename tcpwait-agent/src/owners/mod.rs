@@ -11,16 +11,8 @@
 //! ms) and for periodic reconciliation. Orphaned sockets (FIN_WAIT2 after close, TIME_WAIT)
 //! have inode 0 and no holder.
 pub mod diag;
+pub mod netns;
 pub mod procs;
-
-#[expect(
-    unused_imports,
-    reason = "the module's public face; the daemon's resolver still names owners::diag and owners::procs"
-)]
-pub use self::{
-    diag::{DiagError, dump_tcp},
-    procs::{ProcScanner, ScanStats},
-};
 
 #[cfg(test)]
 mod tests {
@@ -31,7 +23,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::*;
+    use super::{diag::dump_tcp, procs::ProcScanner};
     use crate::{event::TcpState, model::DiagSocket};
 
     /// A client whose peer closed: it sits in CLOSE_WAIT, held by this process.

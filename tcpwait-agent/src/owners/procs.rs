@@ -150,21 +150,59 @@ impl ProcScanner {
             let outcome = proc
                 .map_err(Skip::from)
                 .and_then(|proc| self.scan_one(&proc, inodes, &mut held));
-            match outcome {
-                Ok(None) => {}
-                Ok(Some(info)) => {
-                    for &inode in &held {
-                        found.entry(inode).or_default().push(info.clone());
-                    }
-                }
-                Err(Skip::Vanished) => self.last.vanished += 1,
-                Err(Skip::Denied) => self.last.denied += 1,
-                Err(Skip::Failed) => self.last.failed += 1,
-            }
+            self.record(outcome, &held, &mut found);
         }
         let generation = self.generation;
         self.cache.retain(|_, c| c.seen == generation);
         // The listing is in readdir order, pid order in practice; make it so.
+        for holders in found.values_mut() {
+            holders.sort_unstable_by_key(|p| p.key);
+        }
+        found
+    }
+
+    /// Adds one process's scan to `found` (it holds `held`), or counts why it was skipped.
+    fn record(
+        &mut self,
+        outcome: Result<Option<ProcessInfo>, Skip>,
+        held: &[u64],
+        found: &mut HashMap<u64, Vec<ProcessInfo>>,
+    ) {
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(info)) => {
+                for &inode in held {
+                    found.entry(inode).or_default().push(info.clone());
+                }
+            }
+            Err(Skip::Vanished) => self.last.vanished += 1,
+            Err(Skip::Denied) => self.last.denied += 1,
+            Err(Skip::Failed) => self.last.failed += 1,
+        }
+    }
+
+    /// The holders of `inodes` among `pids` only: reads just those processes' fd tables. The
+    /// cheap first try of owner resolution (see `Tracker::owner_query`): a socket is usually
+    /// held by the process that called `connect()` on it, or by one that holds the listener it
+    /// came from. Inodes none of them holds are absent from the answer. Updates
+    /// [`ProcScanner::last_scan`] for this pass; the details cache is kept as it is.
+    pub fn holders_among(
+        &mut self,
+        pids: &[u32],
+        inodes: &HashSet<u64>,
+    ) -> HashMap<u64, Vec<ProcessInfo>> {
+        let mut found: HashMap<u64, Vec<ProcessInfo>> = HashMap::new();
+        self.last = ScanStats::default();
+        if inodes.is_empty() {
+            return found;
+        }
+        let mut held: Vec<u64> = Vec::new();
+        for &pid in pids {
+            let outcome = Process::new_with_root(self.root.join(pid.to_string()))
+                .map_err(Skip::from)
+                .and_then(|proc| self.scan_one(&proc, inodes, &mut held));
+            self.record(outcome, &held, &mut found);
+        }
         for holders in found.values_mut() {
             holders.sort_unstable_by_key(|p| p.key);
         }
@@ -233,12 +271,15 @@ impl ProcScanner {
                 .filter_map(|l| l.splitn(3, ':').nth(2))
                 .find_map(container_id)
         });
+        let netns = read_link(proc, "ns/net").and_then(|l| super::netns::parse_ns_link(&l));
         let info = ProcessInfo {
             key,
             comm,
             cmdline,
             cgroup,
             container,
+            pod_uid: None,
+            netns,
         };
         self.cache.insert(
             pid,
@@ -307,6 +348,16 @@ fn socket_inode(link: &[u8]) -> Option<u64> {
         let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
         acc.checked_mul(10)?.checked_add(u64::from(digit))
     })
+}
+
+/// Reads a symbolic link of a process's `/proc` directory (`ns/net`), through its descriptor.
+fn read_link(proc: &Process, name: &str) -> Option<Vec<u8>> {
+    let dir = proc
+        .open_relative_flags(".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC)
+        .ok()?;
+    let mut link = [0u8; 64];
+    let len = readlinkat_raw(&dir, name, &mut link[..]).ok()?;
+    link.get(..len).map(<[u8]>::to_vec)
 }
 
 /// Reads a whole file of a process's `/proc` directory, through the process's descriptor.

@@ -280,6 +280,12 @@ impl Probe {
         }
     }
 
+    /// Whether events carry the socket's network namespace (not yet: the kernel program does
+    /// not read it, every event says 0 and only the agent's own namespace is dumped).
+    pub fn reads_netns(&self) -> bool {
+        false
+    }
+
     /// How the main program is attached.
     pub fn attachment(&self) -> Attachment {
         self.attachment

@@ -24,6 +24,8 @@ mod table;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use std::collections::HashMap;
+
 use self::{
     alerts::{Alert, AlertChange, Engine},
     procs::Registry,
@@ -33,7 +35,7 @@ use self::{
 };
 use crate::{
     event::{SocketId, TcpState, Transition},
-    model::{ProcessInfo, ProcessKey},
+    model::{OwnerQuery, ProcessInfo, ProcessKey},
 };
 
 /// How many peers a process summary or an alert lists.
@@ -138,6 +140,10 @@ pub struct Tracker {
     /// Timestamp of the last refused insert: a socket missing from the table may have entered
     /// its state as late as this (used for `reconcile` lower bounds).
     last_overflow_ns: Option<u64>,
+    /// Listening sockets by (network namespace, local port) → the pid that called `listen()`
+    /// (CLOSE → LISTEN runs in the caller's context). The candidate owner of the sockets it
+    /// accepts: one map entry per listener, so bounded by the host's listeners.
+    listeners: HashMap<(u32, u16), u32>,
 }
 
 impl Tracker {
@@ -155,6 +161,7 @@ impl Tracker {
             counters: Counters::default(),
             watched,
             last_overflow_ns: None,
+            listeners: HashMap::new(),
         }
     }
 
@@ -168,7 +175,8 @@ impl Tracker {
     /// synthetic entry takes that entry over (rekey). `t.task` is ignored on purpose (see
     /// [`Applied::needs_owners`]). O(owners × (log n + rules)).
     pub fn apply(&mut self, t: &Transition) -> Applied {
-        let tuple = CompactTuple::new(t.saddr, t.sport, t.daddr, t.dport);
+        let tuple = CompactTuple::new(t.netns, t.saddr, t.sport, t.daddr, t.dport);
+        self.note_listener(t);
         let mut change = TableChange::Updated;
         let mut slot = self.table.slot_of(t.sock);
         if let Some(s) = slot
@@ -246,6 +254,10 @@ impl Tracker {
                 self.insert_slot(t.sock, t.new, t.ts_ns, false, tuple)
             }
         };
+        if t.old == TcpState::Close && t.new == TcpState::SynSent {
+            // connect() runs in the caller's context: the likely owner.
+            self.table.set_hint(slot, t.task.pid);
+        }
         Applied {
             change,
             needs_owners: self.watched[state_index(t.new)] && !self.table.has_owner(slot),
@@ -295,10 +307,41 @@ impl Tracker {
         })
     }
 
-    /// The tracked socket with this 4-tuple (connected sockets only: both ports non-zero).
+    /// Listeners come and go in their caller's context (`listen()`, `close()`).
+    fn note_listener(&mut self, t: &Transition) {
+        if t.new == TcpState::Listen {
+            self.listeners.insert((t.netns, t.sport), t.task.pid);
+        } else if t.old == TcpState::Listen {
+            self.listeners.remove(&(t.netns, t.sport));
+        }
+    }
+
+    /// What the owner resolver needs to find the holders of `sock`: its namespace and tuple, and
+    /// the pids to check first — the process that called `connect()` on it, then the one that
+    /// called `listen()` on the listener it came from (same namespace and local port). Neither
+    /// is trusted: the resolver confirms a candidate in its fd table before naming it.
+    pub fn owner_query(&self, sock: SocketId) -> Option<OwnerQuery> {
+        let slot = self.table.slot_of(sock)?;
+        let s = self.table.get(slot);
+        let mut candidates = Vec::with_capacity(2);
+        candidates.extend(self.table.hint(slot));
+        if let Some(&pid) = self.listeners.get(&(s.tuple.netns, s.tuple.local_port()))
+            && !candidates.contains(&pid)
+        {
+            candidates.push(pid);
+        }
+        Some(OwnerQuery {
+            netns: s.tuple.netns,
+            tuple: s.tuple.to_tuple(),
+            candidates,
+        })
+    }
+
+    /// The tracked socket with this namespace and 4-tuple (connected sockets only: both ports
+    /// non-zero).
     #[cfg(test)]
-    pub fn socket_by_tuple(&self, tuple: &crate::model::Tuple) -> Option<SocketId> {
-        let t = CompactTuple::from_tuple(tuple);
+    pub fn socket_by_tuple(&self, netns: u32, tuple: &crate::model::Tuple) -> Option<SocketId> {
+        let t = CompactTuple::from_tuple(netns, tuple);
         if !t.indexable() {
             return None;
         }
@@ -342,6 +385,15 @@ impl Tracker {
     /// Alerts firing as of the last `evaluate`, by process then rule.
     pub fn firing(&self) -> Vec<Alert> {
         self.engine.firing()
+    }
+
+    /// The states some rule watches, in kernel order: the states owner snapshots dump and
+    /// reconcile.
+    pub fn watched_states(&self) -> Vec<TcpState> {
+        TcpState::ALL
+            .into_iter()
+            .filter(|&s| self.watched[state_index(s)])
+            .collect()
     }
 
     /// The configured rules.

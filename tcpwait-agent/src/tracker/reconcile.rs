@@ -96,7 +96,9 @@ impl Tracker {
     ///   socket missed through loss may be younger than the agent.
     /// - Tracked in another state: moved to inet_diag's state; it entered it after its tracked
     ///   entry time and no later than the ACK bound.
-    /// - Tracked in one of `states` and absent from `truth`: removed.
+    /// - Tracked in one of `states`, in one of `namespaces` (the network namespaces the snapshot
+    ///   dumped), and absent from `truth`: removed. A socket of a namespace the snapshot did not
+    ///   dump (not entered, or not asked for) is never removed: the agent cannot see it there.
     /// - A socket whose tracked entry time is at or after `now_ns` changed after the snapshot:
     ///   the table is newer than `truth` for it, so it is neither corrected nor removed. Pass as
     ///   `now_ns` the instant the snapshot *started*.
@@ -105,14 +107,19 @@ impl Tracker {
         &mut self,
         truth: &[(DiagSocket, Vec<ProcessInfo>)],
         states: &[TcpState],
+        namespaces: &[u32],
         now_ns: u64,
         agent_start_ns: u64,
     ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
+        let dumped: HashSet<u32> = namespaces.iter().copied().collect();
         let complete_since = agent_start_ns.max(self.last_overflow_ns.unwrap_or(0));
         let mut seen: HashSet<CompactTuple> = HashSet::with_capacity(truth.len());
-        for (d, owners) in truth.iter().filter(|(d, _)| states.contains(&d.state)) {
-            let tuple = CompactTuple::from_tuple(&d.tuple);
+        for (d, owners) in truth
+            .iter()
+            .filter(|(d, _)| states.contains(&d.state) && dumped.contains(&d.netns))
+        {
+            let tuple = CompactTuple::from_tuple(d.netns, &d.tuple);
             if !tuple.indexable() {
                 report.skipped += 1;
                 continue;
@@ -155,6 +162,7 @@ impl Tracker {
             .iter()
             .filter(|(_, s)| {
                 s.state.is_some_and(|st| states.contains(&st))
+                    && dumped.contains(&s.tuple.netns)
                     && s.entered_ns < now_ns
                     && s.tuple.indexable()
                     && !seen.contains(&s.tuple)
@@ -178,11 +186,12 @@ impl Tracker {
         &mut self,
         truth: &[(DiagSocket, Vec<ProcessInfo>)],
         states: &[TcpState],
+        namespaces: &[u32],
         now_ns: u64,
         agent_start_ns: u64,
         exited: &[ProcessKey],
     ) -> ReconcileReport {
-        let report = self.reconcile(truth, states, now_ns, agent_start_ns);
+        let report = self.reconcile(truth, states, namespaces, now_ns, agent_start_ns);
         self.forget_processes(exited);
         report
     }

@@ -18,6 +18,8 @@ pub struct SocketDetail {
     pub id: SocketId,
     /// Current state.
     pub state: TcpState,
+    /// Network namespace inode (0: unknown).
+    pub netns: u32,
     /// Local and remote endpoints.
     pub tuple: Tuple,
     /// When it entered `state` (the latest possible instant when `age_is_lower_bound`).
@@ -35,6 +37,7 @@ impl SocketDetail {
         Self {
             id: s.id,
             state,
+            netns: s.tuple.netns,
             tuple: s.tuple.to_tuple(),
             entered_ns: s.entered_ns,
             age_ns: now_ns.saturating_sub(s.entered_ns),

@@ -35,25 +35,34 @@ pub(super) const NO_OWNER: u32 = u32::MAX;
 pub(super) const RECV_Q_UNKNOWN: u32 = u32::MAX;
 const FLAG_LOWER_BOUND: u8 = 1;
 const FLAG_MORE_OWNERS: u8 = 2;
+/// `Slot::owner` holds a *candidate* pid, not a process index: the process in whose context
+/// the socket's `connect()` ran (CLOSE → SYN_SENT runs in the caller's context). Unverified: it
+/// only tells the owner resolver whose fd table to read first. Reusing the owner field keeps the
+/// slot at 72 bytes; assigning owners clears it.
+const FLAG_HINT: u8 = 4;
 
 /// Index of a state in per-state arrays (`TcpState` discriminants are 1..=12).
 pub(super) fn state_index(state: TcpState) -> usize {
     state as usize - 1
 }
 
-/// A 4-tuple stored flat (38 bytes, no enum padding). IPv4 addresses are stored IPv4-mapped
-/// and flagged, so an IPv4 socket and a dual-stack IPv6 socket with a mapped address differ.
+/// A network namespace inode and a 4-tuple, stored flat (44 bytes, no enum padding): the same
+/// 4-tuple can live in two namespaces at once (each has its own 127.0.0.1). IPv4 addresses are
+/// stored IPv4-mapped and flagged, so an IPv4 socket and a dual-stack IPv6 socket with a mapped
+/// address differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct CompactTuple {
     saddr: [u8; 16],
     daddr: [u8; 16],
+    /// Network namespace inode (0: unknown).
+    pub(super) netns: u32,
     sport: u16,
     dport: u16,
     v4: bool,
 }
 
 impl CompactTuple {
-    pub(super) fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Self {
+    pub(super) fn new(netns: u32, saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Self {
         let flat = |a: IpAddr| match a {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             IpAddr::V6(v6) => v6.octets(),
@@ -61,14 +70,20 @@ impl CompactTuple {
         Self {
             saddr: flat(saddr),
             daddr: flat(daddr),
+            netns,
             sport,
             dport,
             v4: saddr.is_ipv4(),
         }
     }
 
-    pub(super) fn from_tuple(t: &Tuple) -> Self {
-        Self::new(t.saddr, t.sport, t.daddr, t.dport)
+    pub(super) fn from_tuple(netns: u32, t: &Tuple) -> Self {
+        Self::new(netns, t.saddr, t.sport, t.daddr, t.dport)
+    }
+
+    /// The local port (listeners are found by namespace and port).
+    pub(super) fn local_port(&self) -> u16 {
+        self.sport
     }
 
     fn addr(&self, octets: [u8; 16]) -> IpAddr {
@@ -101,7 +116,7 @@ impl CompactTuple {
     }
 }
 
-/// One tracked socket. 64 bytes; see the module comment.
+/// One tracked socket. 72 bytes; see the module comment.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Slot {
     pub(super) id: SocketId,
@@ -109,8 +124,8 @@ pub(super) struct Slot {
     /// when [`Slot::lower_bound`] holds.
     pub(super) entered_ns: u64,
     pub(super) tuple: CompactTuple,
-    /// First owner (process index), or [`NO_OWNER`].
-    pub(super) owner: u32,
+    /// First owner (process index), or [`NO_OWNER`]; a candidate pid under `FLAG_HINT`.
+    owner: u32,
     /// Recv-Q bytes from the last inet_diag snapshot, or [`RECV_Q_UNKNOWN`].
     pub(super) recv_q: u32,
     /// `None` marks a free slot.
@@ -206,7 +221,7 @@ impl<S: BuildHasher> TupleIndex<S> {
 
     #[cfg(test)]
     fn approx_heap_bytes(&self) -> usize {
-        bucket_bytes(self.main.capacity(), 16) + bucket_bytes(self.spill.capacity(), 44)
+        bucket_bytes(self.main.capacity(), 16) + bucket_bytes(self.spill.capacity(), 48)
     }
 }
 
@@ -387,16 +402,32 @@ impl<S: BuildHasher> Table<S> {
 
     /// The first process index that owns a slot.
     pub(super) fn first_owner(&self, slot: u32) -> Option<u32> {
-        let owner = self.slots[slot as usize].owner;
-        (owner != NO_OWNER).then_some(owner)
+        let s = &self.slots[slot as usize];
+        (s.owner != NO_OWNER && s.flags & FLAG_HINT == 0).then_some(s.owner)
+    }
+
+    /// Records the pid that is the likely owner of a slot without a known owner (see
+    /// `FLAG_HINT`); ignored once owners are known.
+    pub(super) fn set_hint(&mut self, slot: u32, pid: u32) {
+        let s = &mut self.slots[slot as usize];
+        if s.owner == NO_OWNER || s.flags & FLAG_HINT != 0 {
+            s.owner = pid;
+            s.flags |= FLAG_HINT;
+        }
+    }
+
+    /// The candidate pid of a slot without known owners, if one was recorded.
+    pub(super) fn hint(&self, slot: u32) -> Option<u32> {
+        let s = &self.slots[slot as usize];
+        (s.flags & FLAG_HINT != 0).then_some(s.owner)
     }
 
     /// The process indices that own a slot.
     pub(super) fn owners(&self, slot: u32) -> Vec<u32> {
         let s = &self.slots[slot as usize];
         let mut v = Vec::new();
-        if s.owner != NO_OWNER {
-            v.push(s.owner);
+        if let Some(owner) = self.first_owner(slot) {
+            v.push(owner);
         }
         if s.flags & FLAG_MORE_OWNERS != 0
             && let Some(more) = self.more_owners.get(&slot)
@@ -409,6 +440,10 @@ impl<S: BuildHasher> Table<S> {
     /// Replaces a slot's owners (deduplicated by the caller).
     pub(super) fn set_owners(&mut self, slot: u32, owners: &[u32]) {
         let s = &mut self.slots[slot as usize];
+        if owners.is_empty() && s.flags & FLAG_HINT != 0 {
+            return; // nothing known yet: keep the candidate
+        }
+        s.flags &= !FLAG_HINT;
         s.owner = owners.first().copied().unwrap_or(NO_OWNER);
         if owners.len() > 1 {
             s.flags |= FLAG_MORE_OWNERS;

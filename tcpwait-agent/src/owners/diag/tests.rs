@@ -39,6 +39,7 @@ fn sock(
     last_ack_recv_ms: Option<u32>,
 ) -> DiagSocket {
     DiagSocket {
+        netns: 0,
         tuple: Tuple {
             saddr: ip(saddr),
             sport,

@@ -23,6 +23,9 @@ const SEC: u64 = 1_000_000_000;
 const SERVER: (&str, u16) = ("10.0.0.1", 8080);
 /// The pid that is on CPU in softirq when the peer's FIN arrives: the peer, never the owner.
 const PEER_PID: u32 = 999;
+/// The network namespace of every test socket unless a test says otherwise (the inode the
+/// initial namespace has on most hosts).
+pub(crate) const NS: u32 = 4_026_531_840;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address literal")
@@ -64,6 +67,7 @@ pub(crate) fn tr(n: u64, old: TcpState, new: TcpState, ts_ns: u64) -> Transition
         old,
         new,
         task: task(PEER_PID),
+        netns: NS,
     }
 }
 
@@ -84,6 +88,8 @@ fn info(pid: u32) -> ProcessInfo {
         cmdline: format!("/usr/bin/srv{pid} --port 8080"),
         cgroup: Some(format!("/system.slice/srv{pid}.service")),
         container: None,
+        pod_uid: None,
+        netns: Some(NS),
     }
 }
 
@@ -102,6 +108,7 @@ fn close_wait(t: &mut Tracker, n: u64, ts: u64, owner: u32) {
 
 fn diag(n: u64, state: TcpState, last_ack_recv_ms: Option<u32>) -> DiagSocket {
     DiagSocket {
+        netns: NS,
         tuple: tuple(n),
         state,
         inode: 50_000 + n,

@@ -8,7 +8,7 @@ fn reconcile_adds_missing_sockets_aged_from_agent_start() {
     let mut t = Tracker::new(TrackerConfig::default());
     // At bootstrap (agent started at 900 s) a CLOSE_WAIT socket exists, ACK clock unknown.
     let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
-    let r = t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    let r = t.reconcile(&truth, CW, &[NS], 1000 * SEC, 900 * SEC);
     assert_eq!(
         r,
         ReconcileReport {
@@ -18,7 +18,7 @@ fn reconcile_adds_missing_sockets_aged_from_agent_start() {
     );
     let id = synthetic_id(7_001);
     assert!(is_synthetic(id) && !is_synthetic(sock(1)));
-    assert_eq!(t.socket_by_tuple(&tuple(1)), Some(id));
+    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), Some(id));
     let d = t.socket(id, 1000 * SEC).expect("added");
     assert_eq!(
         (d.state, d.entered_ns, d.age_ns),
@@ -50,7 +50,7 @@ fn reconcile_takes_the_tighter_of_agent_start_and_last_ack_recv() {
         // ESTABLISHED is not in the reconciled states: ignored.
         (diag(3, TcpState::Established, Some(1)), vec![]),
     ];
-    let r = t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    let r = t.reconcile(&truth, CW, &[NS], 1000 * SEC, 900 * SEC);
     assert_eq!(r.added, 2);
     let entered = |n: u64| {
         t.socket(synthetic_id(7_000 + n), 1000 * SEC)
@@ -80,7 +80,7 @@ fn reconcile_removes_gone_corrects_states_and_counts_repairs() {
         (diag(2, TcpState::CloseWait, Some(30_000)), vec![]),
         (diag(3, TcpState::CloseWait, Some(5_000)), vec![info(11)]),
     ];
-    let r = t.reconcile(&truth, CW, 50 * SEC, 0);
+    let r = t.reconcile(&truth, CW, &[NS], 50 * SEC, 0);
     assert_eq!(
         r,
         ReconcileReport {
@@ -115,7 +115,7 @@ fn reconcile_removes_gone_corrects_states_and_counts_repairs() {
         (0, 1, 1)
     );
     // The next identical snapshot repairs nothing; the cumulative counters stay.
-    let r = t.reconcile(&truth, CW, 51 * SEC, 0);
+    let r = t.reconcile(&truth, CW, &[NS], 51 * SEC, 0);
     assert_eq!(r, ReconcileReport::default());
     assert_eq!(t.counters().repairs_removed, 1);
 }
@@ -127,7 +127,7 @@ fn a_synthetic_entry_is_rekeyed_by_the_first_real_transition() {
         (diag(1, TcpState::CloseWait, None), vec![info(10)]),
         (diag(2, TcpState::CloseWait, None), vec![info(10)]),
     ];
-    t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    t.reconcile(&truth, CW, &[NS], 1000 * SEC, 900 * SEC);
     // The owner finally closes socket 1: CLOSE_WAIT→LAST_ACK under its kernel address.
     let a = t.apply(&tr(1, TcpState::CloseWait, TcpState::LastAck, 1001 * SEC));
     assert_eq!(
@@ -143,7 +143,7 @@ fn a_synthetic_entry_is_rekeyed_by_the_first_real_transition() {
         (TcpState::LastAck, 1001 * SEC, false)
     );
     assert_eq!(
-        (d.recv_q, t.socket_by_tuple(&tuple(1))),
+        (d.recv_q, t.socket_by_tuple(NS, &tuple(1))),
         (Some(10), Some(sock(1)))
     );
     assert_eq!(t.owners_of(sock(1)), vec![key(10)], "owners carry over");
@@ -173,7 +173,7 @@ fn after_an_overflow_missing_sockets_are_not_aged_from_agent_start() {
     t.apply(&tr(2, TcpState::Established, TcpState::CloseWait, 20 * SEC));
     t.apply(&tr(1, TcpState::Established, TcpState::Close, 30 * SEC));
     let truth = vec![(diag(2, TcpState::CloseWait, None), vec![])];
-    assert_eq!(t.reconcile(&truth, CW, 40 * SEC, 0).added, 1);
+    assert_eq!(t.reconcile(&truth, CW, &[NS], 40 * SEC, 0).added, 1);
     let d = t.socket(synthetic_id(7_002), 40 * SEC).expect("added");
     assert_eq!(
         (d.entered_ns, d.age_ns, d.age_is_lower_bound),
@@ -185,13 +185,13 @@ fn after_an_overflow_missing_sockets_are_not_aged_from_agent_start() {
 fn a_new_socket_does_not_inherit_a_stale_synthetic_entry() {
     let mut t = Tracker::new(TrackerConfig::default());
     let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
-    t.reconcile(&truth, CW, 1000 * SEC, 900 * SEC);
+    t.reconcile(&truth, CW, &[NS], 1000 * SEC, 900 * SEC);
     // The socket went away unseen; a new one with the same tuple starts from CLOSE.
     let mut syn = tr(1, TcpState::Close, TcpState::SynRecv, 1001 * SEC);
     syn.sock = sock(77);
     assert_eq!(t.apply(&syn).change, TableChange::Inserted);
     assert_eq!(t.socket(synthetic_id(7_001), 1001 * SEC), None);
-    assert_eq!(t.socket_by_tuple(&tuple(1)), Some(sock(77)));
+    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), Some(sock(77)));
     assert_eq!((t.owners_of(sock(77)), t.len()), (vec![], 1));
     assert_eq!((t.counters().reused_address, t.counters().rekeyed), (1, 0));
 }
@@ -201,12 +201,12 @@ fn a_holder_that_exited_after_the_scan_stays_gone() {
     let mut t = Tracker::new(TrackerConfig::default());
     // The scan saw pids 10 and 11 holding the socket; 11 had exited by the liveness check.
     let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10), info(11)])];
-    let r = t.apply_snapshot(&truth, CW, 1000 * SEC, 900 * SEC, &[key(11)]);
+    let r = t.apply_snapshot(&truth, CW, &[NS], 1000 * SEC, 900 * SEC, &[key(11)]);
     assert_eq!(r.added, 1);
     assert_eq!(t.owners_of(synthetic_id(7_001)), vec![key(10)]);
     assert_eq!(t.process_keys(), vec![key(10)]);
     // The next snapshot no longer lists 11: nothing changes.
     let truth = vec![(diag(1, TcpState::CloseWait, None), vec![info(10)])];
-    t.apply_snapshot(&truth, CW, 1001 * SEC, 900 * SEC, &[]);
+    t.apply_snapshot(&truth, CW, &[NS], 1001 * SEC, 900 * SEC, &[]);
     assert_eq!(t.owners_of(synthetic_id(7_001)), vec![key(10)]);
 }
