@@ -11,13 +11,6 @@
 //! them when sockets enter a watched state without a known owner (at most every few hundred
 //! ms) and for periodic reconciliation. Orphaned sockets (FIN_WAIT2 after close, TIME_WAIT)
 //! have inode 0 and no holder.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "procs switches to it from its own container_id next"
-    )
-)]
 pub mod cgroup;
 pub mod diag;
 pub mod netns;

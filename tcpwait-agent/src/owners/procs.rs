@@ -260,25 +260,17 @@ impl ProcScanner {
         // No cgroup file (a kernel without cgroups) is no cgroup, not a failure.
         let cgroups = read_all(proc, "cgroup").unwrap_or_default();
         let cgroups = String::from_utf8_lossy(&cgroups);
-        let cgroup = cgroups
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(str::to_owned);
-        let container = cgroup.as_deref().and_then(container_id).or_else(|| {
-            // cgroup v1 or hybrid hosts: the id is in the controllers' paths.
-            cgroups
-                .lines()
-                .filter_map(|l| l.splitn(3, ':').nth(2))
-                .find_map(container_id)
-        });
+        let cgroup = super::cgroup::unified_path(&cgroups).map(str::to_owned);
+        // cgroup v1 or hybrid hosts: the ids are in the controllers' paths.
+        let context = super::cgroup::from_proc_cgroup(&cgroups);
         let netns = read_link(proc, "ns/net").and_then(|l| super::netns::parse_ns_link(&l));
         let info = ProcessInfo {
             key,
             comm,
             cmdline,
             cgroup,
-            container,
-            pod_uid: None,
+            container: context.container_id,
+            pod_uid: context.pod_uid,
             netns,
         };
         self.cache.insert(
@@ -378,18 +370,6 @@ fn join_cmdline(raw: &[u8]) -> String {
         .map(|&b| if b == 0 { b' ' } else { b })
         .collect();
     String::from_utf8_lossy(&joined).into_owned()
-}
-
-/// The container id in a cgroup path: a 64-hex-digit component, bare (`/docker/<id>`, cgroupfs
-/// kubepods) or wrapped as systemd scopes name them (`docker-<id>.scope`,
-/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`). The innermost one wins
-/// (a container's own `init.scope` below it is skipped).
-pub fn container_id(cgroup: &str) -> Option<String> {
-    cgroup.split('/').rev().find_map(|part| {
-        let part = part.strip_suffix(".scope").unwrap_or(part);
-        let id = part.rsplit_once('-').map_or(part, |(_, id)| id);
-        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
-    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use super::*;
-use crate::owners::procs;
 
 /// A fixture's text, by file stem.
 macro_rules! fixture {
@@ -236,42 +235,7 @@ fn the_unified_path_is_the_0_line_as_written() {
     assert_eq!(unified_path(""), None);
 }
 
-/// `procs::container_id` is what `ProcessInfo.container` holds today; this module must give
-/// the same id for every path, but where its header says it differs.
-#[test]
-fn container_ids_agree_with_procs_container_id() {
-    let mut differing = BTreeSet::new();
-    for ((name, text), _) in cases() {
-        for path in text.lines().filter_map(line).map(|(_, path)| path) {
-            if parse(path).container_id != procs::container_id(path) {
-                differing.insert(name);
-            }
-        }
-    }
-    let expected = BTreeSet::from([
-        // conmon scopes: procs takes the monitored container's id.
-        "k8s-systemd-crio-conmon",
-        "minikube-crio-conmon-v1",
-        "podman-conmon",
-        // `slice:prefix:id`: procs finds no id.
-        "k8s-containerd-driver-mismatch-v1",
-    ]);
-    assert_eq!(differing, expected);
-    // The differences, exactly.
-    let conmon = format!("/machine.slice/libpod-conmon-{ID5}.scope");
-    assert_eq!(procs::container_id(&conmon).as_deref(), Some(ID5));
-    assert_eq!(parse(&conmon).container_id, None);
-    let mismatch = format!(
-        "/system.slice/containerd.service/kubepods-pod{STATIC_UID}.slice:cri-containerd:{ID9}"
-    );
-    assert_eq!(procs::container_id(&mismatch), None);
-    assert_eq!(parse(&mismatch).container_id.as_deref(), Some(ID9));
-    let deleted = format!("/system.slice/docker-{ID10}.scope (deleted)");
-    assert_eq!(procs::container_id(&deleted), None);
-    assert_eq!(parse(&deleted).container_id.as_deref(), Some(ID10));
-}
-
-/// procs' own table of container id cases, unchanged.
+/// The container id cases the agent handled before this module, unchanged.
 #[test]
 fn procs_container_id_cases_are_reproduced() {
     let id = ID0;
@@ -295,7 +259,6 @@ fn procs_container_id_cases_are_reproduced() {
     ];
     for (path, want) in cases {
         assert_eq!(parse(&path).container_id.as_deref(), want, "{path}");
-        assert_eq!(procs::container_id(&path).as_deref(), want, "{path}");
     }
 }
 

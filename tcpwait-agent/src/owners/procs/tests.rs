@@ -278,31 +278,6 @@ fn details_are_filled_and_kept_raw() {
 }
 
 #[test]
-fn container_ids_from_the_three_path_styles() {
-    let cases = [
-        (format!("/system.slice/docker-{ID}.scope"), Some(ID)),
-        (
-            format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{ID}.scope"),
-            Some(ID),
-        ),
-        (format!("/docker/{ID}"), Some(ID)),
-        (format!("/kubepods/besteffort/pod0f3c/{ID}"), Some(ID)),
-        (
-            format!("/machine.slice/libpod-{ID}.scope/init.scope"),
-            Some(ID),
-        ),
-        (format!("/docker/{}", &ID[..63]), None),
-        (format!("/docker/{}x", &ID[..63]), None),
-        ("/user.slice/user-0.slice/session-1.scope".to_owned(), None),
-        ("/".to_owned(), None),
-        (String::new(), None),
-    ];
-    for (path, want) in cases {
-        assert_eq!(container_id(&path).as_deref(), want, "{path}");
-    }
-}
-
-#[test]
 fn socket_links_are_parsed_exactly() {
     assert_eq!(socket_inode(b"socket:[0]"), Some(0));
     assert_eq!(socket_inode(b"socket:[4294967295]"), Some(4_294_967_295));
