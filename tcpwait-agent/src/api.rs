@@ -101,6 +101,9 @@ pub struct ProcessReport {
     /// Kubernetes pod UID, from the cgroup path.
     #[serde(default)]
     pub pod_uid: Option<String>,
+    /// Container runtime, from the cgroup path.
+    #[serde(default)]
+    pub runtime: Option<String>,
     /// Inode of the process's network namespace (`/proc/<pid>/ns/net`).
     #[serde(default)]
     pub netns: Option<u32>,

@@ -26,6 +26,9 @@ pub struct ProcessInfo {
     pub container: Option<String>,
     /// Kubernetes pod UID derived from the cgroup path (kubelet's `pod<uid>` component), if any.
     pub pod_uid: Option<String>,
+    /// The container runtime that named the cgroup (`docker`, `containerd`, `cri-o`,
+    /// `podman`), when the path tells.
+    pub runtime: Option<&'static str>,
     /// Inode of the process's network namespace (`/proc/<pid>/ns/net`), if readable.
     pub netns: Option<u32>,
 }

@@ -56,6 +56,7 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
                 cgroup: p.process.cgroup.clone(),
                 container: p.process.container.clone(),
                 pod_uid: p.process.pod_uid.clone(),
+                runtime: p.process.runtime.map(str::to_owned),
                 netns: p.process.netns,
                 count: u64::from(p.count),
                 oldest_age_s: secs(p.oldest_age_ns),

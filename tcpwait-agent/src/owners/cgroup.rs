@@ -111,6 +111,7 @@ pub struct CgroupContext {
 
 impl CgroupContext {
     /// Whether the path named neither a container nor a pod.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.container_id.is_none() && self.pod_uid.is_none()
     }

@@ -271,6 +271,7 @@ impl ProcScanner {
             cgroup,
             container: context.container_id,
             pod_uid: context.pod_uid,
+            runtime: context.runtime.map(super::cgroup::Runtime::as_str),
             netns,
         };
         self.cache.insert(

@@ -89,6 +89,7 @@ fn info(pid: u32) -> ProcessInfo {
         cgroup: Some(format!("/system.slice/srv{pid}.service")),
         container: None,
         pod_uid: None,
+        runtime: None,
         netns: Some(NS),
     }
 }
