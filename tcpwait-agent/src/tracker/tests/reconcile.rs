@@ -210,3 +210,190 @@ fn a_holder_that_exited_after_the_scan_stays_gone() {
     t.apply_snapshot(&truth, CW, &[NS], 1001 * SEC, 900 * SEC, &[]);
     assert_eq!(t.owners_of(synthetic_id(7_001)), vec![key(10)]);
 }
+
+/// A second network namespace (a pod): the same 4-tuples as [`NS`] can live there at once.
+const POD_NS: u32 = 4_026_532_999;
+
+/// Socket `n`'s transition in namespace `netns` (the same tuple as `tr(n, …)`).
+fn tr_in(netns: u32, n: u64, id: u64, old: TcpState, new: TcpState, ts: u64) -> Transition {
+    Transition {
+        netns,
+        sock: sock(id),
+        ..tr(n, old, new, ts)
+    }
+}
+
+fn diag_in(netns: u32, n: u64) -> DiagSocket {
+    DiagSocket {
+        netns,
+        ..diag(n, TcpState::CloseWait, None)
+    }
+}
+
+#[test]
+fn a_dump_of_namespace_a_leaves_the_sockets_of_namespace_b_untouched() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    t.apply(&tr_in(
+        NS,
+        1,
+        1,
+        TcpState::Established,
+        TcpState::CloseWait,
+        SEC,
+    ));
+    t.apply(&tr_in(
+        POD_NS,
+        2,
+        2,
+        TcpState::Established,
+        TcpState::CloseWait,
+        SEC,
+    ));
+    // The pod's namespace could not be dumped: only the host's is in the snapshot, and it no
+    // longer holds socket 1.
+    let r = t.reconcile(&[], CW, &[NS], 10 * SEC, 0);
+    assert_eq!((r.removed, r.added), (1, 0));
+    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), None);
+    assert_eq!(t.socket_by_tuple(POD_NS, &tuple(2)), Some(sock(2)));
+    // A record of namespace B in a snapshot that does not claim B is ignored.
+    let r = t.reconcile(
+        &[(diag_in(POD_NS, 3), vec![info(30)])],
+        CW,
+        &[NS],
+        11 * SEC,
+        0,
+    );
+    assert_eq!(r, ReconcileReport::default());
+    assert_eq!(t.socket_by_tuple(POD_NS, &tuple(3)), None);
+    // Once B is dumped, its truth applies to it alone.
+    let r = t.reconcile(&[], CW, &[POD_NS], 12 * SEC, 0);
+    assert_eq!(r.removed, 1);
+    assert!(t.is_empty());
+}
+
+#[test]
+fn the_same_tuple_in_two_namespaces_is_two_sockets_with_their_own_owners() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    // Socket 1's tuple, once in the host namespace (kernel socket 1) and once in a pod's
+    // (kernel socket 101).
+    t.apply(&tr_in(
+        NS,
+        1,
+        1,
+        TcpState::Established,
+        TcpState::CloseWait,
+        SEC,
+    ));
+    t.apply(&tr_in(
+        POD_NS,
+        1,
+        101,
+        TcpState::Established,
+        TcpState::CloseWait,
+        SEC,
+    ));
+    assert_eq!((t.len(), t.counters().tuple_conflicts), (2, 0));
+    let host = (diag_in(NS, 1), vec![info(10)]);
+    let pod = (
+        DiagSocket {
+            inode: 90_001,
+            ..diag_in(POD_NS, 1)
+        },
+        vec![info(20)],
+    );
+    let r = t.reconcile(&[host, pod], CW, &[NS, POD_NS], 2 * SEC, 0);
+    assert_eq!(
+        r,
+        ReconcileReport::default(),
+        "both matched, nothing repaired"
+    );
+    assert_eq!(t.owners_of(sock(1)), vec![key(10)]);
+    assert_eq!(t.owners_of(sock(101)), vec![key(20)]);
+    let counts: Vec<(u32, u32)> = t
+        .processes(TcpState::CloseWait, 3 * SEC)
+        .iter()
+        .map(|p| (p.process.key.pid, p.count))
+        .collect();
+    assert_eq!(counts, [(10, 1), (20, 1)]);
+}
+
+#[test]
+fn owner_queries_name_the_connect_and_listen_callers_of_the_same_namespace() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    let client_task = |pid| Task {
+        pid,
+        tid: pid,
+        comm: Comm(*b"client\0\0\0\0\0\0\0\0\0\0"),
+    };
+    // A client socket: connect() ran in pid 41's context.
+    let mut connect = tr_in(POD_NS, 1, 1, TcpState::Close, TcpState::SynSent, SEC);
+    connect.task = client_task(41);
+    t.apply(&connect);
+    // An accepted socket of a listener that pid 52 opened on the same port in the host
+    // namespace, and one that pid 53 opened in the pod's.
+    let mut listen = tr_in(NS, 2, 500, TcpState::Close, TcpState::Listen, SEC);
+    listen.task = client_task(52);
+    t.apply(&listen);
+    let mut listen_pod = tr_in(POD_NS, 2, 501, TcpState::Close, TcpState::Listen, SEC);
+    listen_pod.task = client_task(53);
+    t.apply(&listen_pod);
+    t.apply(&tr_in(
+        POD_NS,
+        2,
+        2,
+        TcpState::SynRecv,
+        TcpState::Established,
+        2 * SEC,
+    ));
+    t.apply(&tr_in(
+        POD_NS,
+        2,
+        2,
+        TcpState::Established,
+        TcpState::CloseWait,
+        3 * SEC,
+    ));
+    let q = t.owner_query(sock(2)).expect("tracked");
+    assert_eq!(
+        (q.netns, q.tuple, q.candidates),
+        (POD_NS, tuple(2), vec![53])
+    );
+    // The client's hint (41) goes first; the listener on its local port in its namespace
+    // (53, SERVER's port: every test tuple shares it) follows.
+    t.apply(&tr_in(
+        POD_NS,
+        1,
+        1,
+        TcpState::SynSent,
+        TcpState::Established,
+        2 * SEC,
+    ));
+    t.apply(&tr_in(
+        POD_NS,
+        1,
+        1,
+        TcpState::Established,
+        TcpState::CloseWait,
+        3 * SEC,
+    ));
+    let q = t.owner_query(sock(1)).expect("tracked");
+    assert_eq!(q.candidates, vec![41, 53]);
+    // A hint is never an owner.
+    assert_eq!(t.owners_of(sock(1)), vec![]);
+    assert!(t.awaits_owner(sock(1), 3 * SEC));
+    // Known owners replace it; the pod's listener closing drops it as a candidate.
+    assert!(t.set_owners(sock(1), vec![info(41)]));
+    assert_eq!(t.owners_of(sock(1)), vec![key(41)]);
+    t.apply(&tr_in(
+        POD_NS,
+        2,
+        501,
+        TcpState::Listen,
+        TcpState::Close,
+        4 * SEC,
+    ));
+    assert_eq!(
+        t.owner_query(sock(2)).expect("tracked").candidates,
+        Vec::<u32>::new()
+    );
+}
