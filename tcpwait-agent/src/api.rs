@@ -181,6 +181,10 @@ pub struct Counters {
     /// Transitions that reached the agent after a later one (applied out of time order).
     #[serde(default)]
     pub late: u64,
+    /// Full reconciliations with the kernel's socket lists (every namespace, every holder)
+    /// applied since start, bootstrap included.
+    #[serde(default)]
+    pub reconciliations: u64,
     /// Network namespaces the last owner snapshot dumped.
     #[serde(default)]
     pub namespaces_dumped: u64,

@@ -85,6 +85,8 @@ struct Daemon {
     warned_namespaces: HashSet<u32>,
     /// Namespace dumps that failed, summed over snapshots.
     namespace_failures: u64,
+    /// Full reconciliations applied (bootstrap included).
+    reconciliations: u64,
     /// What the last snapshot cost (for metrics and status).
     last_cost: resolver::Cost,
     /// The `instance` label of delivered alerts.
@@ -173,6 +175,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         left_during_snapshot: HashMap::new(),
         warned_namespaces: HashSet::new(),
         namespace_failures: 0,
+        reconciliations: 0,
         last_cost: resolver::Cost::default(),
         args,
         config,

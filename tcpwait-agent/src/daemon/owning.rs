@@ -111,6 +111,9 @@ impl Daemon {
                     .is_none_or(|&at| at < snapshot.taken_ns)
             })
             .collect();
+        if snapshot.reconcile {
+            self.reconciliations += 1;
+        }
         let report = self.tracker.apply_snapshot(
             &truth,
             &snapshot.states,

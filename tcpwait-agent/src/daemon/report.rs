@@ -83,6 +83,7 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconcile_corrected: c.repairs_corrected,
             duplicates: c.duplicates,
             late: d.kernel.late,
+            reconciliations: d.reconciliations,
             namespaces_dumped: d.last_cost.namespaces,
             namespace_failures: d.namespace_failures,
         },

@@ -67,6 +67,8 @@ pub struct Snapshot {
     pub gone: Vec<ProcessKey>,
     /// How the holders were found.
     pub cost: Cost,
+    /// An answer to [`Ask::Reconcile`]: every namespace, every holder.
+    pub reconcile: bool,
 }
 
 /// What a snapshot cost, for metrics and the benchmark.
@@ -183,6 +185,7 @@ impl Worker {
         };
         match req.ask {
             Ask::Reconcile => {
+                snap.reconcile = true;
                 self.rediscover();
                 let all: Vec<u32> = self.namespaces.inodes().collect();
                 self.dump(&all, &mut snap);

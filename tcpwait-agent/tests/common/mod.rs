@@ -19,6 +19,8 @@ use std::{
 
 pub use serde_json::Value;
 
+pub mod netns;
+
 /// The `tcpwait` binary built by cargo for this test run.
 pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
 
@@ -154,8 +156,22 @@ pub struct Peer {
 impl Peer {
     /// Starts this test executable in `role` with `args`, named `comm`.
     pub fn spawn(role: &str, comm: &str, args: &[String]) -> Self {
+        Self::spawn_via(&[], role, comm, args)
+    }
+
+    /// As [`Peer::spawn`], through `wrapper` (e.g. `ip netns exec NAME`, which enters the
+    /// namespace and execs: the peer keeps the wrapper's pid).
+    pub fn spawn_via(wrapper: &[&str], role: &str, comm: &str, args: &[String]) -> Self {
         let exe = std::env::current_exe().expect("test executable path");
-        let mut child = Command::new(exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
             .args([
                 "--exact",
                 "common_role_entry",
@@ -316,6 +332,29 @@ pub fn role_main() {
                 }
             }
         }
+        "client_bound" => {
+            // Like "client", each socket bound to local port `lport + i` first, so two
+            // namespaces can hold the very same 4-tuples.
+            let addr: SocketAddr = args[0].parse().expect("addr");
+            let n: usize = args[1].parse().expect("count");
+            let lport: u16 = args[2].parse().expect("local port");
+            let mut socks: Vec<TcpStream> = (0..n)
+                .map(|i| bound_connect(lport + i as u16, addr))
+                .collect();
+            writeln!(out, "connected {n}").expect("out");
+            out.flush().expect("flush");
+            for line in stdin.lock().lines() {
+                match line.as_deref() {
+                    Ok("close") => {
+                        socks.clear();
+                        writeln!(out, "closed").expect("out");
+                        out.flush().expect("flush");
+                    }
+                    Ok("exit") | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
         "forker" => {
             // One socket, then fork: parent and child both hold it.
             let addr: SocketAddr = args[0].parse().expect("addr");
@@ -344,6 +383,51 @@ pub fn role_main() {
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);
+}
+
+/// An IPv4 TCP socket bound to 127.0.0.1:`lport`, connected to `addr`.
+fn bound_connect(lport: u16, addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket calls on an fd this function owns until it is handed to TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let sin = |port: u16, ip: std::net::Ipv4Addr| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        let local = sin(lport, std::net::Ipv4Addr::LOCALHOST);
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, (&raw const local).cast(), len),
+            0,
+            "bind 127.0.0.1:{lport}: {}",
+            std::io::Error::last_os_error()
+        );
+        let remote = sin(v4.port(), *v4.ip());
+        assert_eq!(
+            libc::connect(fd, (&raw const remote).cast(), len),
+            0,
+            "connect {addr} from {lport}: {}",
+            std::io::Error::last_os_error()
+        );
+        TcpStream::from_raw_fd(fd)
+    }
 }
 
 /// A free loopback port: bound once by the test, then released for a server.

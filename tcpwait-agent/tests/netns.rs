@@ -1,0 +1,286 @@
+//! Privileged tests: sockets in network namespaces other than the agent's, as every pod
+//! without `hostNetwork` and every bridged container holds them. The agent runs in the host
+//! namespace; peers run inside fresh named namespaces (`ip netns add`, as a CNI plugin makes
+//! them), where each has its own 127.0.0.1, so the same 4-tuple can exist in several at once.
+//!
+//! Kernel behaviour exercised: the event carries `sk->__sk_common.skc_net.net->ns.inum`; an
+//! inet_diag dump answers only for the namespace of the netlink socket that asks, so the agent
+//! must dump from inside each namespace; sockets of a deleted namespace close (their processes
+//! die) and leave through their own transitions.
+mod common;
+
+use std::time::Duration;
+
+use common::{Peer, Value, daemon, netns::NetNs, process_in, require_root, status, wait_until};
+
+#[test]
+fn common_role_entry() {
+    common::role_main();
+}
+
+/// Firing alert lines for `pid`.
+fn firing_for(tw: &common::Tcpwait, pid: u32) -> Vec<Value> {
+    common::alerts(tw)
+        .into_iter()
+        .filter(|a| a["pid"] == pid && a["alert"] == "firing")
+        .collect()
+}
+
+fn resolved_for(tw: &common::Tcpwait, pid: u32) -> usize {
+    common::alerts(tw)
+        .iter()
+        .filter(|a| a["pid"] == pid && a["alert"] == "resolved")
+        .count()
+}
+
+fn count_of(st: &Value, pid: u32) -> Option<u64> {
+    process_in(st, pid).and_then(|p| p["count"].as_u64())
+}
+
+/// A server and a leaking client (own comm) in one namespace, the agent in the host's.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces"]
+fn a_leak_inside_a_namespace_is_attributed_and_alerted() {
+    require_root();
+    let ns = NetNs::new("leak");
+    let socket = common::api_socket("netns-leak");
+    let tw = daemon(
+        &socket,
+        &["--close-wait-age", "2", "--reconcile-interval", "1s"],
+    );
+    let (mut srv, port) = ns.server("tw-ns-server", "127.0.0.1:0", 5);
+    let cli = ns.spawn(
+        "client",
+        "tw-ns-leaker",
+        &[format!("127.0.0.1:{port}"), "5".to_owned()],
+    );
+    let mut cli = cli;
+    cli.expect_line("connected");
+    srv.expect_line("accepted");
+    let (pid, server_pid) = (cli.pid(), srv.pid());
+    assert!(
+        wait_until(Duration::from_secs(6), || count_of(&status(&socket), pid)
+            == Some(5)),
+        "client never listed with 5: {}",
+        status(&socket)
+    );
+    let st = status(&socket);
+    let p = process_in(&st, pid).expect("listed");
+    assert_eq!(p["comm"], "tw-ns-leaker");
+    assert_eq!(p["netns"], ns.inode(), "the client's namespace: {p}");
+    for s in p["sockets"].as_array().expect("sockets") {
+        assert_eq!(s["netns"], ns.inode(), "{s}");
+    }
+    assert_eq!(
+        process_in(&st, server_pid),
+        None,
+        "the server holds nothing"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || firing_for(&tw, pid).len() == 1),
+        "no alert: {:?}",
+        tw.stdout.snapshot()
+    );
+    // Two more reconciliations: the namespace is dumped, nothing is removed as "gone".
+    let before = status(&socket)["counters"]["reconciliations"]
+        .as_u64()
+        .expect("counter");
+    assert!(wait_until(Duration::from_secs(8), || {
+        status(&socket)["counters"]["reconciliations"]
+            .as_u64()
+            .expect("counter")
+            >= before + 2
+    }));
+    let st = status(&socket);
+    assert_eq!(st["counters"]["reconcile_removed"], 0, "{st}");
+    assert_eq!(count_of(&st, pid), Some(5));
+    assert_eq!(firing_for(&tw, pid).len(), 1, "exactly one alert");
+    assert!(
+        common::alerts(&tw).iter().all(|a| a["pid"] != server_pid),
+        "the server is never blamed"
+    );
+}
+
+/// Two namespaces hold the very same 4-tuples (server port P, client ports L..): 3 in one, 5
+/// in the other.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces"]
+fn the_same_four_tuple_in_two_namespaces_is_attributed_to_each_holder() {
+    require_root();
+    let (a, b) = (NetNs::new("tuple-a"), NetNs::new("tuple-b"));
+    let socket = common::api_socket("netns-tuple");
+    let tw = daemon(&socket, &["--close-wait-age", "2"]);
+    let (mut srv_a, _) = a.server("tw-srv-a", "127.0.0.1:7070", 3);
+    let (mut srv_b, _) = b.server("tw-srv-b", "127.0.0.1:7070", 5);
+    let mut cli_a = a.bound_client("tw-cli-a", "127.0.0.1:7070", 3, 41000);
+    let mut cli_b = b.bound_client("tw-cli-b", "127.0.0.1:7070", 5, 41000);
+    srv_a.expect_line("accepted");
+    srv_b.expect_line("accepted");
+    let (pa, pb) = (cli_a.pid(), cli_b.pid());
+    assert!(
+        wait_until(Duration::from_secs(6), || {
+            let st = status(&socket);
+            count_of(&st, pa) == Some(3) && count_of(&st, pb) == Some(5)
+        }),
+        "{}",
+        status(&socket)
+    );
+    let st = status(&socket);
+    assert_eq!(process_in(&st, pa).expect("a")["netns"], a.inode());
+    assert_eq!(process_in(&st, pb).expect("b")["netns"], b.inode());
+    assert!(wait_until(Duration::from_secs(5), || {
+        firing_for(&tw, pa).len() == 1 && firing_for(&tw, pb).len() == 1
+    }));
+    let counts: Vec<(u64, u64)> = [pa, pb]
+        .iter()
+        .map(|&p| {
+            (
+                u64::from(p),
+                firing_for(&tw, p)[0]["count"].as_u64().expect("count"),
+            )
+        })
+        .collect();
+    assert_eq!(counts, [(u64::from(pa), 3), (u64::from(pb), 5)]);
+    // A closes: only A resolves, B keeps its 5.
+    cli_a.send("close");
+    cli_a.expect_line("closed");
+    assert!(
+        wait_until(Duration::from_secs(5), || resolved_for(&tw, pa) == 1),
+        "{:?}",
+        tw.stdout.snapshot()
+    );
+    let st = status(&socket);
+    assert_eq!((count_of(&st, pa), count_of(&st, pb)), (None, Some(5)));
+    assert_eq!(resolved_for(&tw, pb), 0);
+    cli_b.send("close");
+    cli_b.expect_line("closed");
+    assert!(wait_until(Duration::from_secs(5), || resolved_for(&tw, pb) == 1));
+}
+
+/// A host process and a namespaced one each hold 3 CLOSE_WAIT sockets with the same 4-tuple.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces"]
+fn a_host_process_and_a_pod_with_the_same_tuples_are_each_listed_with_their_own() {
+    require_root();
+    let ns = NetNs::new("host-pod");
+    let socket = common::api_socket("netns-host-pod");
+    let _tw = daemon(&socket, &["--close-wait-age", "30"]);
+    let port = common::free_port();
+    let lport = common::free_port();
+    let (mut host_srv, _) = common::server("tw-host-srv", &format!("127.0.0.1:{port}"), 3);
+    let mut host_cli = Peer::spawn(
+        "client_bound",
+        "tw-host-cli",
+        &[format!("127.0.0.1:{port}"), "3".into(), lport.to_string()],
+    );
+    host_cli.expect_line("connected");
+    host_srv.expect_line("accepted");
+    let (mut pod_srv, _) = ns.server("tw-pod-srv", &format!("127.0.0.1:{port}"), 3);
+    let pod_cli = ns.bound_client("tw-pod-cli", &format!("127.0.0.1:{port}"), 3, lport);
+    pod_srv.expect_line("accepted");
+    let (h, p) = (host_cli.pid(), pod_cli.pid());
+    assert!(
+        wait_until(Duration::from_secs(6), || {
+            let st = status(&socket);
+            count_of(&st, h) == Some(3) && count_of(&st, p) == Some(3)
+        }),
+        "{}",
+        status(&socket)
+    );
+    // Stays so through a full reconciliation (the bug: the host's dump matched the pod's
+    // tuples and blamed the host process for 6).
+    let st = status(&socket);
+    assert_eq!((count_of(&st, h), count_of(&st, p)), (Some(3), Some(3)));
+    assert_eq!(
+        process_in(&st, h).expect("host")["netns"],
+        common::netns::own_inode()
+    );
+    assert_eq!(process_in(&st, p).expect("pod")["netns"], ns.inode());
+}
+
+/// Sockets that were in CLOSE_WAIT inside a namespace before the agent started.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces"]
+fn sockets_that_predate_the_agent_in_a_namespace_are_listed_with_an_age_bound() {
+    require_root();
+    let ns = NetNs::new("pre");
+    let (mut srv, port) = ns.server("tw-pre-srv", "127.0.0.1:0", 4);
+    let cli = ns.bound_client("tw-pre-cli", &format!("127.0.0.1:{port}"), 4, 42000);
+    srv.expect_line("accepted");
+    let socket = common::api_socket("netns-pre");
+    let _tw = daemon(&socket, &["--close-wait-age", "60"]);
+    assert!(
+        wait_until(Duration::from_secs(3), || count_of(
+            &status(&socket),
+            cli.pid()
+        ) == Some(4)),
+        "{}",
+        status(&socket)
+    );
+    let p = process_in(&status(&socket), cli.pid()).expect("listed");
+    assert_eq!(p["comm"], "tw-pre-cli");
+    assert_eq!(p["oldest_age_is_lower_bound"], true, "{p}");
+    assert_eq!(p["netns"], ns.inode());
+}
+
+/// A namespace goes away (its processes killed, then `ip netns del`) while tracked.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces"]
+fn a_namespace_that_goes_away_takes_its_sockets_and_leaves_the_others() {
+    require_root();
+    let (mut gone, stays) = (NetNs::new("gone"), NetNs::new("stays"));
+    let socket = common::api_socket("netns-gone");
+    let tw = daemon(
+        &socket,
+        &["--close-wait-age", "60", "--reconcile-interval", "1s"],
+    );
+    let (mut srv_g, port_g) = gone.server("tw-gone-srv", "127.0.0.1:0", 2);
+    let mut cli_g = gone.bound_client("tw-gone-cli", &format!("127.0.0.1:{port_g}"), 2, 43000);
+    let (mut srv_s, port_s) = stays.server("tw-stay-srv", "127.0.0.1:0", 3);
+    let cli_s = stays.bound_client("tw-stay-cli", &format!("127.0.0.1:{port_s}"), 3, 43000);
+    srv_g.expect_line("accepted");
+    srv_s.expect_line("accepted");
+    assert!(wait_until(Duration::from_secs(6), || {
+        let st = status(&socket);
+        count_of(&st, cli_g.pid()) == Some(2) && count_of(&st, cli_s.pid()) == Some(3)
+    }));
+    let tracked_before = status(&socket)["tracked_sockets"].as_u64().expect("n");
+    // Kill everything in the namespace, then delete it.
+    for p in [&mut cli_g, &mut srv_g] {
+        p.child.kill().expect("kill");
+        p.child.wait().expect("reap");
+    }
+    gone.delete();
+    // Its 2 CLOSE_WAIT sockets, its listener, and the server's accepted sockets (already
+    // closed) are gone; the other namespace keeps its 3.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let st = status(&socket);
+            count_of(&st, cli_g.pid()).is_none() && count_of(&st, cli_s.pid()) == Some(3)
+        }),
+        "{}",
+        status(&socket)
+    );
+    let st = status(&socket);
+    assert!(
+        st["tracked_sockets"].as_u64().expect("n") < tracked_before,
+        "{st}"
+    );
+    assert_eq!(st["unowned"].as_array().map(Vec::len), Some(0), "{st}");
+    // Two reconciliations later nothing came back, and nothing was logged as an error.
+    let seen = st["counters"]["reconciliations"].as_u64().expect("counter");
+    assert!(wait_until(Duration::from_secs(8), || {
+        status(&socket)["counters"]["reconciliations"]
+            .as_u64()
+            .expect("counter")
+            >= seen + 2
+    }));
+    assert_eq!(count_of(&status(&socket), cli_s.pid()), Some(3));
+    let errors: Vec<String> = tw
+        .stderr
+        .snapshot()
+        .into_iter()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .collect();
+    assert_eq!(errors, Vec::<String>::new());
+}
