@@ -239,6 +239,8 @@ fn systemd_unit_security_exposure_is_ok() {
         "SystemCallFilter=~@reboot",
         "SystemCallFilter=~@module",
         "RestrictNamespaces=~user",
+        "RestrictNamespaces=~mnt",
+        "RestrictNamespaces=~pid",
     ] {
         assert!(set(name), "{name} not satisfied:\n{out}");
     }
@@ -264,8 +266,13 @@ fn daemonset_has_host_views_and_minimal_capabilities() {
     let template = &ds["spec"]["template"];
     let spec = &template["spec"];
     assert_eq!(spec["hostPID"], Yaml::Boolean(true));
-    assert_eq!(spec["hostNetwork"], Yaml::Boolean(true));
-    assert_eq!(spec["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
+    // Every network namespace is reached through /proc/<pid>/ns/net: no hostNetwork.
+    assert!(
+        spec["hostNetwork"].is_badvalue(),
+        "{:?}",
+        spec["hostNetwork"]
+    );
+    assert!(spec["dnsPolicy"].is_badvalue(), "{:?}", spec["dnsPolicy"]);
     // Tolerates every taint: a toleration with operator Exists and no key.
     assert!(
         spec["tolerations"]
