@@ -14,7 +14,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 14] = [
+const METRICS: [(&str, Kind); 17] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_close_wait_sockets", Kind::Gauge),
@@ -27,6 +27,9 @@ const METRICS: [(&str, Kind); 14] = [
     ("tcpwait_duplicate_transitions_total", Kind::Counter),
     ("tcpwait_late_transitions_total", Kind::Counter),
     ("tcpwait_owner_scan_denied_total", Kind::Counter),
+    ("tcpwait_owner_snapshot_namespaces", Kind::Gauge),
+    ("tcpwait_owner_snapshot_duration_seconds", Kind::Gauge),
+    ("tcpwait_owner_namespace_failures_total", Kind::Counter),
     ("tcpwait_alert_deliveries_total", Kind::Counter),
     ("tcpwait_build_info", Kind::Gauge),
 ];

@@ -298,6 +298,9 @@ fn promtool_accepts_the_metrics() {
         "tcpwait_duplicate_transitions_total 0",
         "tcpwait_late_transitions_total 0",
         "tcpwait_owner_scan_denied_total 0",
+        "tcpwait_owner_namespace_failures_total 0",
+        "tcpwait_owner_snapshot_namespaces ",
+        "tcpwait_owner_snapshot_duration_seconds ",
         "tcpwait_build_info{version=",
     ] {
         assert!(text.contains(name), "{name} missing");
