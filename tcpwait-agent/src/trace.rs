@@ -172,6 +172,7 @@ mod tests {
         Transition {
             ts_ns,
             sock: SocketId(sock),
+            netns: 4_026_531_833,
             saddr: "127.0.0.1".parse().expect("literal"),
             sport: 1,
             daddr: "127.0.0.1".parse().expect("literal"),

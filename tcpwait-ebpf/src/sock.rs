@@ -48,6 +48,8 @@ pub(crate) struct Fields {
     pub(crate) family: u16,
     pub(crate) oldstate: u8,
     pub(crate) newstate: u8,
+    /// Inode number of the socket's network namespace; 0 if unknown.
+    pub(crate) netns: u32,
 }
 
 /// The fields of a transition of `sk`, or `None` if it is not a TCP socket.
@@ -84,6 +86,7 @@ pub(crate) unsafe fn sock_fields<M: SockMem>(
     // refuses a direct load there, so both programs read it through the helper.
     let sport: u16 = u16::from_be(unsafe { Probed::get(sk, off.sport) }.unwrap_or(0));
     let dport: u16 = u16::from_be(unsafe { M::get(sk, off.dport) }.unwrap_or(0));
+    let netns = unsafe { netns::<M>(sk, off) };
     Some(Fields {
         skaddr: sk,
         saddr,
@@ -93,7 +96,33 @@ pub(crate) unsafe fn sock_fields<M: SockMem>(
         family,
         oldstate: state_u8(oldstate),
         newstate: state_u8(newstate),
+        netns,
     })
+}
+
+/// The inode number of `sk`'s network namespace, `sk->__sk_common.skc_net.net->ns.inum`, or 0
+/// if the agent found no offsets for it (or a read failed).
+///
+/// `Direct` (the BTF tracepoint): the verifier accepts both loads. The 8-byte load at
+/// `off.net` in `struct sock` lands on `possible_net_t.net`, so the verifier types the result
+/// as a pointer to `struct net` (a BTF pointer too, untrusted on kernels that tag it `__rcu`
+/// but still readable by direct, fault-safe loads), and the 4-byte load at `off.net_inum` is
+/// checked against `struct net`'s BTF. No helper call: two loads on the hot path.
+/// `Probed` (the raw and classic tracepoints): two `bpf_probe_read_kernel` calls; a freed or
+/// bogus pointer makes the helper fail, and the event carries 0.
+#[inline(always)]
+pub(crate) unsafe fn netns<M: SockMem>(sk: u64, off: &SockOffsets) -> u32 {
+    // Constants to the verifier (a frozen read-only map): it verifies only the branch taken.
+    if off.net == 0 || off.net_inum == 0 {
+        return 0;
+    }
+    // SAFETY (the block): loads checked as `M` says; offsets come from the kernel's BTF.
+    unsafe {
+        match M::get::<u64>(sk, off.net) {
+            Some(net) => M::get::<u32>(net, off.net_inum).unwrap_or(0),
+            None => 0,
+        }
+    }
 }
 
 /// An IPv6 address at `sk + off`, as four 32-bit loads (`struct in6_addr` is an array of
@@ -130,6 +159,8 @@ pub(crate) unsafe fn write_event(dst: *mut TransitionEvent, f: &Fields) -> u64 {
         put(addr_of_mut!((*dst).family), f.family);
         put(addr_of_mut!((*dst).oldstate), f.oldstate);
         put(addr_of_mut!((*dst).newstate), f.newstate);
+        put(addr_of_mut!((*dst).netns), f.netns);
+        put(addr_of_mut!((*dst).reserved), 0);
         ts
     }
 }

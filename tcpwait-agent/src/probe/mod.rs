@@ -114,15 +114,40 @@ impl Probe {
     /// test that compares their decoding only.
     pub fn attach(category: &str, name: &str, compare: bool) -> Result<Self, ProbeError> {
         raise_memlock();
-        let offsets = btf::Btf::from_sys_fs().and_then(|b| b.sock_offsets());
+        let (offsets, netns) = match btf::Btf::from_sys_fs() {
+            Ok(b) => (
+                b.sock_offsets(),
+                b.netns_offsets().map_err(|e| e.to_string()),
+            ),
+            Err(e) => {
+                let why = e.to_string();
+                (Err(e), Err(why))
+            }
+        };
         // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
         // keeps freed heap memory unless asked to give it back.
         // SAFETY: malloc_trim only releases free heap pages.
         let trim = || unsafe { libc::malloc_trim(0) };
-        let global = offsets.as_ref().ok().map(|o| SockOffsets {
-            always: u32::from(compare),
-            ..*o
+        // The namespace offsets serve every program, the classic one included, so they are
+        // passed even where the `struct sock` ones are missing.
+        let global = (offsets.is_ok() || netns.is_ok()).then(|| {
+            let (net, net_inum) = netns.clone().unwrap_or_default();
+            SockOffsets {
+                net,
+                net_inum,
+                always: u32::from(compare),
+                ..offsets.as_ref().copied().unwrap_or_default()
+            }
         });
+        if let Err(e) = &netns {
+            // Said once, at start: a 0 must never pass for a namespace.
+            warn!(
+                error = %e,
+                "socket network namespaces are unknown (netns null in --json): sockets of \
+                 other namespaces (containers, `ip netns`) cannot be told apart from the \
+                 host's, nor attributed to their namespace"
+            );
+        }
         let mut loader = EbpfLoader::new();
         if let Some(g) = &global {
             loader.override_global("SOCK_OFFSETS", g, true);

@@ -57,6 +57,7 @@ pub(crate) fn tr(n: u64, old: TcpState, new: TcpState, ts_ns: u64) -> Transition
     Transition {
         ts_ns,
         sock: sock(n),
+        netns: 4_026_531_833,
         saddr: ip(SERVER.0),
         sport: SERVER.1,
         daddr: ip(&caddr),

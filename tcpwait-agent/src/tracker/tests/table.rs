@@ -200,6 +200,7 @@ fn million_sockets_memory() {
         t.apply(&Transition {
             ts_ns: n,
             sock: sock(n),
+            netns: 4_026_531_833,
             saddr: ip(SERVER.0),
             sport: SERVER.1,
             daddr: IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + (n / 60_000) as u32)),
