@@ -154,8 +154,32 @@ pub struct Peer {
 impl Peer {
     /// Starts this test executable in `role` with `args`, named `comm`.
     pub fn spawn(role: &str, comm: &str, args: &[String]) -> Self {
+        Self::spawn_in(None, role, comm, args)
+    }
+
+    /// [`Peer::spawn`], in network namespace `netns` (the host's if `None`).
+    pub fn spawn_in(netns: Option<&NetNs>, role: &str, comm: &str, args: &[String]) -> Self {
         let exe = std::env::current_exe().expect("test executable path");
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        // Open in the parent, kept open until the child has entered the namespace.
+        let ns_file = netns.map(|ns| {
+            std::fs::File::open(ns.path())
+                .unwrap_or_else(|e| panic!("open {}: {e}", ns.path().display()))
+        });
+        if let Some(f) = &ns_file {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+            // SAFETY: setns is async-signal-safe, and only reads an fd the parent opened.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd
             .args([
                 "--exact",
                 "common_role_entry",
@@ -212,7 +236,12 @@ impl Drop for Peer {
 /// A server peer: listens on `addr` (port 0 = any), accepts `n` connections and closes each
 /// accepted socket at once; prints `port <P>` when listening and `accepted <n>` when done.
 pub fn server(comm: &str, addr: &str, n: usize) -> (Peer, u16) {
-    let mut p = Peer::spawn("server", comm, &[addr.to_owned(), n.to_string()]);
+    server_in(None, comm, addr, n)
+}
+
+/// [`server`], in network namespace `netns` (the host's if `None`).
+pub fn server_in(netns: Option<&NetNs>, comm: &str, addr: &str, n: usize) -> (Peer, u16) {
+    let mut p = Peer::spawn_in(netns, "server", comm, &[addr.to_owned(), n.to_string()]);
     let port = p.expect_line("port").parse().expect("port number");
     (p, port)
 }
@@ -220,7 +249,17 @@ pub fn server(comm: &str, addr: &str, n: usize) -> (Peer, u16) {
 /// A client peer: connects `n` sockets to `addr`, prints `connected <local ports…>`, holds them
 /// until told `close`, then closes them and prints `closed`.
 pub fn client(comm: &str, addr: SocketAddr, n: usize) -> (Peer, Vec<u16>) {
-    let mut p = Peer::spawn("client", comm, &[addr.to_string(), n.to_string()]);
+    client_in(None, comm, addr, n)
+}
+
+/// [`client`], in network namespace `netns` (the host's if `None`).
+pub fn client_in(
+    netns: Option<&NetNs>,
+    comm: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> (Peer, Vec<u16>) {
+    let mut p = Peer::spawn_in(netns, "client", comm, &[addr.to_string(), n.to_string()]);
     let ports = p
         .expect_line("connected")
         .split_whitespace()
@@ -423,4 +462,55 @@ pub fn alerts(tw: &Tcpwait) -> Vec<Value> {
         .into_iter()
         .filter(|v| v.get("alert").is_some())
         .collect()
+}
+
+/// A fresh network namespace (`ip netns add`, loopback up), deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `tw-<test pid>-<tag>`.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("tw-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("run ip {args:?} (iproute2 installed?): {e}"));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let me = Self { name };
+        ip(&["-n", &me.name, "link", "set", "lo", "up"]);
+        me
+    }
+
+    /// `/run/netns/<name>`, the namespace's file.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// The namespace's inode number.
+    pub fn inode(&self) -> u64 {
+        netns_inode(&self.path().to_string_lossy())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The inode number of a namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`).
+pub fn netns_inode(path: &str) -> u64 {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}"));
+    std::os::unix::fs::MetadataExt::ino(&meta)
 }
