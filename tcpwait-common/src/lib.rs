@@ -211,7 +211,8 @@ pub struct SockOffsets {
     /// `__sk_common.skc_net.net`: the `struct net *` of the socket's namespace (inside the
     /// `possible_net_t` wrapper). 0: not known, the programs send `netns` 0.
     pub net: u32,
-    /// `ns.inum` in `struct net`: the namespace's inode number (u32). 0: not known.
+    /// `ns.inum` in `struct net`: the namespace's inode number (u32). 0: not known; the
+    /// agent sets both or neither, and the programs test only this one.
     pub net_inum: u32,
     /// Nonzero: the rescue program records every transition, not only nested ones (for the
     /// test that compares the programs' decoding).

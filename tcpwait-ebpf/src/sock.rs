@@ -112,8 +112,8 @@ pub(crate) unsafe fn sock_fields<M: SockMem>(
 /// bogus pointer makes the helper fail, and the event carries 0.
 #[inline(always)]
 pub(crate) unsafe fn netns<M: SockMem>(sk: u64, off: &SockOffsets) -> u32 {
-    // Constants to the verifier (a frozen read-only map): it verifies only the branch taken.
-    if off.net == 0 || off.net_inum == 0 {
+    // The agent sets both offsets or neither (`Btf::netns_offsets`): one test on the hot path.
+    if off.net_inum == 0 {
         return 0;
     }
     // SAFETY (the block): loads checked as `M` says; offsets come from the kernel's BTF.
@@ -159,11 +159,18 @@ pub(crate) unsafe fn write_event(dst: *mut TransitionEvent, f: &Fields) -> u64 {
         put(addr_of_mut!((*dst).family), f.family);
         put(addr_of_mut!((*dst).oldstate), f.oldstate);
         put(addr_of_mut!((*dst).newstate), f.newstate);
-        put(addr_of_mut!((*dst).netns), f.netns);
-        put(addr_of_mut!((*dst).reserved), 0);
+        // `netns` and the reserved word that follows it, in one 8-byte store (little-endian
+        // target: `netns` is the low half); one instruction fewer per event.
+        put(addr_of_mut!((*dst).netns).cast::<u64>(), u64::from(f.netns));
         ts
     }
 }
+
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(TransitionEvent, netns) % 8 == 0);
+    assert!(offset_of!(TransitionEvent, reserved) == offset_of!(TransitionEvent, netns) + 4);
+};
 
 /// A kernel state as one byte. Kernel TCP states are 1..=12; a value that does not fit is
 /// sent as 0, which the agent counts as an unknown state (truncating 257 to 1 would forge
