@@ -201,6 +201,10 @@ pub struct TraceArgs {
     /// compares the three programs' decoding only.
     #[arg(long, hide = true)]
     pub test_compare: bool,
+    /// Withhold the network namespace offsets from the programs, as on a kernel whose BTF
+    /// lacks them. For the test of that path only.
+    #[arg(long, hide = true)]
+    pub test_no_netns: bool,
 }
 
 /// Filters shared by `trace` and `tail`. Criteria combine with AND; repeated flags with OR.

@@ -14,7 +14,7 @@ use crate::{
     cli::TraceArgs,
     event::{DecodeErrors, SocketId, TcpState, Transition, decode},
     output::{Clock, Format, TEXT_HEADER, TransitionRecord, write_record},
-    probe::{KernelCounters, Probe},
+    probe::{KernelCounters, Probe, TestModes},
 };
 
 /// How often the ring is drained when the kernel has not woken us (it wakes us once per
@@ -62,7 +62,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         Format::Text
     };
     let (category, name) = &args.tracepoint;
-    let mut probe = Probe::attach(category, name, args.test_compare)?;
+    let test = TestModes {
+        compare: args.test_compare,
+        no_netns: args.test_no_netns,
+    };
+    let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let clock = Clock::now();

@@ -378,3 +378,44 @@ fn every_transition_carries_its_sockets_network_namespace() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn without_namespace_offsets_every_netns_is_null_and_the_start_says_so() {
+    // A kernel whose BTF gives no offsets for `struct net` (or no BTF at all: the classic
+    // program alone) cannot tell namespaces apart. No program may then send a value that
+    // passes for a namespace, and the agent says so once, before it starts tracing. With
+    // --test-compare the BTF, classic and rescue programs all run without the offsets.
+    require_root();
+    let mut tw = Tcpwait::start(
+        &["trace", "--json", "--test-no-netns", "--test-compare"],
+        READY,
+    );
+    let (mut srv, port) = server("tw-server", "127.0.0.1:0", 1);
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (mut cli, cports) = client("tw-client", addr, 1);
+    srv.expect_line("accepted");
+    cli.send("close");
+    cli.expect_line("closed");
+    srv.send("exit");
+    let _ = srv.child.wait();
+    // 10 transitions and 2 for the listener, each from three programs.
+    let seen = wait_until(Duration::from_secs(5), || {
+        of_connection(&tw.json(), port, cports[0]).len() >= 3 * 12
+    });
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let ours = of_connection(&tw.json(), port, cports[0]);
+    assert!(seen, "{ours:?}");
+    for r in &ours {
+        assert_eq!(r.get("netns"), Some(&Value::Null), "{r}");
+    }
+    let stderr = tw.stderr.snapshot();
+    let said: Vec<usize> = (0..stderr.len())
+        .filter(|&i| stderr[i].contains("socket network namespaces are unknown"))
+        .collect();
+    let ready = stderr
+        .iter()
+        .position(|l| l.contains(READY))
+        .expect("ready line");
+    assert!(said.len() == 1 && said[0] < ready, "{stderr:?}");
+}

@@ -53,6 +53,18 @@ pub struct KernelCounters {
     pub late: u64,
 }
 
+/// Test-only changes to how the probe loads (hidden `trace` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestModes {
+    /// Attach the main program both as a BTF and as a classic tracepoint, and make the rescue
+    /// program record every transition too, so each transition arrives three times: for the
+    /// test that compares their decoding.
+    pub compare: bool,
+    /// Withhold the network namespace offsets, as on a kernel whose BTF lacks them: for the
+    /// test of the "namespaces unknown" path.
+    pub no_netns: bool,
+}
+
 /// How the programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -109,16 +121,20 @@ impl Probe {
     /// runtime (the ring buffer registers with its reactor).
     ///
     /// The main program is the BTF tracepoint; where the kernel has no BTF or refuses it, the
-    /// classic tracepoint takes its place. `compare` attaches both forms and makes the rescue
-    /// program record every transition too, so each transition arrives three times: for the
-    /// test that compares their decoding only.
-    pub fn attach(category: &str, name: &str, compare: bool) -> Result<Self, ProbeError> {
+    /// classic tracepoint takes its place. `test` changes that for tests only (see
+    /// [`TestModes`]); everything else passes `TestModes::default()`.
+    pub fn attach(category: &str, name: &str, test: TestModes) -> Result<Self, ProbeError> {
+        let TestModes { compare, no_netns } = test;
         raise_memlock();
         let (offsets, netns) = match btf::Btf::from_sys_fs() {
-            Ok(b) => (
-                b.sock_offsets(),
-                b.netns_offsets().map_err(|e| e.to_string()),
-            ),
+            Ok(b) => {
+                let netns = if no_netns {
+                    Err("withheld for a test (--test-no-netns)".to_owned())
+                } else {
+                    b.netns_offsets().map_err(|e| e.to_string())
+                };
+                (b.sock_offsets(), netns)
+            }
             Err(e) => {
                 let why = e.to_string();
                 (Err(e), Err(why))
