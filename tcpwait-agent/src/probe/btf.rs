@@ -248,6 +248,8 @@ impl Btf {
     /// an anonymous struct holding `net` (an empty one without CONFIG_NET_NS); `struct
     /// ns_common` changed shape over time (on 6.18 `inum` follows the new `ns_type` and
     /// precedes an anonymous union), so `inum` is searched through anonymous members too.
+    /// Read from Debian's kernel packages' BTF (2026-12-05), as `bpftool btf dump` shows
+    /// them: 5.10.0-46 and 6.1.0-57 `(48, 144)`, 6.12.118 `(48, 136)`, 6.18 `(48, 176)`.
     pub fn netns_offsets(&self) -> Result<(u32, u32), BtfError> {
         let sock = self.struct_id("sock")?;
         let (common_in_sock, _) = self
