@@ -259,18 +259,28 @@ fn parse_state(s: &str) -> Result<TcpState, String> {
     })
 }
 
-/// A namespace inode number, or the path of a namespace file (whose inode it is).
+/// A namespace inode number, or the path of a network namespace file (whose inode it is).
 fn parse_netns(s: &str) -> Result<u32, String> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    /// `NS_GET_NSTYPE` (`_IO(0xb7, 0x3)`, linux/nsfs.h, Linux ≥ 4.11).
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     if let Ok(n) = s.parse::<u32>() {
         return match n {
             0 => Err("0 is no namespace's inode number".into()),
             n => Ok(n),
         };
     }
-    let meta = std::fs::metadata(s)
+    let file = std::fs::File::open(s)
         .map_err(|e| format!("neither an inode number nor a readable namespace file ({e})"))?;
-    u32::try_from(std::os::unix::fs::MetadataExt::ino(&meta))
-        .map_err(|_| format!("{s} is not a namespace file: its inode does not fit 32 bits"))
+    // SAFETY: an ioctl without argument on an fd this function owns.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(format!(
+            "{s} is not a network namespace file (such as /run/netns/NAME or /proc/PID/ns/net)"
+        ));
+    }
+    let meta = file.metadata().map_err(|e| format!("stat {s}: {e}"))?;
+    u32::try_from(meta.ino()).map_err(|_| format!("{s}: inode number beyond 32 bits"))
 }
 
 fn parse_tracepoint(s: &str) -> Result<(String, String), String> {
@@ -350,6 +360,8 @@ mod tests {
             vec!["tcpwait", "trace", "-4", "-6"],
             vec!["tcpwait", "trace", "--netns", "0"],
             vec!["tcpwait", "trace", "--netns", "/nonexistent/ns"],
+            vec!["tcpwait", "trace", "--netns", "/proc/self/ns/uts"],
+            vec!["tcpwait", "trace", "--netns", "/proc/self/stat"],
             vec!["tcpwait", "trace", "--bogus"],
             vec!["tcpwait", "run", "--close-wait-age", "0"],
             vec!["tcpwait", "run", "--close-wait-age", "-3"],
