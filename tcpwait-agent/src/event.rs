@@ -160,6 +160,10 @@ pub struct Transition {
     pub ts_ns: u64,
     /// Kernel socket identity.
     pub sock: SocketId,
+    /// Inode number of the socket's network namespace (as `stat -L /proc/<pid>/ns/net` shows
+    /// it for a process inside); 0 when the kernel side could not read it (no kernel BTF).
+    /// Two namespaces can hold the same addresses and ports at once.
+    pub netns: u32,
     /// Local address.
     pub saddr: IpAddr,
     /// Local port.
@@ -174,10 +178,6 @@ pub struct Transition {
     pub new: TcpState,
     /// Task on CPU.
     pub task: Task,
-    /// Inode number of the socket's network namespace (`ns.inum`, what `/proc/<pid>/ns/net`
-    /// names); 0 when the kernel program could not read it. Two namespaces can hold the same
-    /// 4-tuple at once, so (netns, tuple) is what identifies a connection across the host.
-    pub netns: u32,
 }
 
 impl Transition {
@@ -222,6 +222,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     Ok(Transition {
         ts_ns: ev.ts_ns,
         sock: SocketId(ev.skaddr),
+        netns: ev.netns,
         saddr,
         sport: ev.sport,
         daddr,
@@ -233,7 +234,6 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
             tid: ev.pid_tgid as u32,
             comm: Comm(ev.comm),
         },
-        netns: 0,
     })
 }
 
@@ -273,6 +273,11 @@ mod tests {
 
     /// Hand-made wire bytes, laid out field by field as the kernel program writes them.
     fn wire(family: u16, old: u8, new: u8) -> Vec<u8> {
+        wire_in(family, old, new, 4_026_531_833)
+    }
+
+    /// `wire`, in network namespace `netns`.
+    fn wire_in(family: u16, old: u8, new: u8, netns: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(TRANSITION_EVENT_SIZE);
         b.extend_from_slice(&1_234_567_890u64.to_le_bytes()); // ts_ns
         b.extend_from_slice(&0xffff_8880_1234_5678u64.to_le_bytes()); // skaddr
@@ -296,6 +301,8 @@ mod tests {
         b.extend_from_slice(&family.to_le_bytes());
         b.push(old);
         b.push(new);
+        b.extend_from_slice(&netns.to_le_bytes());
+        b.extend_from_slice(&[0; 4]); // reserved
         assert_eq!(b.len(), TRANSITION_EVENT_SIZE);
         b
     }
@@ -312,6 +319,23 @@ mod tests {
         assert_eq!((t.task.pid, t.task.tid), (4242, 4243));
         assert_eq!(t.task.comm.as_bytes(), b"curl\x1b");
         assert_eq!(t.family(), 4);
+        // The initial namespace's inode number on 6.18 (PROC_NET_INIT_INO, 0xeffffff9).
+        assert_eq!(t.netns, 4_026_531_833);
+    }
+
+    #[test]
+    fn decodes_the_namespace() {
+        let t = decode(&wire_in(AF_INET6, 1, 8, 4_026_532_301)).expect("valid record");
+        assert_eq!(t.netns, 4_026_532_301);
+        assert_eq!(t.dport, 54321, "the fields before it are unmoved");
+        // 0 is the kernel side's "unknown", passed on as it is.
+        assert_eq!(decode(&wire_in(AF_INET, 1, 8, 0)).expect("valid").netns, 0);
+        assert_eq!(
+            decode(&wire_in(AF_INET, 1, 8, u32::MAX))
+                .expect("valid")
+                .netns,
+            u32::MAX
+        );
     }
 
     #[test]
@@ -326,11 +350,13 @@ mod tests {
     #[test]
     fn rejects_truncated_and_oversize() {
         let good = wire(AF_INET, 1, 8);
-        assert_eq!(decode(&good[..79]), Err(DecodeError::Truncated(79)));
+        assert_eq!(decode(&good[..87]), Err(DecodeError::Truncated(87)));
+        // The size of the event before it carried its namespace.
+        assert_eq!(decode(&good[..80]), Err(DecodeError::Truncated(80)));
         assert_eq!(decode(&[]), Err(DecodeError::Truncated(0)));
         let mut big = good.clone();
         big.extend_from_slice(&[0; 8]);
-        assert_eq!(decode(&big), Err(DecodeError::Oversize(88)));
+        assert_eq!(decode(&big), Err(DecodeError::Oversize(96)));
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct Filter {
     pub states: Vec<TcpState>,
     /// 4 or 6.
     pub family: Option<u8>,
+    /// Network namespace inode numbers. A transition whose namespace is unknown (0) matches
+    /// none of them.
+    pub netns: Vec<u32>,
 }
 
 impl Filter {
@@ -36,6 +39,7 @@ impl Filter {
                 || self.states.contains(&t.old)
                 || self.states.contains(&t.new))
             && self.family.is_none_or(|f| f == t.family())
+            && (self.netns.is_empty() || (t.netns != 0 && self.netns.contains(&t.netns)))
     }
 }
 
@@ -50,6 +54,7 @@ mod tests {
         Transition {
             ts_ns: 1,
             sock: SocketId(1),
+            netns: 4_026_532_301,
             saddr: "127.0.0.1".parse().expect("literal"),
             sport: 8080,
             daddr: "127.0.0.1".parse().expect("literal"),
@@ -61,7 +66,6 @@ mod tests {
                 tid: 7,
                 comm: Comm(comm),
             },
-            netns: 0,
         }
     }
 
@@ -123,6 +127,25 @@ mod tests {
             ports: vec![1],
             ..Default::default()
         }));
+        assert!(f(Filter {
+            netns: vec![1, 4_026_532_301],
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            netns: vec![4_026_531_833],
+            ..Default::default()
+        }));
+    }
+
+    #[test]
+    fn unknown_namespace_matches_no_namespace_filter() {
+        let t = Transition { netns: 0, ..t() };
+        assert!(Filter::default().matches(&t, None));
+        let f = Filter {
+            netns: vec![0],
+            ..Default::default()
+        };
+        assert!(!f.matches(&t, None));
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct TransitionRecord<'a> {
     pub ts_ns: u64,
     /// Kernel socket address, hex.
     pub skaddr: String,
+    /// Inode number of the socket's network namespace; `null` when unknown (absent from a
+    /// record of an agent that predates it, hence the default).
+    #[serde(default)]
+    pub netns: Option<u32>,
     /// On-CPU process id (not necessarily the owner).
     pub pid: u32,
     /// On-CPU thread id.
@@ -138,6 +142,7 @@ impl<'a> TransitionRecord<'a> {
         Self {
             ts_ns: t.ts_ns,
             skaddr: t.sock.to_string(),
+            netns: (t.netns != 0).then_some(t.netns),
             pid: t.task.pid,
             tid: t.task.tid,
             comm: t.task.comm.to_string_lossy(),
@@ -220,6 +225,7 @@ mod tests {
         Transition {
             ts_ns: 5_000_000_000,
             sock: SocketId(0xffff_0000_0000_1000),
+            netns: 4_026_532_301,
             saddr: "::1".parse().expect("literal"),
             sport: 8080,
             daddr: "::1".parse().expect("literal"),
@@ -231,7 +237,6 @@ mod tests {
                 tid: 11,
                 comm: Comm(comm),
             },
-            netns: 0,
         }
     }
 
@@ -262,9 +267,28 @@ mod tests {
         assert_eq!(v["new"], "CLOSE_WAIT");
         assert_eq!(v["ms_in_old"], 1.5);
         assert_eq!(v["skaddr"], "0xffff000000001000");
+        assert_eq!(v["netns"], 4_026_532_301u32);
         assert!(v.get("owner_pid").is_none());
         // serde_json escapes the ESC byte itself: the raw line holds no control character.
         assert!(!buf[..buf.len() - 1].iter().any(|b| b.is_ascii_control()));
+    }
+
+    #[test]
+    fn unknown_namespace_is_null_in_json() {
+        let t = Transition {
+            netns: 0,
+            ..sample()
+        };
+        let mut buf = Vec::new();
+        let r = TransitionRecord::new(&t, None, None);
+        write_record(&mut buf, Format::Json, &Clock::with_offset(0), &r).expect("write");
+        let v: serde_json::Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert_eq!(v.get("netns"), Some(&serde_json::Value::Null));
+        // A record from an agent without the key reads as unknown.
+        let mut old = v.clone();
+        old.as_object_mut().expect("object").remove("netns");
+        let back: TransitionRecord<'_> = serde_json::from_value(old).expect("old record");
+        assert_eq!(back.netns, None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{
     cli::TraceArgs,
     event::{DecodeErrors, SocketId, TcpState, Transition, decode},
     output::{Clock, Format, TEXT_HEADER, TransitionRecord, write_record},
-    probe::{KernelCounters, Probe},
+    probe::{KernelCounters, Probe, TestModes},
 };
 
 /// How often the ring is drained when the kernel has not woken us (it wakes us once per
@@ -62,7 +62,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         Format::Text
     };
     let (category, name) = &args.tracepoint;
-    let mut probe = Probe::attach(category, name, args.test_compare)?;
+    let test = TestModes {
+        compare: args.test_compare,
+        no_netns: args.test_no_netns,
+    };
+    let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let clock = Clock::now();
@@ -172,6 +176,7 @@ mod tests {
         Transition {
             ts_ns,
             sock: SocketId(sock),
+            netns: 4_026_531_833,
             saddr: "127.0.0.1".parse().expect("literal"),
             sport: 1,
             daddr: "127.0.0.1".parse().expect("literal"),
@@ -183,7 +188,6 @@ mod tests {
                 tid: 1,
                 comm: Comm([0; 16]),
             },
-            netns: 0,
         }
     }
 

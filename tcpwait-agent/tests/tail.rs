@@ -168,3 +168,44 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
             >= missed
     );
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn tail_netns_keeps_exactly_one_namespaces_transitions() {
+    // Each transition carries its socket's namespace (`skc_net.net->ns.inum`); `tail --netns`
+    // (filtered by the daemon) keeps a fresh namespace's transitions, those of a connection
+    // in the host's namespace at the same time are left out.
+    require_root();
+    let ns = NetNs::new("tail");
+    let inside = ns.inode();
+    let sock = api_socket("tail-netns");
+    let _tw = daemon(&sock, &[]);
+    let ns_path = ns.path().to_string_lossy().into_owned();
+    let mut t = Tcpwait::start(
+        &["tail", "--json", "--netns", &ns_path, "--socket", &sock],
+        "following",
+    );
+    let (mut srv_ns, port) = server_in(Some(&ns), "tw-ns-server", "127.0.0.1:0", 1);
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (mut cli_ns, _) = client_in(Some(&ns), "tw-ns-client", addr, 1);
+    let (mut srv_host, port) = server("tw-server", "127.0.0.1:0", 1);
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (mut cli_host, _) = client("tw-client", addr, 1);
+    for (srv, cli) in [(&mut srv_ns, &mut cli_ns), (&mut srv_host, &mut cli_host)] {
+        srv.expect_line("accepted");
+        cli.send("close");
+        cli.expect_line("closed");
+        srv.send("exit");
+        let _ = srv.child.wait();
+    }
+    // 10 for the connection, 2 for its listener; nothing else runs in the namespace. The
+    // host's connection ended after the namespace's: had it passed, it would be there too.
+    let complete = wait_until(Duration::from_secs(5), || t.stdout.snapshot().len() >= 12);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(t.stop(libc::SIGINT), 0);
+    let got = t.json();
+    assert!(complete && got.len() == 12, "{got:?}");
+    for r in &got {
+        assert_eq!(r["netns"], inside, "{r}");
+    }
+}

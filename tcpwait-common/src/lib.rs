@@ -36,10 +36,16 @@ pub struct TransitionEvent {
     pub oldstate: u8,
     /// Kernel `TCP_*` state after the transition.
     pub newstate: u8,
+    /// Inode number of the socket's network namespace (`sk->__sk_common.skc_net.net->ns.inum`,
+    /// what `stat /proc/<pid>/ns/net` shows for a process in it); 0 when unknown (no kernel
+    /// BTF offsets for it). Two namespaces can hold the same 4-tuple at once.
+    pub netns: u32,
+    /// Always 0: keeps the size a multiple of 8 without implicit padding.
+    pub reserved: u32,
 }
 
 /// Size of [`TransitionEvent`] on the wire.
-pub const TRANSITION_EVENT_SIZE: usize = 80;
+pub const TRANSITION_EVENT_SIZE: usize = 88;
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
 
@@ -124,7 +130,7 @@ pub mod counter {
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.
-/// 4 MiB holds ~51k events (batches of 32 × 80 bytes, 8 bytes of header each; ~47k sent one
+/// 4 MiB holds ~47k events (batches of 32 × 88 bytes, 8 bytes of header each; ~43k sent one
 /// by one): a third of a second of the maximum loopback rate measured on the project's
 /// machines (~140k transitions/s), against a reader that drains every 50 ms or per 64 KiB. The agent maps the data area twice (the
 /// kernel's wrap-around mapping), so this size counts twice in its RSS.
@@ -202,11 +208,17 @@ pub struct SockOffsets {
     pub protocol: u32,
     /// Size of `sk_protocol`: 1 or 2 bytes.
     pub protocol_size: u32,
+    /// `__sk_common.skc_net.net`: the `struct net *` of the socket's namespace (inside the
+    /// `possible_net_t` wrapper). 0: not known, the programs send `netns` 0.
+    pub net: u32,
+    /// `ns.inum` in `struct net`: the namespace's inode number (u32). 0: not known; the
+    /// agent sets both or neither, and the programs test only this one.
+    pub net_inum: u32,
     /// Nonzero: the rescue program records every transition, not only nested ones (for the
     /// test that compares the programs' decoding).
     pub always: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockOffsets>() == 40);
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 48);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, u32 fields only, no padding (size asserted above).

@@ -5,9 +5,9 @@ use aya_ebpf::{EbpfContext as _, macros::tracepoint, programs::TracePointContext
 use tcpwait_common::{AF_INET6, IPPROTO_TCP, TransitionEvent, counter, record};
 
 use crate::{
-    EVENTS, RECORD_BYTES, bump,
+    EVENTS, RECORD_BYTES, SOCK_OFFSETS, bump,
     handled::mark_handled,
-    sock::{Fields, state_u8, write_event},
+    sock::{Fields, Probed, netns, state_u8, write_event},
     wakeup_flags,
 };
 
@@ -70,8 +70,11 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
     };
     let oldstate: i32 = unsafe { field(ctx, record::OLDSTATE) };
     let newstate: i32 = unsafe { field(ctx, record::NEWSTATE) };
+    let skaddr: u64 = unsafe { field(ctx, record::SKADDR) };
+    // SAFETY: reads a read-only global the agent set at load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
     let fields = Fields {
-        skaddr: unsafe { field(ctx, record::SKADDR) },
+        skaddr,
         saddr,
         daddr,
         sport: unsafe { field(ctx, record::SPORT) },
@@ -79,6 +82,11 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
         family,
         oldstate: state_u8(oldstate),
         newstate: state_u8(newstate),
+        // The record has no namespace: read it from the socket (through the helper, `skaddr`
+        // is an untyped address here) at the offsets the agent found in the kernel's BTF; 0
+        // without them (no BTF: the agent says at start that namespaces are unknown).
+        // SAFETY: bpf_probe_read_kernel checks every address.
+        netns: unsafe { netns::<Probed>(skaddr, &off) },
     };
     // SAFETY: the reservation is sized for one event.
     unsafe { write_event(entry.as_mut_ptr(), &fields) };

@@ -69,6 +69,8 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     v6_daddr: 0,
     protocol: 0,
     protocol_size: 0,
+    net: 0,
+    net_inum: 0,
     always: 0,
 };
 

@@ -101,7 +101,7 @@ struct Daemon {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
-    let probe = Probe::attach(category, name, false)?;
+    let probe = Probe::attach(category, name, Default::default())?;
     let attachment = probe.attachment();
     let listener = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))

@@ -1,7 +1,8 @@
 //! Field offsets of `struct sock` from the running kernel's BTF (`/sys/kernel/btf/vmlinux`),
-//! for the raw-tracepoint program, which receives a `struct sock *` instead of the classic
-//! tracepoint's record. Offsets are read at load time, never hard-coded for one kernel, and
-//! passed to the program as read-only globals.
+//! for the BTF- and raw-tracepoint programs, which receive a `struct sock *` instead of the
+//! classic tracepoint's record, and of the socket's network namespace inode (`struct net`),
+//! which every program reads. Offsets are read at load time, never hard-coded for one kernel,
+//! and passed to the programs as read-only globals.
 //!
 //! The parser reads only what it needs from the BTF format (include/uapi/linux/btf.h): type
 //! records, struct/union members, names; it follows anonymous struct/union members, because
@@ -150,6 +151,17 @@ impl Btf {
 
     /// Byte offset and size of `member` in struct/union `id`, searching anonymous members.
     fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        let (off, ty) = self.member_typed(id, member)?;
+        Some((off, self.size(ty)?))
+    }
+
+    /// Whether type `id` is a pointer (after typedefs and qualifiers).
+    fn is_pointer(&self, id: u32) -> bool {
+        self.types.get(self.resolve(id) as usize).map(|t| t.kind) == Some(2)
+    }
+
+    /// Byte offset and type id of `member` in struct/union `id`, searching anonymous members.
+    fn member_typed(&self, id: u32, member: &str) -> Option<(u32, u32)> {
         let t = self.types.get(id as usize)?;
         for i in 0..t.vlen as usize {
             let m = t.members_at as usize + i * 12;
@@ -165,12 +177,12 @@ impl Btf {
                 if bits % 8 != 0 || (t.kind_flag && off >> 24 != 0) {
                     return None; // a bitfield: not readable as a whole field
                 }
-                return Some((bits / 8, self.size(ty)?));
+                return Some((bits / 8, ty));
             }
             if name.is_empty() {
                 let inner = self.resolve(ty);
-                if let Some((o, s)) = self.member(inner, member) {
-                    return Some((bits / 8 + o, s));
+                if let Some((o, ty)) = self.member_typed(inner, member) {
+                    return Some((bits / 8 + o, ty));
                 }
             }
         }
@@ -223,8 +235,47 @@ impl Btf {
             v6_daddr: field("skc_v6_daddr", &[16])?,
             protocol,
             protocol_size,
+            // Filled from `netns_offsets`, which may fail alone.
+            net: 0,
+            net_inum: 0,
             always: 0,
         })
+    }
+
+    /// Where the socket's network namespace inode number is: `(net, net_inum)`, the offset of
+    /// the `struct net *` in `struct sock` (`__sk_common.skc_net.net`) and the offset of
+    /// `ns.inum` in `struct net`. Found by name: `skc_net` is a `possible_net_t`, a typedef of
+    /// an anonymous struct holding `net` (an empty one without CONFIG_NET_NS); `struct
+    /// ns_common` changed shape over time (on 6.18 `inum` follows the new `ns_type` and
+    /// precedes an anonymous union), so `inum` is searched through anonymous members too.
+    /// Read from Debian's kernel packages' BTF (2026-12-05), as `bpftool btf dump` shows
+    /// them: 5.10.0-46 and 6.1.0-57 `(48, 144)`, 6.12.118 `(48, 136)`, 6.18 `(48, 176)`.
+    pub fn netns_offsets(&self) -> Result<(u32, u32), BtfError> {
+        let sock = self.struct_id("sock")?;
+        let (common_in_sock, _) = self
+            .member(sock, "__sk_common")
+            .ok_or_else(|| BtfError::Missing("sock.__sk_common".into()))?;
+        let common = self.struct_id("sock_common")?;
+        let (skc_net, skc_net_type) = self
+            .member_typed(common, "skc_net")
+            .ok_or_else(|| BtfError::Missing("sock_common.skc_net".into()))?;
+        let net = match self.member_typed(self.resolve(skc_net_type), "net") {
+            Some((off, ty)) if self.is_pointer(ty) => common_in_sock + skc_net + off,
+            _ => {
+                return Err(BtfError::Missing(
+                    "possible_net_t.net (a kernel without CONFIG_NET_NS)".into(),
+                ));
+            }
+        };
+        let net_struct = self.struct_id("net")?;
+        let (ns, ns_type) = self
+            .member_typed(net_struct, "ns")
+            .ok_or_else(|| BtfError::Missing("net.ns".into()))?;
+        let inum = match self.member(self.resolve(ns_type), "inum") {
+            Some((off, 4)) => ns + off,
+            _ => return Err(BtfError::Missing("ns_common.inum of 4 bytes".into())),
+        };
+        Ok((net, inum))
     }
 }
 
@@ -253,6 +304,143 @@ mod tests {
             o.v6_daddr > o.family && o.v6_rcv_saddr == o.v6_daddr + 16,
             "{o:?}"
         );
+    }
+
+    #[test]
+    fn reads_the_running_kernels_netns_offsets() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!(
+                "SKIPPED: this kernel exposes no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)"
+            );
+            return;
+        };
+        let o = btf.sock_offsets().expect("offsets");
+        let (net, inum) = btf.netns_offsets().expect("netns offsets");
+        // skc_net lies in struct sock_common, after the addresses and ports and before the
+        // IPv6 addresses (include/net/sock.h), and holds an aligned pointer; the privileged
+        // trace tests check the value read there against /proc/<pid>/ns/net.
+        assert!(
+            net > o.dport && net < o.v6_daddr && net % 8 == 0,
+            "{net} {o:?}"
+        );
+        // struct net starts with other fields (refcount, locks, lists) before ns.
+        assert!(inum > 0 && inum % 4 == 0, "{inum}");
+        if std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .is_ok_and(|r| r.starts_with("6.18."))
+        {
+            // As `bpftool btf dump file /sys/kernel/btf/vmlinux` shows on the project's 6.18
+            // machines: skc_net at bit 384 of sock_common; ns at bit 1216 of net, inum at bit
+            // 192 of ns_common.
+            assert_eq!((net, inum), (48, 152 + 24));
+        }
+    }
+
+    /// A hand-made BTF blob (include/uapi/linux/btf.h): a header, then type records, then
+    /// strings.
+    struct Blob {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    impl Blob {
+        fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
+        }
+
+        fn str(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn record(&mut self, name: &str, kind: u32, vlen: u32, size_or_type: u32) -> u32 {
+            let name = self.str(name);
+            for w in [name, (kind << 24) | vlen, size_or_type] {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        }
+
+        fn int(&mut self, name: &str, size: u32) -> u32 {
+            let id = self.record(name, 1, 0, size);
+            self.types.extend_from_slice(&(size * 8).to_le_bytes());
+            id
+        }
+
+        /// A struct of `(name, type, byte offset)` members.
+        fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let id = self.record(name, 4, members.len() as u32, size);
+            for &(m, ty, off) in members {
+                let m = self.str(m);
+                for w in [m, ty, off * 8] {
+                    self.types.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            id
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let mut b = Vec::new();
+            b.extend_from_slice(&[0x9f, 0xeb, 1, 0]);
+            let (tl, sl) = (self.types.len() as u32, self.strings.len() as u32);
+            for w in [24, 0, tl, tl, sl] {
+                b.extend_from_slice(&w.to_le_bytes());
+            }
+            b.extend_from_slice(&self.types);
+            b.extend_from_slice(&self.strings);
+            b
+        }
+    }
+
+    /// A kernel whose `possible_net_t` holds `net` when `net_ns`, with `inum` inside an
+    /// anonymous struct of `ns_common`.
+    fn mini_kernel(net_ns: bool) -> Btf {
+        let mut b = Blob::new();
+        let uint = b.int("unsigned int", 4);
+        // Ids are given in order: net = uint + 1, its pointer + 2, ns_common + 4.
+        let (net, ptr, ns_common) = (uint + 1, uint + 2, uint + 4);
+        b.strukt("net", 64, &[("passive", uint, 0), ("ns", ns_common, 16)]);
+        b.record("", 2, 0, net); // PTR to struct net
+        let anon_inner = b.strukt("", 16, &[("stashed", uint, 0), ("inum", uint, 8)]);
+        assert_eq!(anon_inner, uint + 3);
+        assert_eq!(b.strukt("ns_common", 16, &[("", anon_inner, 0)]), ns_common);
+        let wrapper = if net_ns {
+            b.strukt("", 8, &[("net", ptr, 0)])
+        } else {
+            b.strukt("", 0, &[])
+        };
+        let possible = b.record("possible_net_t", 8, 0, wrapper); // TYPEDEF
+        let common = b.strukt(
+            "sock_common",
+            24,
+            &[("skc_daddr", uint, 0), ("skc_net", possible, 16)],
+        );
+        b.strukt("sock", 32, &[("__sk_common", common, 0)]);
+        Btf::parse(&b.bytes()).expect("hand-made BTF parses")
+    }
+
+    #[test]
+    fn netns_offsets_follow_typedefs_and_anonymous_members() {
+        // skc_net at 16 in sock_common (at 0 in sock), net at 0 in possible_net_t; ns at 16 in
+        // struct net, inum at 8 in the anonymous struct at 0 of ns_common.
+        assert_eq!(
+            mini_kernel(true).netns_offsets().expect("offsets"),
+            (16, 24)
+        );
+        let err = mini_kernel(false)
+            .netns_offsets()
+            .expect_err("no CONFIG_NET_NS");
+        assert!(err.to_string().contains("CONFIG_NET_NS"), "{err}");
     }
 
     #[test]

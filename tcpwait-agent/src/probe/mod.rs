@@ -53,6 +53,18 @@ pub struct KernelCounters {
     pub late: u64,
 }
 
+/// Test-only changes to how the probe loads (hidden `trace` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestModes {
+    /// Attach the main program both as a BTF and as a classic tracepoint, and make the rescue
+    /// program record every transition too, so each transition arrives three times: for the
+    /// test that compares their decoding.
+    pub compare: bool,
+    /// Withhold the network namespace offsets, as on a kernel whose BTF lacks them: for the
+    /// test of the "namespaces unknown" path.
+    pub no_netns: bool,
+}
+
 /// How the programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -94,6 +106,8 @@ pub struct Probe {
     watermark: u64,
     prog_fd: i32,
     attachment: Attachment,
+    /// Events carry their socket's network namespace (the kernel's BTF gave its offsets).
+    reads_netns: bool,
     /// The main program's statistics, kept by [`Probe::stop`] when it closes the program.
     stopped: Option<ProgStats>,
     /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
@@ -109,20 +123,49 @@ impl Probe {
     /// runtime (the ring buffer registers with its reactor).
     ///
     /// The main program is the BTF tracepoint; where the kernel has no BTF or refuses it, the
-    /// classic tracepoint takes its place. `compare` attaches both forms and makes the rescue
-    /// program record every transition too, so each transition arrives three times: for the
-    /// test that compares their decoding only.
-    pub fn attach(category: &str, name: &str, compare: bool) -> Result<Self, ProbeError> {
+    /// classic tracepoint takes its place. `test` changes that for tests only (see
+    /// [`TestModes`]); everything else passes `TestModes::default()`.
+    pub fn attach(category: &str, name: &str, test: TestModes) -> Result<Self, ProbeError> {
+        let TestModes { compare, no_netns } = test;
         raise_memlock();
-        let offsets = btf::Btf::from_sys_fs().and_then(|b| b.sock_offsets());
+        let (offsets, netns) = match btf::Btf::from_sys_fs() {
+            Ok(b) => {
+                let netns = if no_netns {
+                    Err("withheld for a test (--test-no-netns)".to_owned())
+                } else {
+                    b.netns_offsets().map_err(|e| e.to_string())
+                };
+                (b.sock_offsets(), netns)
+            }
+            Err(e) => {
+                let why = e.to_string();
+                (Err(e), Err(why))
+            }
+        };
         // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
         // keeps freed heap memory unless asked to give it back.
         // SAFETY: malloc_trim only releases free heap pages.
         let trim = || unsafe { libc::malloc_trim(0) };
-        let global = offsets.as_ref().ok().map(|o| SockOffsets {
-            always: u32::from(compare),
-            ..*o
+        // The namespace offsets serve every program, the classic one included, so they are
+        // passed even where the `struct sock` ones are missing.
+        let global = (offsets.is_ok() || netns.is_ok()).then(|| {
+            let (net, net_inum) = netns.clone().unwrap_or_default();
+            SockOffsets {
+                net,
+                net_inum,
+                always: u32::from(compare),
+                ..offsets.as_ref().copied().unwrap_or_default()
+            }
         });
+        if let Err(e) = &netns {
+            // Said once, at start: a 0 must never pass for a namespace.
+            warn!(
+                error = %e,
+                "socket network namespaces are unknown (netns null in --json): sockets of \
+                 other namespaces (containers, `ip netns`) cannot be told apart from the \
+                 host's, nor attributed to their namespace"
+            );
+        }
         let mut loader = EbpfLoader::new();
         if let Some(g) = &global {
             loader.override_global("SOCK_OFFSETS", g, true);
@@ -239,6 +282,7 @@ impl Probe {
             watermark: 0,
             prog_fd,
             attachment,
+            reads_netns: netns.is_ok(),
             stopped: None,
             ebpf: Some(ebpf),
         })
@@ -280,10 +324,10 @@ impl Probe {
         }
     }
 
-    /// Whether events carry the socket's network namespace (not yet: the kernel program does
-    /// not read it, every event says 0 and only the agent's own namespace is dumped).
+    /// Whether events carry their socket's network namespace. Without it every event says 0,
+    /// and the owner resolver dumps only the agent's own namespace (said once at start).
     pub fn reads_netns(&self) -> bool {
-        false
+        self.reads_netns
     }
 
     /// How the main program is attached.

@@ -17,6 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[allow(
+    unused_imports,
+    reason = "each test binary uses a different part of this module"
+)]
+pub use netns::{NetNs, netns_inode};
 pub use serde_json::Value;
 
 pub mod netns;
@@ -156,21 +161,31 @@ pub struct Peer {
 impl Peer {
     /// Starts this test executable in `role` with `args`, named `comm`.
     pub fn spawn(role: &str, comm: &str, args: &[String]) -> Self {
-        Self::spawn_via(&[], role, comm, args)
+        Self::spawn_in(None, role, comm, args)
     }
 
-    /// As [`Peer::spawn`], through `wrapper` (e.g. `ip netns exec NAME`, which enters the
-    /// namespace and execs: the peer keeps the wrapper's pid).
-    pub fn spawn_via(wrapper: &[&str], role: &str, comm: &str, args: &[String]) -> Self {
+    /// [`Peer::spawn`], in network namespace `netns` (the host's if `None`).
+    pub fn spawn_in(netns: Option<&NetNs>, role: &str, comm: &str, args: &[String]) -> Self {
         let exe = std::env::current_exe().expect("test executable path");
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(exe);
-                c
+        let mut cmd = Command::new(exe);
+        // Open in the parent, kept open until the child has entered the namespace.
+        let ns_file = netns.map(|ns| {
+            std::fs::File::open(ns.path())
+                .unwrap_or_else(|e| panic!("open {}: {e}", ns.path().display()))
+        });
+        if let Some(f) = &ns_file {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+            // SAFETY: setns is async-signal-safe, and only reads an fd the parent opened.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
             }
-            None => Command::new(exe),
-        };
+        }
         let mut child = cmd
             .args([
                 "--exact",
@@ -228,7 +243,12 @@ impl Drop for Peer {
 /// A server peer: listens on `addr` (port 0 = any), accepts `n` connections and closes each
 /// accepted socket at once; prints `port <P>` when listening and `accepted <n>` when done.
 pub fn server(comm: &str, addr: &str, n: usize) -> (Peer, u16) {
-    let mut p = Peer::spawn("server", comm, &[addr.to_owned(), n.to_string()]);
+    server_in(None, comm, addr, n)
+}
+
+/// [`server`], in network namespace `netns` (the host's if `None`).
+pub fn server_in(netns: Option<&NetNs>, comm: &str, addr: &str, n: usize) -> (Peer, u16) {
+    let mut p = Peer::spawn_in(netns, "server", comm, &[addr.to_owned(), n.to_string()]);
     let port = p.expect_line("port").parse().expect("port number");
     (p, port)
 }
@@ -236,7 +256,17 @@ pub fn server(comm: &str, addr: &str, n: usize) -> (Peer, u16) {
 /// A client peer: connects `n` sockets to `addr`, prints `connected <local ports…>`, holds them
 /// until told `close`, then closes them and prints `closed`.
 pub fn client(comm: &str, addr: SocketAddr, n: usize) -> (Peer, Vec<u16>) {
-    let mut p = Peer::spawn("client", comm, &[addr.to_string(), n.to_string()]);
+    client_in(None, comm, addr, n)
+}
+
+/// [`client`], in network namespace `netns` (the host's if `None`).
+pub fn client_in(
+    netns: Option<&NetNs>,
+    comm: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> (Peer, Vec<u16>) {
+    let mut p = Peer::spawn_in(netns, "client", comm, &[addr.to_string(), n.to_string()]);
     let ports = p
         .expect_line("connected")
         .split_whitespace()

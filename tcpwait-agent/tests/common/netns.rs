@@ -1,44 +1,48 @@
-//! Network namespaces for tests: a named namespace (`ip netns add`, so `/run/netns/NAME` names
-//! it like a CNI plugin's), deleted on drop, and peers started inside it.
-use std::{os::unix::fs::MetadataExt as _, process::Command};
+//! Fresh network namespaces for tests, and namespace inode numbers: what the kernel program
+//! reports as a socket's `netns` (`sk->__sk_common.skc_net.net->ns.inum`).
+use std::process::Command;
 
 use super::{Peer, wait_until};
 
-/// A fresh named network namespace with its loopback up; deleted on drop.
+/// A fresh network namespace (`ip netns add`, loopback up), deleted on drop.
 pub struct NetNs {
     pub name: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ip: {e}; install iproute2 (cargo xtask test does)"));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl NetNs {
     /// Creates `tw-<test pid>-<tag>`.
     pub fn new(tag: &str) -> Self {
         let name = format!("tw-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("run ip {args:?} (iproute2 installed?): {e}"));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
         ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name }
+        let me = Self { name };
+        ip(&["-n", &me.name, "link", "set", "lo", "up"]);
+        me
     }
 
-    /// The namespace's inode: what the kernel event's `netns` and `/proc/<pid>/ns/net` say.
-    pub fn inode(&self) -> u32 {
-        let meta = std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns file");
-        u32::try_from(meta.ino()).expect("inode fits u32")
+    /// `/run/netns/<name>`, the namespace's file.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// The namespace's inode number.
+    pub fn inode(&self) -> u64 {
+        netns_inode(&self.path().to_string_lossy())
     }
 
     /// Starts a peer inside the namespace.
     pub fn spawn(&self, role: &str, comm: &str, args: &[String]) -> Peer {
-        Peer::spawn_via(&["ip", "netns", "exec", &self.name], role, comm, args)
+        Peer::spawn_in(Some(self), role, comm, args)
     }
 
     /// A server inside: listens on `addr`, accepts `n` and closes each (see `super::server`).
@@ -62,29 +66,42 @@ impl NetNs {
 
     /// Deletes the namespace now (its processes must be gone for it to die).
     pub fn delete(&mut self) {
-        if !self.name.is_empty() {
-            ip(&["netns", "del", &self.name]);
-            let path = format!("/run/netns/{}", self.name);
-            assert!(wait_until(std::time::Duration::from_secs(2), || {
-                !std::path::Path::new(&path).exists()
-            }));
-            self.name.clear();
+        if self.name.is_empty() {
+            return;
         }
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+            .expect("run ip netns del");
+        assert!(
+            out.status.success(),
+            "ip netns del: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = self.path();
+        assert!(wait_until(std::time::Duration::from_secs(2), || !path.exists()));
+        self.name.clear();
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        if !self.name.is_empty() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .output();
+        if self.name.is_empty() {
+            return;
         }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
+/// The inode number of a namespace file (`/proc/<pid>/ns/net`, `/run/netns/<name>`).
+pub fn netns_inode(path: &str) -> u64 {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}"));
+    std::os::unix::fs::MetadataExt::ino(&meta)
+}
+
 /// The inode of this process's network namespace.
-pub fn own_inode() -> u32 {
-    let meta = std::fs::metadata("/proc/self/ns/net").expect("own netns");
-    u32::try_from(meta.ino()).expect("inode fits u32")
+pub fn own_inode() -> u64 {
+    netns_inode("/proc/self/ns/net")
 }

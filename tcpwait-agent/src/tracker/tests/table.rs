@@ -99,7 +99,8 @@ fn tuple_index_follows_every_update_and_removal() {
     t.apply(&listen);
     assert_eq!(t.len(), 2);
     assert_eq!(t.table.tuple_index_len(), 1);
-    // Another socket with the same tuple (another netns): the newer wins, counted.
+    // Another socket with the same namespace and tuple (its CLOSE was lost): the newer wins,
+    // counted. (In another namespace the same tuple is another key: see reconcile tests.)
     let mut dup = tr(3, TcpState::SynRecv, TcpState::Established, 4 * SEC);
     (dup.daddr, dup.dport) = (tuple(1).daddr, tuple(1).dport);
     t.apply(&dup);
