@@ -18,6 +18,17 @@ fn common_role_entry() {
     common::role_main();
 }
 
+/// The first of `n` consecutive loopback ports below the ephemeral range (32768 and up on
+/// Linux by default), each free now: ports that connect() never picks for other sockets of
+/// the host meanwhile.
+fn free_block(n: u16) -> u16 {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..30_000)
+        .step_by(usize::from(n))
+        .find(|&p| (p..p + n).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
+        .expect("a free block of loopback ports below 30000")
+}
+
 /// Firing alert lines for `pid`.
 fn firing_for(tw: &common::Tcpwait, pid: u32) -> Vec<Value> {
     common::alerts(tw)
@@ -166,7 +177,7 @@ fn a_host_process_and_a_pod_with_the_same_tuples_are_each_listed_with_their_own(
     let socket = common::api_socket("netns-host-pod");
     let _tw = daemon(&socket, &["--close-wait-age", "30"]);
     let port = common::free_port();
-    let lport = common::free_port();
+    let lport = free_block(3);
     let (mut host_srv, _) = common::server("tw-host-srv", &format!("127.0.0.1:{port}"), 3);
     let mut host_cli = Peer::spawn(
         "client_bound",
