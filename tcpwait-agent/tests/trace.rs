@@ -18,9 +18,16 @@ fn common_role_entry() {
 
 const READY: &str = "tracing TCP state transitions";
 
-fn records_of_sock(all: &[Value], skaddr: &Value) -> Vec<Value> {
+/// Records of the socket of `r`: same address, same remote port, same local port or none yet
+/// (CLOSE -> SYN_SENT). Not by address alone: once the socket is freed, a socket of another
+/// process on the host (another test's, another namespace's) can get the same address.
+fn records_of_sock(all: &[Value], r: &Value) -> Vec<Value> {
     all.iter()
-        .filter(|r| &r["skaddr"] == skaddr)
+        .filter(|o| {
+            o["skaddr"] == r["skaddr"]
+                && o["dport"] == r["dport"]
+                && (o["sport"] == r["sport"] || o["sport"] == 0)
+        })
         .cloned()
         .collect()
 }
@@ -67,7 +74,7 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
 
     let all = tw.json();
     let cw = find(&all, cport, port, "ESTABLISHED>CLOSE_WAIT").expect("seen above");
-    let client_sock = records_of_sock(&all, &cw["skaddr"]);
+    let client_sock = records_of_sock(&all, &cw);
     assert_eq!(
         edges(&client_sock),
         [
@@ -97,7 +104,7 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
     assert!(last_ack["ms_in_old"].as_f64().expect("entry seen") > 0.0);
 
     let fw2 = find(&all, port, cport, "FIN_WAIT1>FIN_WAIT2").expect("seen above");
-    let server_sock = records_of_sock(&all, &fw2["skaddr"]);
+    let server_sock = records_of_sock(&all, &fw2);
     assert_eq!(
         edges(&server_sock),
         [
