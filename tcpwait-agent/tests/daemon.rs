@@ -69,7 +69,13 @@ fn close_wait_leak_fires_for_the_holder_and_resolves() {
         process_in(&st, srv.pid()).is_none(),
         "the server is never blamed"
     );
-    assert_eq!(st["alerts"].as_array().expect("alerts").len(), 1);
+    let mine: Vec<&Value> = st["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .filter(|a| is_mine(a))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
 
     cli.send("close");
     cli.expect_line("closed");
@@ -256,6 +262,8 @@ fn reconciliation_repairs_a_table_that_missed_every_event() {
         4,
     );
     srv.expect_line("accepted");
+    // ss sees this (the host's) network namespace; the agent sees every namespace.
+    let host = netns::own_inode();
     let tracked = |st: &Value| -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = st["processes"]
             .as_array()
@@ -263,6 +271,7 @@ fn reconciliation_repairs_a_table_that_missed_every_event() {
             .iter()
             .flat_map(|p| p["sockets"].as_array().expect("sockets").clone())
             .chain(st["unowned"].as_array().expect("unowned").iter().cloned())
+            .filter(|s| s["netns"] == host)
             .map(|s| {
                 (
                     s["local"].as_str().expect("local").to_owned(),
@@ -328,15 +337,11 @@ fn a_burst_of_2000_close_wait_sockets_is_tracked_and_attributed() {
     // The classic tracepoint's kernel guard can skip a transition that nests inside the
     // program on the same CPU (recursion miss, issue 5). Such a loss is counted, and the
     // socket comes back through reconciliation with a lower-bound age; none goes unseen.
+    // (Counted host-wide: the agent also bootstraps whatever else holds CLOSE_WAIT sockets
+    // on this machine, in any namespace, so the test looks at its own client's sockets.)
     let misses = c["lost_recursion_misses"].as_u64().expect("misses");
     let added = c["reconcile_added"].as_u64().expect("repairs")
         + c["reconcile_corrected"].as_u64().expect("repairs");
-    eprintln!(
-        "burst: {misses} recursion misses, {added} sockets added or corrected by reconciliation"
-    );
-    if misses == 0 {
-        assert_eq!(added, 0, "every socket came from its own transition");
-    }
     let p = process_in(&st, cli.pid()).expect("listed");
     assert_eq!(p["sockets"].as_array().expect("sockets").len(), N);
     let bounded = p["sockets"]
@@ -344,9 +349,16 @@ fn a_burst_of_2000_close_wait_sockets_is_tracked_and_attributed() {
         .expect("sockets")
         .iter()
         .filter(|s| s["age_is_lower_bound"] == true)
-        .count();
+        .count() as u64;
+    eprintln!(
+        "burst: {misses} recursion misses, {added} sockets added or corrected by reconciliation \
+         host-wide, {bounded} of the client's with a lower-bound age"
+    );
+    if misses == 0 {
+        assert_eq!(bounded, 0, "every socket came from its own transition");
+    }
     assert!(
-        bounded as u64 <= added,
+        bounded <= added,
         "only repaired sockets have a lower-bound age"
     );
 }

@@ -531,10 +531,21 @@ pub fn daemon(socket: &str, extra: &[&str]) -> Tcpwait {
     Tcpwait::start(&args, AGENT_READY)
 }
 
-/// Alert lines (JSON) the daemon printed.
+/// Alert lines (JSON) the daemon printed about this test's own peers. The agent sees every
+/// process of the host, in every network namespace: a leak elsewhere on the machine (another
+/// test run, a benchmark) must not count as this test's. Peers are this test executable
+/// re-executed (`Peer::spawn`), which their command line says.
 pub fn alerts(tw: &Tcpwait) -> Vec<Value> {
     tw.json()
         .into_iter()
-        .filter(|v| v.get("alert").is_some())
+        .filter(|v| v.get("alert").is_some() && is_mine(v))
         .collect()
+}
+
+/// Whether an alert or status entry (with a `cmdline`) names one of this test's peers.
+pub fn is_mine(v: &Value) -> bool {
+    let exe = std::env::current_exe().expect("test executable path");
+    v["cmdline"]
+        .as_str()
+        .is_some_and(|c| c.starts_with(&*exe.to_string_lossy()))
 }
