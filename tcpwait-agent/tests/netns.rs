@@ -256,6 +256,7 @@ fn a_namespace_that_goes_away_takes_its_sockets_and_leaves_the_others() {
         count_of(&st, cli_g.pid()) == Some(2) && count_of(&st, cli_s.pid()) == Some(3)
     }));
     let tracked_before = status(&socket)["tracked_sockets"].as_u64().expect("n");
+    let gone_inode = gone.inode();
     // Kill everything in the namespace, then delete it.
     for p in [&mut cli_g, &mut srv_g] {
         p.child.kill().expect("kill");
@@ -277,7 +278,16 @@ fn a_namespace_that_goes_away_takes_its_sockets_and_leaves_the_others() {
         st["tracked_sockets"].as_u64().expect("n") < tracked_before,
         "{st}"
     );
-    assert_eq!(st["unowned"].as_array().map(Vec::len), Some(0), "{st}");
+    // (Other namespaces of the machine may hold sockets of unknown holders; none of the
+    // deleted one's is left.)
+    assert!(
+        st["unowned"]
+            .as_array()
+            .expect("unowned")
+            .iter()
+            .all(|s| s["netns"] != gone_inode),
+        "{st}"
+    );
     // Two reconciliations later nothing came back, and nothing was logged as an error.
     let seen = st["counters"]["reconciliations"].as_u64().expect("counter");
     assert!(wait_until(Duration::from_secs(8), || {

@@ -193,7 +193,7 @@ impl Worker {
                 let holders = self.scanner.holders(&inodes);
                 snap.scan = self.scanner.last_scan();
                 snap.cost.full_walk = true;
-                attach(&mut snap.sockets, holders, None);
+                attach(&mut snap.sockets, holders);
             }
             Ask::Resolve(queries) => self.resolve(&queries, &mut snap),
         }
@@ -230,22 +230,25 @@ impl Worker {
             .iter()
             .map(|(d, _)| ((d.netns, d.tuple), d.inode))
             .collect();
-        let mut wanted: HashSet<u64> = HashSet::new();
+        let mut queried: HashSet<u64> = HashSet::new();
         let mut pids: Vec<u32> = Vec::new();
         for q in queries {
             if let Some(&inode) = by_key.get(&(q.netns, q.tuple))
                 && inode != 0
             {
-                wanted.insert(inode);
+                queried.insert(inode);
                 pids.extend(q.candidates.iter().copied());
             }
         }
         pids.sort_unstable();
         pids.dedup();
-        let mut holders = self.scanner.holders_among(&pids, &wanted);
+        // The candidates' fd tables are read whole anyway: match them against every socket the
+        // dumps found, so that a process's other sockets in the state (a leak is rarely one
+        // socket) are attributed in the same pass.
+        let mut holders = self.scanner.holders_among(&pids, &inodes_of(&snap.sockets));
         let mut scan = self.scanner.last_scan();
         snap.cost.by_candidate = holders.len() as u64;
-        let missing: HashSet<u64> = wanted
+        let missing: HashSet<u64> = queried
             .iter()
             .copied()
             .filter(|i| !holders.contains_key(i))
@@ -263,7 +266,7 @@ impl Worker {
             snap.cost.full_walk = true;
         }
         snap.scan = scan;
-        attach(&mut snap.sockets, holders, Some(&wanted));
+        attach(&mut snap.sockets, holders);
     }
 
     fn rediscover(&mut self) {
@@ -323,17 +326,11 @@ fn inodes_of(sockets: &[(DiagSocket, Vec<ProcessInfo>)]) -> HashSet<u64> {
         .collect()
 }
 
-/// Gives each record its holders; with `only`, just the records whose inode is in it.
-fn attach(
-    sockets: &mut [(DiagSocket, Vec<ProcessInfo>)],
-    mut holders: HashMap<u64, Vec<ProcessInfo>>,
-    only: Option<&HashSet<u64>>,
-) {
+/// Gives each record the holders found for its inode (records of one inode are one socket).
+fn attach(sockets: &mut [(DiagSocket, Vec<ProcessInfo>)], holders: HashMap<u64, Vec<ProcessInfo>>) {
     for (d, owners) in sockets.iter_mut() {
-        if only.is_none_or(|o| o.contains(&d.inode))
-            && let Some(h) = holders.remove(&d.inode)
-        {
-            *owners = h;
+        if let Some(h) = holders.get(&d.inode) {
+            owners.clone_from(h);
         }
     }
 }
