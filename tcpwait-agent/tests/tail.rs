@@ -64,6 +64,11 @@ fn tail_clients_get_the_same_stream_and_a_stuck_one_delays_nobody() {
         fired_after <= Duration::from_secs(3),
         "alert delayed: {fired_after:?}"
     );
+    // Every socket's owner known (each is resolved once it settles), so that every LAST_ACK
+    // record below names it.
+    assert!(wait_until(Duration::from_secs(5), || {
+        process_in(&status(&sock), cli.pid()).is_some_and(|p| p["count"] == N)
+    }));
     cli.send("close");
     cli.expect_line("closed");
     // 10 transitions per connection. Listener transitions (the port probe's and the

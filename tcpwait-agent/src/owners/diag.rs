@@ -149,6 +149,74 @@ pub fn dump_on(
     Ok(dump.sockets)
 }
 
+/// Looks up one socket by its exact 4-tuple in the namespace `socket` lives in (labelled
+/// `netns`): a request without `NLM_F_DUMP`, which the kernel answers with a hash lookup
+/// (`inet_diag_find_one_icsk`) instead of walking every bucket of the established hash, as a
+/// dump does whatever its state filter (~7 ms per dump on a host with 262,144 buckets,
+/// measured). `None` when no such socket exists (any more). The reply carries the socket in
+/// whatever state it is in: the caller checks it.
+pub fn lookup_on(
+    socket: &Socket,
+    tuple: &Tuple,
+    netns: u32,
+) -> Result<Option<DiagSocket>, DiagError> {
+    let family = if tuple.saddr.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = 3;
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::from_bits_retain(state_mask(&[])),
+            socket_id: SocketId {
+                source_port: tuple.sport,
+                destination_port: tuple.dport,
+                source_address: tuple.saddr,
+                destination_address: tuple.daddr,
+                interface_id: 0,
+                // INET_DIAG_NOCOOKIE: match by tuple alone.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut bytes = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut bytes);
+    socket.send(&bytes, 0).map_err(DiagError::Send)?;
+    let mut buf = vec![0u8; RECV_BUF];
+    let len = loop {
+        match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
+            Ok(len) => break len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DiagError::Recv(e)),
+        }
+    };
+    if len > buf.len() {
+        return Err(DiagError::Truncated {
+            len,
+            cap: buf.len(),
+        });
+    }
+    let mut dump = Dump::default();
+    match parse_datagram(&buf[..len], &mut dump) {
+        Ok(_) => {}
+        Err(DiagError::Kernel(e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    Ok(dump.sockets.pop().map(|mut d| {
+        d.netns = netns;
+        d
+    }))
+}
+
 /// The kernel's `TCPF_*` state mask for `states` (empty: every known state).
 fn state_mask(states: &[TcpState]) -> u32 {
     let states = if states.is_empty() {

@@ -97,8 +97,9 @@ impl Tracker {
     /// - Tracked in another state: moved to inet_diag's state; it entered it after its tracked
     ///   entry time and no later than the ACK bound.
     /// - Tracked in one of `states`, in one of `namespaces` (the network namespaces the snapshot
-    ///   dumped), and absent from `truth`: removed. A socket of a namespace the snapshot did not
-    ///   dump (not entered, or not asked for) is never removed: the agent cannot see it there.
+    ///   dumped whole), and absent from `truth`: removed. A socket of a namespace the snapshot
+    ///   did not dump whole (not entered, or looked up socket by socket) is never removed: the
+    ///   snapshot cannot say it is gone. Records of such namespaces are applied all the same.
     /// - A socket whose tracked entry time is at or after `now_ns` changed after the snapshot:
     ///   the table is newer than `truth` for it, so it is neither corrected nor removed. Pass as
     ///   `now_ns` the instant the snapshot *started*.
@@ -115,10 +116,7 @@ impl Tracker {
         let dumped: HashSet<u32> = namespaces.iter().copied().collect();
         let complete_since = agent_start_ns.max(self.last_overflow_ns.unwrap_or(0));
         let mut seen: HashSet<CompactTuple> = HashSet::with_capacity(truth.len());
-        for (d, owners) in truth
-            .iter()
-            .filter(|(d, _)| states.contains(&d.state) && dumped.contains(&d.netns))
-        {
+        for (d, owners) in truth.iter().filter(|(d, _)| states.contains(&d.state)) {
             let tuple = CompactTuple::from_tuple(d.netns, &d.tuple);
             if !tuple.indexable() {
                 report.skipped += 1;

@@ -255,19 +255,16 @@ fn a_dump_of_namespace_a_leaves_the_sockets_of_namespace_b_untouched() {
     assert_eq!((r.removed, r.added), (1, 0));
     assert_eq!(t.socket_by_tuple(NS, &tuple(1)), None);
     assert_eq!(t.socket_by_tuple(POD_NS, &tuple(2)), Some(sock(2)));
-    // A record of namespace B in a snapshot that does not claim B is ignored.
-    let r = t.reconcile(
-        &[(diag_in(POD_NS, 3), vec![info(30)])],
-        CW,
-        &[NS],
-        11 * SEC,
-        0,
-    );
-    assert_eq!(r, ReconcileReport::default());
-    assert_eq!(t.socket_by_tuple(POD_NS, &tuple(3)), None);
-    // Once B is dumped, its truth applies to it alone.
+    // A record of namespace B (an exact lookup) in a snapshot that dumped no namespace whole:
+    // applied, and B's other socket stays.
+    let lookup = [(diag_in(POD_NS, 3), vec![info(30)])];
+    let r = t.reconcile(&lookup, CW, &[], 11 * SEC, 0);
+    assert_eq!((r.added, r.removed), (1, 0));
+    assert_eq!(t.socket_by_tuple(POD_NS, &tuple(2)), Some(sock(2)));
+    assert_eq!(t.owners_of(synthetic_id(7_003)), vec![key(30)]);
+    // Once B is dumped whole, its truth applies to it alone.
     let r = t.reconcile(&[], CW, &[POD_NS], 12 * SEC, 0);
-    assert_eq!(r.removed, 1);
+    assert_eq!(r.removed, 2);
     assert!(t.is_empty());
 }
 
