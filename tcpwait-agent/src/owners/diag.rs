@@ -121,17 +121,7 @@ pub fn dump_on(
             .send(&request(family, states, seq), 0)
             .map_err(DiagError::Send)?;
         loop {
-            let len = match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
-                Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(DiagError::Recv(e)),
-            };
-            if len > buf.len() {
-                return Err(DiagError::Truncated {
-                    len,
-                    cap: buf.len(),
-                });
-            }
+            let len = recv_datagram(socket, &mut buf)?;
             if parse_datagram(&buf[..len], &mut dump)? == Progress::Done {
                 break;
             }
@@ -192,19 +182,7 @@ pub fn lookup_on(
     packet.serialize(&mut bytes);
     socket.send(&bytes, 0).map_err(DiagError::Send)?;
     let mut buf = vec![0u8; RECV_BUF];
-    let len = loop {
-        match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
-            Ok(len) => break len,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DiagError::Recv(e)),
-        }
-    };
-    if len > buf.len() {
-        return Err(DiagError::Truncated {
-            len,
-            cap: buf.len(),
-        });
-    }
+    let len = recv_datagram(socket, &mut buf)?;
     let mut dump = Dump::default();
     match parse_datagram(&buf[..len], &mut dump) {
         Ok(_) => {}
@@ -215,6 +193,24 @@ pub fn lookup_on(
         d.netns = netns;
         d
     }))
+}
+
+/// Receives one datagram into `buf`; its length. A datagram longer than `buf` is an error, never
+/// parsed (`MSG_TRUNC` makes the kernel report the real length).
+fn recv_datagram(socket: &Socket, buf: &mut [u8]) -> Result<usize, DiagError> {
+    loop {
+        match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
+            Ok(len) if len > buf.len() => {
+                return Err(DiagError::Truncated {
+                    len,
+                    cap: buf.len(),
+                });
+            }
+            Ok(len) => return Ok(len),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DiagError::Recv(e)),
+        }
+    }
 }
 
 /// The kernel's `TCPF_*` state mask for `states` (empty: every known state).

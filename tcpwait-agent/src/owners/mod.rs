@@ -25,7 +25,10 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::{diag::dump_tcp, procs::ProcScanner};
+    use super::{
+        diag::{self, dump_tcp},
+        procs::ProcScanner,
+    };
     use crate::{event::TcpState, model::DiagSocket};
 
     /// A client whose peer closed: it sits in CLOSE_WAIT, held by this process.
@@ -89,6 +92,21 @@ mod tests {
             assert_ne!(d.inode, 0);
             assert_eq!(d.inode, inode, "inet_diag's inode is the fd's socket inode");
 
+            // The exact lookup (no dump) finds the same record, and nothing for a tuple
+            // that does not exist.
+            let socket = diag::open().expect("netlink socket");
+            let exact = diag::lookup_on(&socket, &d.tuple, 7)
+                .expect("lookup")
+                .expect("found");
+            assert_eq!(
+                (exact.netns, exact.inode, exact.state, exact.cookie),
+                (7, d.inode, TcpState::CloseWait, d.cookie)
+            );
+            let absent = crate::model::Tuple {
+                dport: 1,
+                ..d.tuple
+            };
+            assert_eq!(diag::lookup_on(&socket, &absent, 7).expect("lookup"), None);
             let holders = scanner.holders(&HashSet::from([d.inode]));
             let held = &holders[&d.inode];
             assert_eq!(held.len(), 1, "{held:?}");
