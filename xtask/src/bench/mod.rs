@@ -10,6 +10,8 @@
 //! The workload is a loopback client/server pair on 127.0.0.1 (bounded in time): the server
 //! accepts and closes first, the client reads EOF and closes, so every connection makes exactly
 //! 10 transitions (DESIGN.md), plus 2 for the listener.
+pub mod owners;
+mod owners_load;
 mod table;
 mod tracers;
 mod workload;
