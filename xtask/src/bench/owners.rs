@@ -13,7 +13,6 @@ use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -148,7 +147,11 @@ struct Row {
     cpu_pct: f64,
     owners_cpu_pct: f64,
     reconciliations: u64,
-    /// (namespaces, seconds) of the last owner snapshot, scraped every 500 ms.
+    /// (namespaces, seconds) of the bootstrap reconciliation (every namespace dumped, every fd
+    /// walked), scraped before any socket settles: the last snapshot then is that one.
+    reconcile: (f64, f64),
+    /// (namespaces, seconds) of the last owner snapshot, scraped every 500 ms of the window:
+    /// mostly settled-socket resolutions.
     snapshots: Vec<(f64, f64)>,
 }
 
@@ -172,11 +175,12 @@ fn measure(bin: &Path, dir: &Path, a: &Args, ns: usize) -> Result<Row> {
         }
         std::thread::sleep(POLL);
     }
+    row.reconcile = metrics(port).map_or((f64::NAN, f64::NAN), |m| last_snapshot(&m));
     let pid = agent.child.id();
     let cpu0 = agent_cpu(pid)?;
     let t0 = Instant::now();
     load.leak(a.rate, a.seconds)?;
-    let ports = port_reader(&mut load)?;
+    let ports = load.leaked_ports()?;
     let server = format!("127.0.0.1:{}", load.server_port);
     let mut seen: HashMap<u16, Seen> = HashMap::new();
     let (mut cpu1, mut polls) = (None, 0u64);
@@ -195,11 +199,7 @@ fn measure(bin: &Path, dir: &Path, a: &Args, ns: usize) -> Result<Row> {
         if polls % 5 == 0
             && let Some(m) = metrics(port)
         {
-            let get = |k| metric(&m, k).unwrap_or(f64::NAN);
-            row.snapshots.push((
-                get("tcpwait_owner_snapshot_namespaces"),
-                get("tcpwait_owner_snapshot_duration_seconds"),
-            ));
+            row.snapshots.push(last_snapshot(&m));
         }
         let all = seen.len() as u64 >= u64::from(a.rate) * a.seconds
             && seen.values().all(|s| s.owned_age.is_some());
@@ -261,21 +261,6 @@ fn observe(status: &Value, leaker: u32, server: &str, seen: &mut HashMap<u16, Se
             entry.unowned_ever = true;
         }
     }
-}
-
-/// A thread that forwards the leaker's local ports as it connects.
-fn port_reader(load: &mut Load) -> Result<mpsc::Receiver<u16>> {
-    let out = load.leaker_out.take().context("the leaker's stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            match line.parse() {
-                Ok(p) if tx.send(p).is_ok() => {}
-                _ => break,
-            }
-        }
-    });
-    Ok(rx)
 }
 
 /// The running agent.
@@ -347,6 +332,15 @@ fn metrics(port: u16) -> Option<String> {
     Some(text)
 }
 
+/// (namespaces, seconds) of the last owner snapshot, from /metrics text (NaN if absent).
+fn last_snapshot(m: &str) -> (f64, f64) {
+    let get = |k| metric(m, k).unwrap_or(f64::NAN);
+    (
+        get("tcpwait_owner_snapshot_namespaces"),
+        get("tcpwait_owner_snapshot_duration_seconds"),
+    )
+}
+
 /// The value of an unlabelled sample `name` in Prometheus text.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -394,7 +388,7 @@ fn percentile(v: &[f64], q: f64) -> f64 {
 
 fn print_header() {
     println!(
-        "{:<9} {:>5} {:>8} {:>8} {:>6} {:>10} {:>7} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7} {:>15}",
+        "{:<9} {:>5} {:>8} {:>8} {:>6} {:>10} {:>6} {:>6} {:>5} {:>9} {:>8} {:>5} {:>14} {:>16}",
         "config",
         "procs",
         "fds held",
@@ -407,7 +401,7 @@ fn print_header() {
         "agent CPU",
         "resolver",
         "recon",
-        "snap ns",
+        "reconcile s (ns)",
         "snap s p50/max"
     );
 }
@@ -425,9 +419,8 @@ fn print_row(r: &Row) {
         .map(|s| s.1)
         .filter(|s| !s.is_nan())
         .collect();
-    let ns_max = r.snapshots.iter().map(|s| s.0).fold(f64::NAN, f64::max);
     println!(
-        "{:<9} {:>5} {:>8} {:>8} {:>6} {:>10} {:>7.2} {:>7.2} {:>6} {:>8.1}% {:>8.1}% {:>6} {:>7} {:>7.3}/{:<7.3}",
+        "{:<9} {:>5} {:>8} {:>8} {:>6} {:>10} {:>6.2} {:>6.2} {:>5} {:>8.1}% {:>7.1}% {:>5} {:>14} {:>8.3}/{:<7.3}",
         label(r.ns),
         r.processes,
         r.held,
@@ -440,7 +433,7 @@ fn print_row(r: &Row) {
         r.cpu_pct,
         r.owners_cpu_pct,
         r.reconciliations,
-        ns_max,
+        format!("{:.3} ({})", r.reconcile.1, r.reconcile.0),
         percentile(&secs, 0.5),
         percentile(&secs, 1.0),
     );

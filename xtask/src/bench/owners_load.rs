@@ -14,6 +14,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -213,6 +214,21 @@ impl Load {
         self.leaker = self.children.last().map_or(0, Child::id);
         self.leaker_out = Some(out);
         Ok(())
+    }
+
+    /// A channel of the leaker's local ports as it connects (fed by a thread).
+    pub(super) fn leaked_ports(&mut self) -> Result<mpsc::Receiver<u16>> {
+        let out = self.leaker_out.take().context("the leaker's stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                match line.parse() {
+                    Ok(p) if tx.send(p).is_ok() => {}
+                    _ => break,
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// Starts the xtask binary with `args`, in namespace `i % n` if there are namespaces.
