@@ -271,10 +271,13 @@ struct Agent {
 impl Agent {
     fn start(bin: &Path, sock: &str, port: u16) -> Result<Self> {
         let listen = format!("127.0.0.1:{port}");
-        let mut child = Command::new(bin)
-            .args(["run", "--socket", sock, "--metrics-listen", &listen])
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--socket", sock, "--metrics-listen", &listen])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SIGINT, as on Ctrl-C: the agent detaches its programs and exits.
+        owners_load::die_with_parent(&mut cmd, 2);
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
         let err = child.stderr.take().context("agent stderr")?;

@@ -242,6 +242,7 @@ impl Load {
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         cmd.process_group(self.pgid.unwrap_or(0));
+        die_with_parent(&mut cmd, 9);
         let mut child = cmd.spawn().context("start a helper process")?;
         self.pgid.get_or_insert(child.id() as i32);
         let out = child.stdout.take().context("helper stdout")?;
@@ -322,6 +323,17 @@ pub(super) fn host_fds() -> u64 {
         .sum()
 }
 
+/// Makes the child get `sig` when the bench dies, even by SIGKILL (`PR_SET_PDEATHSIG`).
+pub(super) fn die_with_parent(cmd: &mut Command, sig: u64) {
+    // SAFETY: prctl is async-signal-safe; nothing is allocated between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
+            Ok(())
+        });
+    }
+}
+
 /// Sends `sig` to `pid` (the agent).
 pub(super) fn signal(pid: u32, sig: i32) {
     // SAFETY: plain syscall.
@@ -331,9 +343,11 @@ pub(super) fn signal(pid: u32, sig: i32) {
 const CLONE_NEWNET: i32 = 0x4000_0000;
 const EFD_CLOEXEC: i32 = 0o2_000_000;
 const RLIMIT_NOFILE: i32 = 7;
+const PR_SET_PDEATHSIG: i32 = 1;
 
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+    fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
     fn setns(fd: i32, nstype: i32) -> i32;
     fn eventfd(initval: u32, flags: i32) -> i32;
     fn getrlimit(resource: i32, rlim: *mut u64) -> i32;
