@@ -70,6 +70,7 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir).context("create target/bench")?;
     owners_load::delete_stale_namespaces();
+    println!("{}", super::machine());
     println!(
         "load: {} processes x {} fds; leaker: {} CLOSE_WAIT sockets/s for {} s; status polled \
          every {} ms; latency = age_s at first sight under the leaker's pid - {SETTLE_S} s \
@@ -95,8 +96,11 @@ fn check(a: &Args) -> Result<()> {
     if a.seconds == 0 || a.seconds > 3600 {
         bail!("--seconds {}: allowed 1 ..= 3600", a.seconds);
     }
-    if a.processes > 2000 || a.fds > 10_000 {
-        bail!("--processes (at most 2000) or --fds (at most 10000) out of range");
+    if a.processes > 2000 {
+        bail!("--processes {}: allowed 0 ..= 2000", a.processes);
+    }
+    if a.fds > 10_000 {
+        bail!("--fds {}: allowed 0 ..= 10000", a.fds);
     }
     if a.rate == 0 || a.rate > 1000 {
         bail!("--rate {}: allowed 1 ..= 1000", a.rate);
