@@ -47,6 +47,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         modes: Option<Vec<String>>,
     },
+    /// Setup, build in release mode, and measure owner attribution latency and agent CPU on a
+    /// host with ~110,000 fds, in the host namespace and over network namespaces (as root).
+    BenchOwners(bench::owners::Args),
     /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
     Test {
         /// Extra arguments for the test harness (e.g. a test name filter).
@@ -104,6 +107,7 @@ fn run() -> Result<()> {
                 },
             )
         }
+        Cmd::BenchOwners(args) => bench::owners::main(&root, args),
         Cmd::Test { args } => {
             setup::setup(&root)?;
             setup::install_test_packages()?;

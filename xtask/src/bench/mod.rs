@@ -10,6 +10,8 @@
 //! The workload is a loopback client/server pair on 127.0.0.1 (bounded in time): the server
 //! accepts and closes first, the client reads EOF and closes, so every connection makes exactly
 //! 10 transitions (DESIGN.md), plus 2 for the listener.
+pub mod owners;
+mod owners_load;
 mod table;
 mod tracers;
 mod workload;
@@ -187,19 +189,7 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
     let bin = root.join("target/release/tcpwait");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
+    println!("{}", machine());
     println!(
         "workload: one client thread, loopback 127.0.0.1, {} s per run, {} runs per mode (modes \
          take turns), medians; slowdown: the median of each round's against that round's `none`; \
@@ -251,6 +241,23 @@ pub fn bench(root: &Path, s: &Settings) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// `machine: <cpu model>, <n> cores, Linux <release>`: the first line of both benches.
+pub(super) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
 /// Runs every mode (modes take turns, each tracer mode with BPF statistics off then on) and
