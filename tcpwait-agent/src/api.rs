@@ -40,7 +40,7 @@ pub const TAIL_BACKLOG: usize = 16 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
-    /// Who holds CLOSE_WAIT sockets now.
+    /// Who holds sockets in the watched states (CLOSE_WAIT by default) now.
     Status,
     /// Stream transitions that pass the filter.
     Tail { filter: Filter },
@@ -80,9 +80,13 @@ pub struct StatusReport {
     pub uptime_s: f64,
     /// Sockets in the daemon's table.
     pub tracked_sockets: u64,
-    /// Processes holding CLOSE_WAIT sockets, most first.
+    /// The states the rules watch (kernel order): those `processes` and `unowned` cover.
+    #[serde(default)]
+    pub watched_states: Vec<String>,
+    /// Processes holding sockets in a watched state: by state (kernel order), then most
+    /// sockets first. A process holding sockets in two watched states appears once per state.
     pub processes: Vec<ProcessReport>,
-    /// CLOSE_WAIT sockets whose holder is not (yet) known.
+    /// Sockets in a watched state whose holder is not (yet) known, by state, oldest first.
     pub unowned: Vec<SocketReport>,
     /// Alerts firing now.
     pub alerts: Vec<AlertReport>,
@@ -90,9 +94,12 @@ pub struct StatusReport {
     pub counters: Counters,
 }
 
-/// One process holding CLOSE_WAIT sockets.
+/// One process's sockets in one watched state.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ProcessReport {
+    /// The state, as the kernel spells it (`CLOSE_WAIT`).
+    #[serde(default)]
+    pub state: String,
     pub pid: u32,
     pub comm: String,
     pub cmdline: String,
@@ -107,9 +114,9 @@ pub struct ProcessReport {
     /// Inode of the process's network namespace (`/proc/<pid>/ns/net`).
     #[serde(default)]
     pub netns: Option<u32>,
-    /// CLOSE_WAIT sockets it holds.
+    /// Sockets it holds in `state`.
     pub count: u64,
-    /// Age of its oldest CLOSE_WAIT socket, s.
+    /// Age of its oldest socket in `state`, s.
     pub oldest_age_s: f64,
     /// When true, `oldest_age_s` is a lower bound (the socket predates the daemon).
     pub oldest_age_is_lower_bound: bool,
@@ -128,6 +135,9 @@ pub struct PeerReport {
 /// One socket.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SocketReport {
+    /// Its state, as the kernel spells it.
+    #[serde(default)]
+    pub state: String,
     /// Inode of the socket's network namespace, when the kernel program reads it.
     #[serde(default)]
     pub netns: Option<u32>,

@@ -32,9 +32,11 @@ pub enum Command {
     /// Run the agent in the foreground: track every socket, attribute CLOSE_WAIT sockets to the
     /// processes holding them, and raise alerts.
     ///
-    /// A process fires an alert when it holds a CLOSE_WAIT socket older than --close-wait-age
-    /// or more than --close-wait-count CLOSE_WAIT sockets; it resolves when the process closes
-    /// them or exits. Alerts are printed on stdout as they fire and resolve. `tcpwait status`
+    /// Alerts come from rules, data in the configuration file (`[[rules]]`: a state, an age
+    /// and/or count threshold, labels, a remedy; `tcpwait config --print-default` documents
+    /// them). The default rule, close_wait_leak, fires when a process holds a CLOSE_WAIT socket
+    /// older than --close-wait-age or more than --close-wait-count CLOSE_WAIT sockets; an alert
+    /// resolves when the process closes them or exits. Alerts are printed on stdout as they fire and resolve. `tcpwait status`
     /// and `tcpwait tail` talk to the running agent through --socket. SIGINT or SIGTERM stops.
     Run(RunArgs),
     /// Ask the running agent which processes hold CLOSE_WAIT sockets, with ages and peers.
@@ -57,10 +59,12 @@ pub struct RunArgs {
     /// Path of the API socket (mode 0600) for `status` and `tail` [default: /run/tcpwait/tcpwait.sock].
     #[arg(long, env = "TCPWAIT_SOCKET")]
     pub socket: Option<std::path::PathBuf>,
-    /// Alert when a process holds a CLOSE_WAIT socket at least this old (e.g. 60, 90s, 5m) [default: 60s].
+    /// Alert when a process holds a CLOSE_WAIT socket at least this old (e.g. 60, 90s, 5m)
+    /// [default: 60s]: sets the `age` of the rule named close_wait_leak, over the file's.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub close_wait_age: Option<std::time::Duration>,
-    /// Alert when a process holds more than this many CLOSE_WAIT sockets [default: 100].
+    /// Alert when a process holds more than this many CLOSE_WAIT sockets [default: 100]: sets
+    /// the `count` of the rule named close_wait_leak, over the file's.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub close_wait_count: Option<u32>,
     /// Most sockets tracked at once; past it new sockets are counted as overflow, not tracked
@@ -103,12 +107,17 @@ impl RunArgs {
         if let Some(v) = &self.socket {
             c.agent.socket = v.clone();
         }
-        if let Some(v) = self.close_wait_age {
-            c.rules.close_wait_age = Dur(v);
-        }
-        if let Some(v) = self.close_wait_count {
-            c.rules.close_wait_count = v;
-        }
+        let flag = match (self.close_wait_age, self.close_wait_count) {
+            (Some(_), _) => "--close-wait-age",
+            _ => "--close-wait-count",
+        };
+        c.rules
+            .set_close_wait(self.close_wait_age.map(Dur), self.close_wait_count)
+            .map_err(|message| crate::config::ConfigError {
+                source_name: "command line".into(),
+                key: flag.into(),
+                message,
+            })?;
         if let Some(v) = self.max_sockets {
             c.agent.max_sockets = v;
         }

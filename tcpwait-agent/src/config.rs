@@ -10,6 +10,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use self::rules::RuleSet;
+
+mod rules;
+
 /// Where `tcpwait run` looks when `--config` is not given; absent means embedded defaults.
 pub const DEFAULT_PATH: &str = "/etc/tcpwait/tcpwait.toml";
 
@@ -27,12 +31,6 @@ max_sockets = 1000000
 # How often the CLOSE_WAIT table is compared with the kernel's (inet_diag) and repaired
 # (1s ..= 1h). It is also repaired at once after any lost event.
 reconcile_interval = "30s"
-
-[rules]
-# Alert when a process holds a CLOSE_WAIT socket at least this old (100ms ..= 30d).
-close_wait_age = "60s"
-# Alert when a process holds more than this many CLOSE_WAIT sockets (1 ..= 10000000).
-close_wait_count = 100
 
 [metrics]
 # Prometheus endpoint, http://<listen>/metrics. "" disables it. 9977 is clear of the
@@ -72,6 +70,34 @@ path = ""
 max_bytes = 104857600
 # Rotated files kept: path.1 (newest) .. path.<keep> (1 ..= 100).
 keep = 5
+
+# Alerting rules, one [[rules]] table each. A process fires a rule's alert when it holds a
+# socket in the rule's state at least `age` old, or more than `count` such sockets; the alert
+# resolves when it no longer does. Sockets entering a watched state get their holders
+# resolved and are reconciled with the kernel's tables; status and the per-process metrics
+# show every watched state. A file that lists [[rules]] replaces the default set: keep
+# close_wait_leak to keep its alert. The older form, still accepted (instead of [[rules]]):
+#   [rules]
+#   close_wait_age = "60s"     # close_wait_leak's age (100ms ..= 30d)
+#   close_wait_count = 100     # close_wait_leak's count (1 ..= 10000000)
+# sets close_wait_leak's thresholds, as --close-wait-age / --close-wait-count do.
+[[rules]]
+# Unique (letters, digits, '_', '-'): the `rule` label of alerts and metrics.
+name = "close_wait_leak"
+# The state watched: ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+# LAST_ACK, LISTEN or CLOSING (case-insensitive).
+state = "CLOSE_WAIT"
+# What sockets are counted per: "process" ("peer" and "host" are not built yet).
+scope = "process"
+# Alert when a process holds a socket in `state` at least this old (100ms ..= 30d); omit for none.
+age = "60s"
+# Alert when a process holds more than this many sockets in `state` (1 ..= 10000000); omit for none.
+count = 100
+# Alertmanager labels; alertname defaults to "Tcp" + the name in CamelCase.
+alertname = "TcpCloseWaitLeak"
+severity = "warning"
+# The `remedy` annotation of the alert: what to do about it ("" for none).
+remedy = "the peer closed these connections and the process never called close(): find the code path that drops a connection after read() returns 0 or an error without closing it"
 "#;
 
 /// A duration in the file: seconds, or a string with units.
@@ -117,7 +143,7 @@ impl Serialize for Dur {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: Agent,
-    pub rules: Rules,
+    pub rules: RuleSet,
     pub metrics: Metrics,
     pub alertmanager: Alertmanager,
     pub webhook: Webhook,
@@ -152,14 +178,6 @@ pub struct Agent {
     pub socket: PathBuf,
     pub max_sockets: u64,
     pub reconcile_interval: Dur,
-}
-
-/// `[rules]`.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Rules {
-    pub close_wait_age: Dur,
-    pub close_wait_count: u32,
 }
 
 /// `[metrics]`.
@@ -207,15 +225,6 @@ impl Default for Agent {
             socket: crate::api::DEFAULT_SOCKET.into(),
             max_sockets: 1_000_000,
             reconcile_interval: Dur(Duration::from_secs(30)),
-        }
-    }
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        Self {
-            close_wait_age: Dur(Duration::from_secs(60)),
-            close_wait_count: 100,
         }
     }
 }
@@ -348,21 +357,8 @@ impl Config {
             Duration::from_secs(3600),
             "1s ..= 1h",
         )?;
-        dur_range(
-            "rules.close_wait_age",
-            self.rules.close_wait_age,
-            Duration::from_millis(100),
-            Duration::from_secs(30 * 86400),
-            "100ms ..= 30d",
-        )?;
-        if !(1..=10_000_000).contains(&self.rules.close_wait_count) {
-            return err(
-                "rules.close_wait_count",
-                format!(
-                    "{} is out of range: allowed 1 ..= 10000000",
-                    self.rules.close_wait_count
-                ),
-            );
+        if let Err((key, message)) = self.rules.check() {
+            return err(&key, message);
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return err(

@@ -2,12 +2,9 @@
 //! text, through the `prometheus-client` crate). The registry is built per scrape from the
 //! tracker's own counters and gauges, so nothing is kept twice and nothing drifts.
 //!
-//! Cardinality is bounded: per-process series exist only for the `top_processes` processes with
-//! the most CLOSE_WAIT sockets.
-use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
-};
+//! Cardinality is bounded: per-process series exist only for the states the rules watch, and
+//! per state for the `top_processes` processes with the most sockets in it.
+use std::{net::SocketAddr, sync::atomic::AtomicU64};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -17,8 +14,8 @@ use prometheus_client::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::Daemon;
-use crate::{api::Command, event::TcpState};
+use super::stats::Stats;
+use crate::{api::Command, event::TcpState, tracker::Tracker};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -40,6 +37,13 @@ struct ProcessLabels {
     pod_uid: String,
     /// Network namespace inode ("" if unreadable).
     netns: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateProcessLabels {
+    state: &'static str,
+    #[prometheus(flatten)]
+    process: ProcessLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,7 +73,7 @@ struct VersionLabel {
 }
 
 /// Transitions counted by (from, to), indexed by kernel state numbers.
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct EdgeCounts([[u64; 13]; 13]);
 
 impl EdgeCounts {
@@ -85,11 +89,9 @@ fn counter(n: u64) -> Counter {
     c
 }
 
-/// Renders every metric as of now.
-pub(super) fn render(d: &Daemon) -> String {
+/// Renders every metric at `now` from the tracker and the daemon's counters.
+pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
     let mut r = Registry::default();
-    let now = d.now_ns();
-    let t = &d.tracker;
 
     let sockets = Family::<StateLabel, Gauge>::default();
     for (i, n) in t.sockets_by_state().iter().enumerate() {
@@ -121,35 +123,56 @@ pub(super) fn render(d: &Daemon) -> String {
         edges,
     );
 
-    let count = Family::<ProcessLabels, Gauge>::default();
-    let oldest = Family::<ProcessLabels, Gauge<f64, AtomicU64>>::default();
-    for p in t
-        .processes(TcpState::CloseWait, now)
-        .iter()
-        .take(d.config.metrics.top_processes as usize)
-    {
-        let labels = ProcessLabels {
-            pid: p.process.key.pid,
-            comm: p.process.comm.clone(),
-            container: p.process.container.clone().unwrap_or_default(),
-            pod_uid: p.process.pod_uid.clone().unwrap_or_default(),
-            netns: p.process.netns.map(|n| n.to_string()).unwrap_or_default(),
-        };
-        count.get_or_create(&labels).set(i64::from(p.count));
-        oldest
-            .get_or_create(&labels)
-            .set(p.oldest_age_ns as f64 / 1e9);
+    // Per watched state, the top K processes: `tcpwait_process_sockets{state=…}`. The
+    // CLOSE_WAIT series also keep their older names, which dashboards and alerting rules use.
+    let count = Family::<StateProcessLabels, Gauge>::default();
+    let oldest = Family::<StateProcessLabels, Gauge<f64, AtomicU64>>::default();
+    let cw_count = Family::<ProcessLabels, Gauge>::default();
+    let cw_oldest = Family::<ProcessLabels, Gauge<f64, AtomicU64>>::default();
+    for state in t.watched_states() {
+        for p in t.processes(state, now).iter().take(d.top_processes) {
+            let labels = ProcessLabels {
+                pid: p.process.key.pid,
+                comm: p.process.comm.clone(),
+                container: p.process.container.clone().unwrap_or_default(),
+                pod_uid: p.process.pod_uid.clone().unwrap_or_default(),
+                netns: p.process.netns.map(|n| n.to_string()).unwrap_or_default(),
+            };
+            let age = p.oldest_age_ns as f64 / 1e9;
+            if state == TcpState::CloseWait {
+                cw_count.get_or_create(&labels).set(i64::from(p.count));
+                cw_oldest.get_or_create(&labels).set(age);
+            }
+            let labels = StateProcessLabels {
+                state: state.name(),
+                process: labels,
+            };
+            count.get_or_create(&labels).set(i64::from(p.count));
+            oldest.get_or_create(&labels).set(age);
+        }
     }
+    r.register(
+        "tcpwait_process_sockets",
+        "Sockets held in a state some rule watches, for the processes holding the most",
+        count,
+    );
+    r.register_with_unit(
+        "tcpwait_process_oldest_age",
+        "Age of the oldest socket held in a state some rule watches, for the processes holding \
+         the most",
+        Unit::Seconds,
+        oldest,
+    );
     r.register(
         "tcpwait_process_close_wait_sockets",
         "CLOSE_WAIT sockets held, for the processes holding the most",
-        count,
+        cw_count,
     );
     r.register_with_unit(
         "tcpwait_process_oldest_close_wait_age",
         "Age of the oldest CLOSE_WAIT socket held, for the processes holding the most",
         Unit::Seconds,
-        oldest,
+        cw_oldest,
     );
 
     let firing = Family::<RuleLabel, Gauge>::default();
@@ -177,8 +200,8 @@ pub(super) fn render(d: &Daemon) -> String {
     for (reason, n) in [
         ("ring_full", d.kernel.reserve_failed),
         ("recursion_miss", d.kernel.recursion_misses),
-        ("malformed", d.malformed.total()),
-        ("tail_backlog", d.tail_missed.load(Ordering::Relaxed)),
+        ("malformed", d.malformed),
+        ("tail_backlog", d.tail_missed),
     ] {
         lost.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
@@ -250,7 +273,7 @@ pub(super) fn render(d: &Daemon) -> String {
     );
 
     let deliveries = Family::<DeliveryLabels, Counter>::default();
-    for (sink, result, n) in d.delivery.counts() {
+    for &(sink, result, n) in &d.deliveries {
         deliveries
             .get_or_create(&DeliveryLabels { sink, result })
             .inc_by(n);

@@ -8,6 +8,7 @@ mod owning;
 mod report;
 mod resolver;
 mod settle;
+mod stats;
 mod translog;
 
 use std::{
@@ -30,12 +31,12 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, TcpState, decode},
+    event::{DecodeErrors, decode},
     model::Tuple,
     output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
-    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange},
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
@@ -78,7 +79,7 @@ struct Daemon {
     settling: Settling,
     last_request: Option<Instant>,
     next_reconcile: Instant,
-    /// Tuples that left CLOSE_WAIT while a snapshot was in flight, with when: the snapshot may
+    /// Tuples that left a watched state while a snapshot was in flight, with when: the snapshot may
     /// still show them, and must not bring them back.
     left_during_snapshot: HashMap<(u32, Tuple), u64>,
     /// Namespaces whose dump failed, each named once in the log.
@@ -142,15 +143,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let tracker_config = TrackerConfig {
         max_sockets: usize::try_from(config.agent.max_sockets).unwrap_or(usize::MAX),
-        rules: vec![Rule {
-            name: "close_wait_leak".into(),
-            state: TcpState::CloseWait,
-            max_age_ns: Some(
-                u64::try_from(config.rules.close_wait_age.0.as_nanos()).unwrap_or(u64::MAX),
-            ),
-            max_count: Some(config.rules.close_wait_count),
-        }],
+        rules: config.rules.rules(),
     };
+    // Half the shortest age threshold when shorter: the owner must be known before the alert.
+    let settle = tracker_config
+        .rules
+        .iter()
+        .filter_map(|r| r.max_age_ns)
+        .map(|ns| Duration::from_nanos(ns / 2))
+        .fold(OWNER_SETTLE, Duration::min);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
     let mut d = Daemon {
         tracker: Tracker::new(tracker_config),
@@ -168,8 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         scan_denied: 0,
         warned_denied: false,
         in_flight: false,
-        // Half the age threshold when shorter: the owner must be known before the alert.
-        settling: Settling::new(OWNER_SETTLE.min(config.rules.close_wait_age.0 / 2)),
+        settling: Settling::new(settle),
         last_request: None,
         next_reconcile: Instant::now() + config.agent.reconcile_interval.0,
         left_during_snapshot: HashMap::new(),
@@ -192,7 +192,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         d.config.alertmanager.instance.clone()
     };
-    // Bootstrap: the sockets already in CLOSE_WAIT, with their owners.
+    // Bootstrap: the sockets already in the watched states, with their owners.
     d.request_snapshot();
     let metrics_url = match d.config.metrics.listen.as_str() {
         "" => "metrics off".to_owned(),
@@ -310,7 +310,7 @@ impl Daemon {
                 } else {
                     None
                 };
-                if *in_flight && t.old == TcpState::CloseWait {
+                if *in_flight && tracker.watches(t.old) {
                     let tuple = Tuple {
                         saddr: t.saddr,
                         sport: t.sport,
@@ -410,11 +410,11 @@ impl Daemon {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Status(reply) => {
-                let report = report::status(self);
+                let report = report::status(&self.tracker, &self.stats(), self.now_ns());
                 let _ = reply.send(report);
             }
             Command::Metrics(reply) => {
-                let _ = reply.send(metrics::render(self));
+                let _ = reply.send(metrics::render(&self.tracker, &self.stats(), self.now_ns()));
             }
         }
     }
@@ -427,6 +427,13 @@ impl Daemon {
         }
         let mut out = io::stdout().lock();
         for change in &changes {
+            let a = match change {
+                AlertChange::Firing(a) | AlertChange::Resolved(a) => a,
+            };
+            let rule = self
+                .tracker
+                .rule(&a.rule)
+                .expect("an alert's rule is one of the tracker's");
             let line = report::alert_line(change, now, self.args.json);
             if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
                 warn!(error = %e, "cannot print alert");
@@ -435,7 +442,7 @@ impl Daemon {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
             self.delivery
-                .send(&report::alert_message(change, now, &self.instance));
+                .send(&report::alert_message(change, rule, now, &self.instance));
         }
     }
 

@@ -1,15 +1,16 @@
 //! What the agent shows: the `status` report and the alert lines it prints.
-use std::{collections::BTreeMap, sync::atomic::Ordering};
+use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::{Daemon, delivery::AlertMessage};
+use super::{delivery::AlertMessage, stats::Stats};
 use crate::{
     api::{AlertReport, Counters, PeerReport, ProcessReport, SocketReport, StatusReport},
-    event::TcpState,
     output::{endpoint, escape_control},
     tracker::{
+        Tracker,
         alerts::{Alert, AlertChange},
+        rules::Rule,
         snapshot::SocketDetail,
     },
 };
@@ -29,6 +30,7 @@ fn peers(top: &[(std::net::IpAddr, u32)]) -> Vec<PeerReport> {
 
 fn socket(s: &SocketDetail) -> SocketReport {
     SocketReport {
+        state: s.state.name().to_owned(),
         netns: (s.netns != 0).then_some(s.netns),
         local: endpoint(s.tuple.saddr, s.tuple.sport),
         remote: endpoint(s.tuple.daddr, s.tuple.dport),
@@ -38,18 +40,20 @@ fn socket(s: &SocketDetail) -> SocketReport {
     }
 }
 
-/// The `status` answer, as of now.
-pub(super) fn status(d: &Daemon) -> StatusReport {
-    let now = d.now_ns();
-    let t = &d.tracker;
+/// The `status` answer at `now`: every watched state's holders (kernel order), the sockets of
+/// those states whose holder is not known, the firing alerts, and the counters.
+pub(super) fn status(t: &Tracker, s: &Stats, now: u64) -> StatusReport {
     let c = t.counters();
+    let states = t.watched_states();
     StatusReport {
-        uptime_s: d.started.elapsed().as_secs_f64(),
+        uptime_s: s.uptime_s,
         tracked_sockets: t.len() as u64,
-        processes: t
-            .processes(TcpState::CloseWait, now)
-            .into_iter()
+        watched_states: states.iter().map(|st| st.name().to_owned()).collect(),
+        processes: states
+            .iter()
+            .flat_map(|&st| t.processes(st, now))
             .map(|p| ProcessReport {
+                state: p.state.name().to_owned(),
                 pid: p.process.key.pid,
                 comm: p.process.comm.clone(),
                 cmdline: p.process.cmdline.clone(),
@@ -65,27 +69,27 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
                 sockets: p.sockets.iter().map(socket).collect(),
             })
             .collect(),
-        unowned: t
-            .unowned(TcpState::CloseWait, now)
+        unowned: states
             .iter()
-            .map(socket)
+            .flat_map(|&st| t.unowned(st, now))
+            .map(|d| socket(&d))
             .collect(),
         alerts: t.firing().iter().map(|a| alert_report(a, now)).collect(),
         counters: Counters {
-            transitions: d.transitions,
-            lost_ring_full: d.kernel.reserve_failed,
-            lost_recursion_misses: d.kernel.recursion_misses,
-            malformed: d.malformed.total(),
-            tail_missed: d.tail_missed.load(Ordering::Relaxed),
+            transitions: s.transitions,
+            lost_ring_full: s.kernel.reserve_failed,
+            lost_recursion_misses: s.kernel.recursion_misses,
+            malformed: s.malformed,
+            tail_missed: s.tail_missed,
             table_overflow: c.overflowed,
             reconcile_added: c.repairs_added,
             reconcile_removed: c.repairs_removed,
             reconcile_corrected: c.repairs_corrected,
             duplicates: c.duplicates,
-            late: d.kernel.late,
-            reconciliations: d.reconciliations,
-            namespaces_dumped: d.last_cost.namespaces,
-            namespace_failures: d.namespace_failures,
+            late: s.kernel.late,
+            reconciliations: s.reconciliations,
+            namespaces_dumped: s.last_cost.namespaces,
+            namespace_failures: s.namespace_failures,
         },
     }
 }
@@ -108,8 +112,14 @@ fn alert_report(a: &Alert, now: u64) -> AlertReport {
     }
 }
 
-/// The change as the delivery sinks take it.
-pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> AlertMessage {
+/// The change as the delivery sinks take it; `rule` (the alert's) gives its `alertname`,
+/// `severity` and `remedy`.
+pub(super) fn alert_message(
+    change: &AlertChange,
+    rule: &Rule,
+    now: u64,
+    instance: &str,
+) -> AlertMessage {
     let (firing, a) = match change {
         AlertChange::Firing(a) => (true, a),
         AlertChange::Resolved(a) => (false, a),
@@ -125,12 +135,12 @@ pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> A
         .map(|(addr, n)| format!("{addr} ({n})"))
         .collect();
     let mut labels = BTreeMap::from([
-        ("alertname".to_owned(), "TcpCloseWaitLeak".to_owned()),
+        ("alertname".to_owned(), rule.alertname.clone()),
         ("rule".to_owned(), a.rule.clone()),
         ("pid".to_owned(), a.process.key.pid.to_string()),
         ("comm".to_owned(), a.process.comm.clone()),
         ("instance".to_owned(), instance.to_owned()),
-        ("severity".to_owned(), "warning".to_owned()),
+        ("severity".to_owned(), rule.severity.clone()),
     ]);
     if let Some(c) = &a.process.container {
         labels.insert("container".into(), c.clone());
@@ -141,7 +151,7 @@ pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> A
     if let Some(ns) = a.process.netns {
         labels.insert("netns".into(), ns.to_string());
     }
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         ("summary".to_owned(), format!(
             "{} (pid {}) holds {} {} sockets, oldest {}{:.0}s",
             a.process.comm, a.process.key.pid, a.count, a.state.name(),
@@ -152,8 +162,10 @@ pub(super) fn alert_message(change: &AlertChange, now: u64, instance: &str) -> A
         ("peers".to_owned(), peers.join(", ")),
         ("cmdline".to_owned(), a.process.cmdline.clone()),
         ("cgroup".to_owned(), a.process.cgroup.clone().unwrap_or_default()),
-        ("remedy".to_owned(), "the peer closed these connections and the process never called close(): find the code path that drops a connection after read() returns 0 or an error without closing it".to_owned()),
     ]);
+    if !rule.remedy.is_empty() {
+        annotations.insert("remedy".to_owned(), rule.remedy.clone());
+    }
     AlertMessage {
         key: format!(
             "{}/{}/{}",

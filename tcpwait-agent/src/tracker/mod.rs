@@ -396,6 +396,16 @@ impl Tracker {
             .collect()
     }
 
+    /// True when some rule watches `state`.
+    pub fn watches(&self, state: TcpState) -> bool {
+        self.watched[state_index(state)]
+    }
+
+    /// The rule named `name`.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules().iter().find(|r| r.name == name)
+    }
+
     /// The configured rules.
     pub fn rules(&self) -> &[Rule] {
         self.engine.rules()

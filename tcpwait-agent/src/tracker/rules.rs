@@ -1,13 +1,17 @@
 //! Rules as data: "a process holds a socket in state S for at least T", "a process holds more
-//! than N sockets in state S". The CLOSE_WAIT leak is one [`Rule`] value; a FIN_WAIT2 age rule
-//! or a TIME_WAIT count rule is another value of the same type, not new code.
+//! than N sockets in state S". A rule is one [`Rule`] value, end to end: the configuration
+//! (`[[rules]]`, see `config::rules`) produces it, the tracker watches its state (owners are
+//! resolved and reconciled for it), the alert engine evaluates it, and the sinks take its
+//! alert name, severity and remedy from it. A FIN_WAIT2 age rule or a SYN_SENT age rule is
+//! another value of the same type, not new code.
 //!
-//! Scope: every rule is evaluated **per process** — the sockets a process owns (as resolved
-//! through inet_diag + `/proc/<pid>/fd`) in the rule's state. Sockets without a known owner never
-//! match a rule; they are listed by `Tracker::unowned`. Note that FIN_WAIT2 and TIME_WAIT
-//! sockets usually have no owner any more (the process called `close()`; the kernel keeps an
-//! orphan or a timewait socket), so a rule on them only sees sockets still held through an fd
-//! (e.g. after `shutdown(SHUT_WR)`). A host-wide or per-peer scope would be a field added here.
+//! Scope: every rule is evaluated **per process** ([`Scope::Process`]) — the sockets a process
+//! owns (as resolved through inet_diag + `/proc/<pid>/fd`) in the rule's state. Sockets without a
+//! known owner never match a rule; they are listed by `Tracker::unowned`. FIN_WAIT2 and
+//! TIME_WAIT sockets usually have no owner any more (the process called `close()`; the kernel
+//! keeps an orphan or a timewait socket), so a rule on them only sees sockets still held
+//! through an fd (e.g. after `shutdown(SHUT_WR)`). Per-peer and host scopes are not built yet:
+//! the configuration refuses them rather than evaluating them per process.
 use crate::event::TcpState;
 
 /// Default age threshold of [`Rule::close_wait_leak`]: 60 s.
@@ -15,29 +19,96 @@ pub const DEFAULT_CLOSE_WAIT_MAX_AGE_NS: u64 = 60_000_000_000;
 /// Default count threshold of [`Rule::close_wait_leak`]: more than 100 sockets.
 pub const DEFAULT_CLOSE_WAIT_MAX_COUNT: u32 = 100;
 
+/// What a rule counts sockets per.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The sockets one process holds (a socket shared by several processes counts for each).
+    Process,
+}
+
+impl Scope {
+    /// The name in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+        }
+    }
+}
+
+/// States a rule may watch: those a socket stays in while a process holds it. CLOSE is never
+/// tracked; TIME_WAIT is never entered by a transition (a timewait socket takes over, see
+/// DESIGN.md) and NEW_SYN_RECV is a request socket that no process holds.
+pub const RULE_STATES: [TcpState; 9] = [
+    TcpState::Established,
+    TcpState::SynSent,
+    TcpState::SynRecv,
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Listen,
+    TcpState::Closing,
+];
+
 /// One alerting rule. A process matches when it owns a socket in `state` for at least
 /// `max_age_ns`, **or** more than `max_count` sockets in `state`. A rule with neither threshold
-/// never matches.
+/// never matches (the configuration refuses one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
-    /// Alert name, e.g. `close_wait_leak`; becomes the Alertmanager `alertname`.
+    /// Rule name, e.g. `close_wait_leak`: the `rule` label of alerts and metrics. Unique.
     pub name: String,
-    /// The TCP state the rule watches. Sockets entering it get their owners resolved.
+    /// The TCP state the rule watches. Sockets entering it get their owners resolved, and
+    /// reconciliation dumps it.
     pub state: TcpState,
+    /// What sockets are counted per.
+    pub scope: Scope,
     /// Matches when the oldest socket's age is `>=` this.
     pub max_age_ns: Option<u64>,
     /// Matches when the count is `>` this.
     pub max_count: Option<u32>,
+    /// The Alertmanager `alertname` label, e.g. `TcpCloseWaitLeak`.
+    pub alertname: String,
+    /// The `severity` label, e.g. `warning`.
+    pub severity: String,
+    /// What to do about it: the `remedy` annotation ("" for none).
+    pub remedy: String,
 }
 
 impl Rule {
+    /// The rules in force when the configuration names none.
+    pub fn defaults() -> Vec<Self> {
+        vec![Self::close_wait_leak()]
+    }
+
     /// The default rule: CLOSE_WAIT for 60 s or more, or more than 100 CLOSE_WAIT sockets.
     pub fn close_wait_leak() -> Self {
         Self {
             name: "close_wait_leak".to_owned(),
             state: TcpState::CloseWait,
+            scope: Scope::Process,
             max_age_ns: Some(DEFAULT_CLOSE_WAIT_MAX_AGE_NS),
             max_count: Some(DEFAULT_CLOSE_WAIT_MAX_COUNT),
+            alertname: "TcpCloseWaitLeak".to_owned(),
+            severity: "warning".to_owned(),
+            remedy: "the peer closed these connections and the process never called close(): \
+                     find the code path that drops a connection after read() returns 0 or an \
+                     error without closing it"
+                .to_owned(),
+        }
+    }
+
+    /// A per-process rule with default labels, for tests and as a starting point.
+    #[cfg(test)]
+    pub fn new(name: &str, state: TcpState, max_age_ns: Option<u64>, max_count: Option<u32>) -> Self {
+        Self {
+            name: name.to_owned(),
+            state,
+            scope: Scope::Process,
+            max_age_ns,
+            max_count,
+            alertname: default_alertname(name),
+            severity: "warning".to_owned(),
+            remedy: String::new(),
         }
     }
 
@@ -63,6 +134,20 @@ impl Rule {
     }
 }
 
+/// The `alertname` of a rule that names none: `Tcp` and the rule's name in CamelCase
+/// (`close_wait_leak` → `TcpCloseWaitLeak`).
+pub fn default_alertname(rule: &str) -> String {
+    let mut out = String::from("Tcp");
+    for word in rule.split(['_', '-']).filter(|w| !w.is_empty()) {
+        let mut chars = word.chars();
+        if let Some(first) = chars.next() {
+            out.extend(first.to_uppercase());
+            out.push_str(chars.as_str());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +162,13 @@ mod tests {
         assert!(r.matches(101, Some(5), 6));
         assert!(!r.matches(0, None, u64::MAX));
         assert_eq!(r.age_deadline(u64::MAX), None);
+    }
+
+    #[test]
+    fn alertnames_derive_from_rule_names() {
+        assert_eq!(default_alertname("close_wait_leak"), "TcpCloseWaitLeak");
+        assert_eq!(default_alertname("syn_sent_stuck"), "TcpSynSentStuck");
+        assert_eq!(default_alertname("fin-wait2"), "TcpFinWait2");
+        assert_eq!(Rule::close_wait_leak().alertname, default_alertname("close_wait_leak"));
     }
 }

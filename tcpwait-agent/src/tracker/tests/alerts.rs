@@ -32,12 +32,7 @@ fn age_rule_fires_exactly_at_deadline() {
 
 #[test]
 fn count_rule_fires_on_the_socket_after_max_count() {
-    let rule = Rule {
-        name: "close_wait_count".to_owned(),
-        state: TcpState::CloseWait,
-        max_age_ns: None,
-        max_count: Some(3),
-    };
+    let rule = Rule::new("close_wait_count", TcpState::CloseWait, None, Some(3));
     let mut t = Tracker::new(TrackerConfig {
         rules: vec![rule],
         ..TrackerConfig::default()
@@ -175,12 +170,7 @@ fn the_on_cpu_task_is_never_the_owner() {
 
 #[test]
 fn a_fin_wait2_age_rule_is_just_data() {
-    let fin_wait2 = Rule {
-        name: "fin_wait2_stuck".to_owned(),
-        state: TcpState::FinWait2,
-        max_age_ns: Some(30 * SEC),
-        max_count: None,
-    };
+    let fin_wait2 = Rule::new("fin_wait2_stuck", TcpState::FinWait2, Some(30 * SEC), None);
     let mut t = Tracker::new(TrackerConfig {
         rules: vec![Rule::close_wait_leak(), fin_wait2],
         ..TrackerConfig::default()
