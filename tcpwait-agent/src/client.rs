@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{Request, StatusReport, TailLine},
+    api::{ProcessReport, Request, SocketReport, StatusReport, TailLine},
     filter::Filter,
     output::{Clock, Format, TEXT_HEADER, escape_control, write_record},
 };
@@ -85,27 +85,51 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         r.counters.lost_recursion_misses,
         r.counters.malformed
     )?;
-    if r.processes.is_empty() && r.unowned.is_empty() {
-        return writeln!(out, "no process holds CLOSE_WAIT sockets");
-    }
     for a in &r.alerts {
         writeln!(
             out,
-            "ALERT {} pid {} ({}) {} sockets, oldest {}, firing for {}",
+            "ALERT {} pid {} ({}) {} {} sockets, oldest {}, firing for {}",
             a.rule,
             a.pid,
             escape_control(&a.comm),
             a.count,
+            a.state,
             age(a.oldest_age_s, false),
             age(a.firing_for_s, false)
         )?;
     }
+    // An agent older than `watched_states` watched CLOSE_WAIT only.
+    let states = if r.watched_states.is_empty() {
+        vec!["CLOSE_WAIT".to_owned()]
+    } else {
+        r.watched_states.clone()
+    };
+    for state in &states {
+        // A report without per-entry states (an older agent) is one CLOSE_WAIT section.
+        let of = |s: &str| s == state || s.is_empty();
+        let procs: Vec<&ProcessReport> = r.processes.iter().filter(|p| of(&p.state)).collect();
+        let unowned: Vec<&SocketReport> = r.unowned.iter().filter(|s| of(&s.state)).collect();
+        print_section(out, state, &procs, &unowned)?;
+    }
+    Ok(())
+}
+
+/// One watched state: its holders, most sockets first, then the sockets with no known holder.
+fn print_section(
+    out: &mut impl io::Write,
+    state: &str,
+    procs: &[&ProcessReport],
+    unowned: &[&SocketReport],
+) -> io::Result<()> {
+    if procs.is_empty() && unowned.is_empty() {
+        return writeln!(out, "no process holds {state} sockets");
+    }
     writeln!(
         out,
         "{:<8} {:<16} {:>6} {:>9}  PEERS / COMMAND",
-        "PID", "COMM", "CW", "OLDEST"
+        "PID", "COMM", short(state), "OLDEST"
     )?;
-    for p in &r.processes {
+    for p in procs {
         let peers: Vec<String> = p
             .peers
             .iter()
@@ -145,7 +169,7 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
             )?;
         }
     }
-    for s in &r.unowned {
+    for s in unowned {
         writeln!(
             out,
             "?        (owner unknown)          {} -> {}  age {}",
@@ -155,6 +179,18 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A state's column header: its initials (`CLOSE_WAIT` → `CW`, `SYN_SENT` → `SS`,
+/// `FIN_WAIT2` → `FW2`).
+fn short(state: &str) -> String {
+    state
+        .split('_')
+        .map(|w| {
+            let digits: String = w.chars().filter(char::is_ascii_digit).collect();
+            format!("{}{digits}", w.chars().next().unwrap_or('?'))
+        })
+        .collect()
 }
 
 /// `tcpwait tail`.
@@ -220,4 +256,57 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         eprintln!("tcpwait: {missed} transitions missed in total");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_text_has_a_section_per_watched_state() {
+        let r = StatusReport {
+            watched_states: vec!["SYN_SENT".into(), "FIN_WAIT2".into(), "CLOSE_WAIT".into()],
+            processes: vec![ProcessReport {
+                state: "SYN_SENT".into(),
+                pid: 7,
+                comm: "curl".into(),
+                cmdline: "curl http://10.9.9.9/".into(),
+                count: 1,
+                oldest_age_s: 2.0,
+                sockets: vec![SocketReport {
+                    state: "SYN_SENT".into(),
+                    local: "10.0.0.1:4000".into(),
+                    remote: "10.9.9.9:80".into(),
+                    age_s: 2.0,
+                    ..SocketReport::default()
+                }],
+                ..ProcessReport::default()
+            }],
+            unowned: vec![SocketReport {
+                state: "CLOSE_WAIT".into(),
+                local: "10.0.0.1:80".into(),
+                remote: "10.0.0.2:5000".into(),
+                age_s: 0.5,
+                ..SocketReport::default()
+            }],
+            ..StatusReport::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &r).expect("write to a Vec");
+        let text = String::from_utf8(out).expect("utf-8");
+        let body: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(
+            body,
+            [
+                "PID      COMM                 SS    OLDEST  PEERS / COMMAND",
+                "7        curl                  1      2.0s  ",
+                "                                            curl http://10.9.9.9/",
+                "    10.0.0.1:4000 -> 10.9.9.9:80  age 2.0s  recv-q ?",
+                "no process holds FIN_WAIT2 sockets",
+                "PID      COMM                 CW    OLDEST  PEERS / COMMAND",
+                "?        (owner unknown)          10.0.0.1:80 -> 10.0.0.2:5000  age 0.5s",
+            ]
+        );
+        assert_eq!(short("FIN_WAIT2"), "FW2");
+    }
 }

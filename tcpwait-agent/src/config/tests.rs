@@ -14,11 +14,62 @@ fn the_documented_file_is_the_default() {
 }
 
 #[test]
-fn durations_take_seconds_or_units() {
+fn the_default_rules_are_todays_close_wait_leak() {
+    assert_eq!(
+        Config::default().rules.rules(),
+        vec![crate::tracker::rules::Rule::close_wait_leak()]
+    );
+}
+
+/// close_wait_leak's (age, count) in ns and sockets, as the tracker gets them.
+fn close_wait_thresholds(c: &Config) -> (Option<u64>, Option<u32>) {
+    let rules = c.rules.rules();
+    let r = rules
+        .iter()
+        .find(|r| r.name == "close_wait_leak")
+        .expect("close_wait_leak");
+    (r.max_age_ns, r.max_count)
+}
+
+#[test]
+fn the_older_rules_table_sets_close_wait_leak() {
+    const S: u64 = 1_000_000_000;
     let c = Config::parse("[rules]\nclose_wait_age = 2\n", "t").expect("valid");
-    assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(2)));
+    assert_eq!(close_wait_thresholds(&c), (Some(2 * S), Some(100)));
     let c = Config::parse("[rules]\nclose_wait_age = \"1m 30s\"\n", "t").expect("valid");
-    assert_eq!(c.rules.close_wait_age, Dur(Duration::from_secs(90)));
+    assert_eq!(close_wait_thresholds(&c), (Some(90 * S), Some(100)));
+    let c = Config::parse("[rules]\nclose_wait_count = 7\n", "t").expect("valid");
+    assert_eq!(close_wait_thresholds(&c), (Some(60 * S), Some(7)));
+    assert_eq!(c.rules.rules().len(), 1);
+}
+
+#[test]
+fn rules_tables_replace_the_defaults() {
+    use crate::{event::TcpState, tracker::rules::Rule};
+    let text = "[[rules]]\nname = \"syn_sent_stuck\"\nstate = \"syn-sent\"\nage = \"1s\"\n\n\
+                [[rules]]\nname = \"many_fin_wait2\"\nstate = \"FIN_WAIT2\"\ncount = 5\n\
+                alertname = \"PeerNeverCloses\"\nseverity = \"critical\"\nremedy = \"fix the peer\"\n";
+    let c = Config::parse(text, "t").expect("valid");
+    let syn_sent = Rule::new(
+        "syn_sent_stuck",
+        TcpState::SynSent,
+        Some(1_000_000_000),
+        None,
+    );
+    assert_eq!(syn_sent.alertname, "TcpSynSentStuck");
+    let fin_wait2 = Rule {
+        alertname: "PeerNeverCloses".into(),
+        severity: "critical".into(),
+        remedy: "fix the peer".into(),
+        ..Rule::new("many_fin_wait2", TcpState::FinWait2, None, Some(5))
+    };
+    assert_eq!(c.rules.rules(), vec![syn_sent, fin_wait2]);
+    // The close_wait_leak overrides (the flags) have no rule to set here.
+    let mut rules = c.rules.clone();
+    assert_eq!(
+        rules.set_close_wait(Some(Dur(Duration::from_secs(1))), None),
+        Err("no rule named close_wait_leak is configured: add it under [[rules]] or set the thresholds there".into())
+    );
 }
 
 fn error(text: &str) -> String {
@@ -97,6 +148,54 @@ fn each_key_is_validated() {
         (
             "[delivery]\nmax_backoff = \"1ms\"",
             "f.toml: delivery.max_backoff: 1ms is out of range: allowed 100ms ..= 1h",
+        ),
+        (
+            "[rules]\nclose_wait_age = \"50ms\"",
+            "f.toml: rules.close_wait_age: 50ms is out of range: allowed 100ms ..= 30d",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"SYN_SNT\"\nage = 1",
+            "f.toml: rules[0].state: \"SYN_SNT\" is not a TCP state: allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"time_wait\"\ncount = 1",
+            "f.toml: rules[0].state: \"TIME_WAIT\" cannot be watched (no process holds a socket in it): allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\n[[rules]]\nname = \"a\"\nstate = \"SYN_SENT\"\nage = 1",
+            "f.toml: rules[1].name: \"a\" is already the name of rules[0]: allowed a name no other rule has",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"",
+            "f.toml: rules[0]: has no threshold: set age, count or both",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"peer\"",
+            "f.toml: rules[0].scope: \"peer\" is not implemented yet: allowed \"process\" (\"peer\" and \"host\" are not built yet)",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"pod\"",
+            "f.toml: rules[0].scope: \"pod\" is not a scope: allowed \"process\" (\"peer\" and \"host\" are not built yet)",
+        ),
+        (
+            "[[rules]]\nname = \"a b\"\nstate = \"CLOSE_WAIT\"\ncount = 1",
+            "f.toml: rules[0].name: \"a b\" is not a rule name: allowed letters, digits, '_' and '-'",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 0",
+            "f.toml: rules[0].count: 0 is out of range: allowed 1 ..= 10000000",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\nage = \"50ms\"",
+            "f.toml: rules[0].age: 50ms is out of range: allowed 100ms ..= 30d",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\nage = 1\nthreshold = 3",
+            "f.toml: rules[0].threshold: unknown field `threshold`, expected one of `name`, `state`, `scope`, `age`, `count`, `alertname`, `severity`, `remedy`",
+        ),
+        (
+            "[[rules]]\nstate = \"CLOSE_WAIT\"\nage = 1",
+            "f.toml: rules[0]: missing field `name`",
         ),
         (
             "[rules]\nclose_wait_agee = 5",

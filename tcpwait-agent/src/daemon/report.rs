@@ -227,3 +227,125 @@ pub(super) fn alert_line(change: &AlertChange, now: u64, as_json: bool) -> Strin
         escape_control(&a.process.cmdline).replace('"', "\\\""),
     )
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::{
+        event::TcpState,
+        model::{ProcessInfo, ProcessKey},
+        tracker::{
+            TrackerConfig,
+            tests::{NS, sock, tr},
+        },
+    };
+
+    const SEC: u64 = 1_000_000_000;
+
+    pub(in crate::daemon) fn process(pid: u32) -> ProcessInfo {
+        ProcessInfo {
+            key: ProcessKey {
+                pid,
+                start_ticks: 1,
+            },
+            comm: format!("p{pid}"),
+            cmdline: format!("/bin/p{pid}"),
+            cgroup: None,
+            container: None,
+            pod_uid: None,
+            runtime: None,
+            netns: Some(NS),
+        }
+    }
+
+    /// close_wait_leak plus a SYN_SENT rule given only as data, with its own labels.
+    pub(in crate::daemon) fn tracker() -> Tracker {
+        let syn_sent = Rule {
+            alertname: "TcpConnectStuck".into(),
+            severity: "critical".into(),
+            remedy: "check the route to the peer".into(),
+            ..Rule::new("syn_sent_stuck", TcpState::SynSent, Some(SEC), None)
+        };
+        let mut t = Tracker::new(TrackerConfig {
+            rules: vec![Rule::close_wait_leak(), syn_sent],
+            ..TrackerConfig::default()
+        });
+        // Socket 1: CLOSE_WAIT held by pid 10; 2: SYN_SENT held by pid 20; 3: CLOSE_WAIT, holder
+        // unknown; 4: ESTABLISHED, watched by no rule.
+        t.apply(&tr(1, TcpState::Established, TcpState::CloseWait, 0));
+        t.set_owners(sock(1), vec![process(10)]);
+        t.apply(&tr(2, TcpState::Close, TcpState::SynSent, 0));
+        t.set_owners(sock(2), vec![process(20)]);
+        t.apply(&tr(3, TcpState::Established, TcpState::CloseWait, SEC / 2));
+        t.apply(&tr(4, TcpState::SynRecv, TcpState::Established, 0));
+        t.set_owners(sock(4), vec![process(40)]);
+        t
+    }
+
+    #[test]
+    fn status_has_a_section_per_watched_state() {
+        let t = tracker();
+        let s = Stats {
+            transitions: 7,
+            ..Stats::default()
+        };
+        let r = status(&t, &s, 2 * SEC);
+        assert_eq!(r.watched_states, ["SYN_SENT", "CLOSE_WAIT"]);
+        let procs: Vec<(&str, u32, u64, f64)> = r
+            .processes
+            .iter()
+            .map(|p| (p.state.as_str(), p.pid, p.count, p.oldest_age_s))
+            .collect();
+        assert_eq!(procs, [("SYN_SENT", 20, 1, 2.0), ("CLOSE_WAIT", 10, 1, 2.0)]);
+        let unowned: Vec<(&str, &str, f64)> = r
+            .unowned
+            .iter()
+            .map(|s| (s.state.as_str(), s.remote.as_str(), s.age_s))
+            .collect();
+        assert_eq!(unowned, [("CLOSE_WAIT", "10.0.0.2:40003", 1.5)]);
+        assert_eq!((r.tracked_sockets, r.counters.transitions), (4, 7));
+    }
+
+    #[test]
+    fn alert_labels_and_remedy_come_from_the_rule() {
+        let mut t = tracker();
+        let changes = t.evaluate(SEC);
+        let [AlertChange::Firing(a)] = changes.as_slice() else {
+            panic!("expected the SYN_SENT alert alone, got {changes:?}");
+        };
+        let rule = t.rule(&a.rule).expect("its rule");
+        let m = alert_message(&changes[0], rule, SEC, "h1");
+        let label = |k: &str| m.labels.get(k).map(String::as_str);
+        assert_eq!(
+            [label("alertname"), label("rule"), label("severity"), label("pid")],
+            [
+                Some("TcpConnectStuck"),
+                Some("syn_sent_stuck"),
+                Some("critical"),
+                Some("20")
+            ]
+        );
+        assert_eq!(
+            m.annotations.get("remedy").map(String::as_str),
+            Some("check the route to the peer")
+        );
+        assert_eq!(
+            m.annotations.get("summary").map(String::as_str),
+            Some("p20 (pid 20) holds 1 SYN_SENT sockets, oldest 1s")
+        );
+        assert_eq!(m.key, "syn_sent_stuck/20/1");
+        // A rule without a remedy sends none; close_wait_leak keeps today's labels.
+        let mut bare = rule.clone();
+        bare.remedy.clear();
+        assert!(
+            !alert_message(&changes[0], &bare, SEC, "h1")
+                .annotations
+                .contains_key("remedy")
+        );
+        let cw = Rule::close_wait_leak();
+        let m = alert_message(&changes[0], &cw, SEC, "h1");
+        assert_eq!(m.labels["alertname"], "TcpCloseWaitLeak");
+        assert_eq!(m.labels["severity"], "warning");
+        assert!(m.annotations["remedy"].starts_with("the peer closed these connections"));
+    }
+}
