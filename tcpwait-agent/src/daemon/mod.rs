@@ -434,7 +434,7 @@ impl Daemon {
                 .tracker
                 .rule(&a.rule)
                 .expect("an alert's rule is one of the tracker's");
-            let line = report::alert_line(change, now, self.args.json);
+            let line = report::alert_line(change, rule, now, self.args.json);
             if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
                 warn!(error = %e, "cannot print alert");
             }

@@ -175,13 +175,14 @@ pub(super) fn alert_message(
         starts_at: mono_to_wall(a.fired_at_ns),
         labels,
         annotations,
-        json: serde_json::from_str(&alert_line(change, now, true))
+        json: serde_json::from_str(&alert_line(change, rule, now, true))
             .expect("alert_line renders JSON"),
     }
 }
 
-/// One line for an alert that fired or resolved: logfmt-like text, or a JSON object.
-pub(super) fn alert_line(change: &AlertChange, now: u64, as_json: bool) -> String {
+/// One line for an alert that fired or resolved: logfmt-like text, or a JSON object (which
+/// also names the rule's `alertname`, `severity` and `remedy`).
+pub(super) fn alert_line(change: &AlertChange, rule: &Rule, now: u64, as_json: bool) -> String {
     let (status, a) = match change {
         AlertChange::Firing(a) => ("firing", a),
         AlertChange::Resolved(a) => ("resolved", a),
@@ -191,6 +192,9 @@ pub(super) fn alert_line(change: &AlertChange, now: u64, as_json: bool) -> Strin
         return json!({
             "alert": status,
             "rule": a.rule,
+            "alertname": rule.alertname,
+            "severity": rule.severity,
+            "remedy": rule.remedy,
             "state": a.state.name(),
             "pid": a.process.key.pid,
             "comm": a.process.comm,

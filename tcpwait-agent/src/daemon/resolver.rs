@@ -250,7 +250,35 @@ impl Worker {
                     continue;
                 }
             };
+            // Connecting sockets whose SYN_SENT transition came before their port was picked:
+            // one dump of the namespace's SYN_SENT sockets finds them by the rest of the tuple.
+            let mut syn_sent: Option<Vec<DiagSocket>> = None;
+            let mut taken: HashSet<u64> = HashSet::new();
             for q in qs {
+                if q.tuple.sport == 0 {
+                    if syn_sent.is_none() {
+                        match diag::dump_on(&socket, &[TcpState::SynSent], ns) {
+                            Ok(d) => syn_sent = Some(d),
+                            Err(e) => {
+                                snap.failed
+                                    .push((ns, format!("inet_diag dump failed: {e}")));
+                                break;
+                            }
+                        }
+                    }
+                    let same_peer = |d: &&DiagSocket| {
+                        d.tuple.saddr == q.tuple.saddr
+                            && d.tuple.daddr == q.tuple.daddr
+                            && d.tuple.dport == q.tuple.dport
+                    };
+                    for d in syn_sent.iter().flatten().filter(same_peer) {
+                        if snap.states.contains(&d.state) && taken.insert(d.cookie) {
+                            pids.extend(q.candidates.iter().copied());
+                            snap.sockets.push((d.clone(), Vec::new()));
+                        }
+                    }
+                    continue;
+                }
                 match diag::lookup_on(&socket, &q.tuple, ns) {
                     Ok(Some(d)) if snap.states.contains(&d.state) => {
                         pids.extend(q.candidates.iter().copied());

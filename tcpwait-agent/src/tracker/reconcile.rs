@@ -13,7 +13,7 @@
 //! The daemon should drain the ring buffer right before calling it, so that the snapshot and the
 //! table describe the same instant; a transition still queued is applied afterwards and fixes
 //! the entry again with its exact timestamp.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::{Tracker, table::CompactTuple};
 use crate::{
@@ -82,6 +82,14 @@ fn ack_bound(d: &DiagSocket, now_ns: u64) -> u64 {
     }
 }
 
+/// A connecting socket tracked from its CLOSE→SYN_SENT transition, which runs before
+/// `inet_hash_connect` picks the local port (`tcp_v4_connect`, `tcp_v6_connect`): its tuple
+/// has port 0 until inet_diag shows the real one. One still portless after a full dump of its
+/// namespace is gone.
+fn is_portless(state: Option<TcpState>, t: &CompactTuple) -> bool {
+    state == Some(TcpState::SynSent) && t.local_port() == 0
+}
+
 impl Tracker {
     /// Aligns the table with `truth`, an inet_diag snapshot taken just before `now_ns` that is
     /// complete for `states`, each record with the processes that hold it (empty: unknown; known
@@ -94,6 +102,8 @@ impl Tracker {
     ///   `agent_start_ns` or the last refused insert, whichever is later. Pass as
     ///   `agent_start_ns` the later of the agent's start and the last observed event loss: a
     ///   socket missed through loss may be younger than the agent.
+    /// - Tracked in SYN_SENT without its local port (see `is_portless`) and shown with it:
+    ///   takes the shown tuple, keeping its exact entry time.
     /// - Tracked in another state: moved to inet_diag's state; it entered it after its tracked
     ///   entry time and no later than the ACK bound.
     /// - Tracked in one of `states`, in one of `namespaces` (the network namespaces the snapshot
@@ -116,6 +126,8 @@ impl Tracker {
         let dumped: HashSet<u32> = namespaces.iter().copied().collect();
         let complete_since = agent_start_ns.max(self.last_overflow_ns.unwrap_or(0));
         let mut seen: HashSet<CompactTuple> = HashSet::with_capacity(truth.len());
+        // Connecting sockets tracked without their local port, built on first need.
+        let mut portless: Option<HashMap<CompactTuple, Vec<u32>>> = None;
         for (d, owners) in truth.iter().filter(|(d, _)| states.contains(&d.state)) {
             let tuple = CompactTuple::from_tuple(d.netns, &d.tuple);
             if !tuple.indexable() {
@@ -123,7 +135,11 @@ impl Tracker {
                 continue;
             }
             seen.insert(tuple);
-            let slot = match self.table.find_tuple(&tuple) {
+            let mut found = self.table.find_tuple(&tuple);
+            if found.is_none() && d.state == TcpState::SynSent {
+                found = self.adopt_portless(&mut portless, tuple);
+            }
+            let slot = match found {
                 Some(slot) => {
                     let s = *self.table.get(slot);
                     // A transition applied after the snapshot was taken is newer than it.
@@ -162,8 +178,8 @@ impl Tracker {
                 s.state.is_some_and(|st| states.contains(&st))
                     && dumped.contains(&s.tuple.netns)
                     && s.entered_ns < now_ns
-                    && s.tuple.indexable()
-                    && !seen.contains(&s.tuple)
+                    && (s.tuple.indexable() && !seen.contains(&s.tuple)
+                        || is_portless(s.state, &s.tuple))
             })
             .map(|(slot, _)| slot)
             .collect();
@@ -175,6 +191,29 @@ impl Tracker {
         self.counters.repairs_removed += report.removed;
         self.counters.repairs_corrected += report.corrected;
         report
+    }
+
+    /// A SYN_SENT entry tracked without its local port whose other fields are `tuple`'s: it
+    /// takes `tuple` (its entry time, exact, stays). Several such entries toward one peer from
+    /// one address are told apart by nothing inet_diag shows; any one of them is taken.
+    fn adopt_portless(
+        &mut self,
+        portless: &mut Option<HashMap<CompactTuple, Vec<u32>>>,
+        tuple: CompactTuple,
+    ) -> Option<u32> {
+        let index = portless.get_or_insert_with(|| {
+            let mut m: HashMap<CompactTuple, Vec<u32>> = HashMap::new();
+            for (slot, s) in self.table.iter() {
+                if is_portless(s.state, &s.tuple) {
+                    m.entry(s.tuple).or_default().push(slot);
+                }
+            }
+            m
+        });
+        let slot = index.get_mut(&tuple.portless())?.pop()?;
+        let s = *self.table.get(slot);
+        self.move_slot(slot, TcpState::SynSent, s.entered_ns, s.lower_bound(), tuple);
+        Some(slot)
     }
 
     /// Applies one owner snapshot: [`Tracker::reconcile`] with its sockets and their holders,

@@ -109,6 +109,12 @@ impl CompactTuple {
         }
     }
 
+    /// The tuple with local port 0: what a connecting socket's CLOSE→SYN_SENT transition
+    /// carries, before `inet_hash_connect` picks its port.
+    pub(super) fn portless(self) -> Self {
+        Self { sport: 0, ..self }
+    }
+
     /// Only connected sockets are indexed: a listener has dport 0, and a connecting socket has
     /// sport 0 until `inet_hash_connect` picks a port, after CLOSE→SYN_SENT.
     pub(super) fn indexable(&self) -> bool {

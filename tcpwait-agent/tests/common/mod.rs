@@ -385,6 +385,26 @@ pub fn role_main() {
                 }
             }
         }
+        "connect_pending" => {
+            // `n` non-blocking connects to `addr`, whose SYNs go unanswered: the sockets stay in
+            // SYN_SENT (retransmitting) until told `close`.
+            let addr: SocketAddr = args[0].parse().expect("addr");
+            let n: usize = args[1].parse().expect("count");
+            let mut socks: Vec<std::os::fd::OwnedFd> = (0..n).map(|_| pending_connect(addr)).collect();
+            writeln!(out, "connecting {n}").expect("out");
+            out.flush().expect("flush");
+            for line in stdin.lock().lines() {
+                match line.as_deref() {
+                    Ok("close") => {
+                        socks.clear();
+                        writeln!(out, "closed").expect("out");
+                        out.flush().expect("flush");
+                    }
+                    Ok("exit") | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
         "forker" => {
             // One socket, then fork: parent and child both hold it.
             let addr: SocketAddr = args[0].parse().expect("addr");
@@ -413,6 +433,39 @@ pub fn role_main() {
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);
+}
+
+/// An IPv4 TCP socket whose non-blocking connect() to `addr` is under way (EINPROGRESS).
+fn pending_connect(addr: SocketAddr) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket calls on an fd this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let remote = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let r = libc::connect(fd, (&raw const remote).cast(), len);
+        let err = std::io::Error::last_os_error();
+        assert!(
+            r == -1 && err.raw_os_error() == Some(libc::EINPROGRESS),
+            "connect {addr}: expected EINPROGRESS, got {r} ({err})"
+        );
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
 }
 
 /// An IPv4 TCP socket bound to 127.0.0.1:`lport`, connected to `addr`.

@@ -394,3 +394,36 @@ fn owner_queries_name_the_connect_and_listen_callers_of_the_same_namespace() {
         Vec::<u32>::new()
     );
 }
+
+#[test]
+fn a_connecting_socket_tracked_without_its_port_takes_the_dumped_tuple() {
+    let rule = Rule::new("connect_stuck", TcpState::SynSent, Some(SEC), None);
+    let mut t = Tracker::new(TrackerConfig {
+        rules: vec![rule],
+        ..TrackerConfig::default()
+    });
+    // CLOSE→SYN_SENT runs before inet_hash_connect picks the port: the event has sport 0.
+    let mut syn = tr(1, TcpState::Close, TcpState::SynSent, 5 * SEC);
+    syn.sport = 0;
+    assert!(t.apply(&syn).needs_owners);
+    let mut gone = tr(2, TcpState::Close, TcpState::SynSent, 5 * SEC);
+    gone.sport = 0;
+    gone.dport = 9;
+    t.apply(&gone);
+    let q = t.owner_query(sock(1)).expect("tracked");
+    assert_eq!(q.tuple.sport, 0);
+    // A lookup-only snapshot (no namespace dumped whole) shows it with its port.
+    let truth = vec![(diag(1, TcpState::SynSent, None), vec![info(10)])];
+    let r = t.reconcile(&truth, &[TcpState::SynSent], &[], 6 * SEC, 0);
+    assert_eq!(r, ReconcileReport::default(), "matched, not added");
+    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), Some(sock(1)));
+    let d = t.socket(sock(1), 6 * SEC).expect("tracked");
+    assert_eq!((d.entered_ns, d.age_is_lower_bound), (5 * SEC, false));
+    assert_eq!(t.owners_of(sock(1)), vec![key(10)]);
+    assert_eq!(firing_pids(&t.evaluate(6 * SEC)), [("firing", 10)]);
+    // A full dump of the namespace that lacks the other portless socket: it is gone.
+    let r = t.reconcile(&truth, &[TcpState::SynSent], &[NS], 7 * SEC, 0);
+    assert_eq!((r.removed, r.added), (1, 0));
+    assert!(t.socket(sock(2), 7 * SEC).is_none());
+    assert_eq!(t.len(), 1);
+}

@@ -1,0 +1,141 @@
+//! Rules are data: a rule on another state, given only in the configuration file, is
+//! watched, attributed, alerted with its own labels and resolved — no code names it.
+//!
+//! Kernel behaviour exercised: `connect()` moves the socket CLOSE → SYN_SENT in the caller's
+//! context; a SYN that is never answered keeps it in SYN_SENT, retransmitting (about 127 s
+//! with the default `tcp_syn_retries`); `close()` moves it to CLOSE. The SYNs go to an
+//! address behind a veth whose peer end is down, with a permanent neighbour entry, so nothing
+//! answers and no ARP failure turns into an ICMP error (which would abort the connect).
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+#[test]
+#[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
+fn common_role_entry() {
+    role_main();
+}
+
+/// Runs `ip -n <ns> <args>`.
+fn ip_in(ns: &NetNs, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name])
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const CONFIG: &str = r#"
+[[rules]]
+name = "close_wait_leak"
+state = "CLOSE_WAIT"
+age = "60s"
+count = 100
+
+[[rules]]
+name = "connect_stuck"
+state = "syn_sent"
+age = "1s"
+alertname = "TcpConnectStuck"
+severity = "critical"
+remedy = "nothing answers the SYNs: check the route and firewalls toward the peer"
+"#;
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
+    require_root();
+    let ns = NetNs::new("synsent");
+    ip_in(&ns, &["link", "add", "tw0", "type", "veth", "peer", "name", "tw1"]);
+    ip_in(&ns, &["addr", "add", "192.0.2.1/24", "dev", "tw0"]);
+    ip_in(&ns, &["link", "set", "tw0", "up"]);
+    ip_in(
+        &ns,
+        &[
+            "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "tw0", "nud",
+            "permanent",
+        ],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tcpwait.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    let sock = api_socket("rules");
+    let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
+
+    let mut cli = ns.spawn("connect_pending", "tw-connect", &["192.0.2.2:80".into(), "2".into()]);
+    cli.expect_line("connecting");
+    let connected_at = Instant::now();
+    let fired = wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty());
+    let fired_after = connected_at.elapsed();
+    assert!(fired, "no alert; stdout {:?} stderr {:?}", tw.stdout.snapshot(), tw.stderr.snapshot());
+    assert!(
+        fired_after >= Duration::from_secs(1) && fired_after <= Duration::from_millis(1800),
+        "fired {fired_after:?} after connect()"
+    );
+    let a = &alerts(&tw)[0];
+    assert_eq!(
+        (&a["alert"], &a["rule"], &a["state"], &a["pid"], &a["comm"], &a["count"]),
+        (
+            &"firing".into(),
+            &"connect_stuck".into(),
+            &"SYN_SENT".into(),
+            &cli.pid().into(),
+            &"tw-connect".into(),
+            &2.into()
+        )
+    );
+    assert_eq!(
+        (&a["alertname"], &a["severity"], &a["remedy"]),
+        (
+            &"TcpConnectStuck".into(),
+            &"critical".into(),
+            &"nothing answers the SYNs: check the route and firewalls toward the peer".into()
+        )
+    );
+    assert_eq!(a["peers"], serde_json::json!([{"addr": "192.0.2.2", "count": 2}]));
+    assert_eq!(a["netns"], ns.inode());
+
+    let st = status(&sock);
+    assert_eq!(st["watched_states"], serde_json::json!(["SYN_SENT", "CLOSE_WAIT"]));
+    let p = process_in(&st, cli.pid()).expect("client listed");
+    assert_eq!((&p["state"], &p["count"]), (&"SYN_SENT".into(), &2.into()));
+    let remotes: Vec<&Value> = p["sockets"]
+        .as_array()
+        .expect("sockets")
+        .iter()
+        .map(|s| &s["remote"])
+        .collect();
+    assert_eq!(remotes, [&Value::from("192.0.2.2:80"), &"192.0.2.2:80".into()]);
+    let mine: Vec<&Value> = st["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .filter(|a| is_mine(a))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["rule"], "connect_stuck");
+
+    cli.send("close");
+    cli.expect_line("closed");
+    assert!(
+        wait_until(Duration::from_secs(2), || alerts(&tw).len() == 2),
+        "no resolution: {:?}",
+        tw.stdout.snapshot()
+    );
+    let r = &alerts(&tw)[1];
+    assert_eq!(
+        (&r["alert"], &r["rule"], &r["pid"]),
+        (&"resolved".into(), &"connect_stuck".into(), &cli.pid().into())
+    );
+    assert!(process_in(&status(&sock), cli.pid()).is_none());
+}
