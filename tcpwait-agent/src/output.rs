@@ -97,6 +97,10 @@ pub fn time_of_day(wall_ns: i128) -> String {
 pub struct OwnerView {
     pub pid: u32,
     pub comm: String,
+    /// Container id, from the holder's cgroup.
+    pub container: Option<String>,
+    /// Kubernetes pod UID, from the holder's cgroup.
+    pub pod_uid: Option<String>,
 }
 
 /// One transition as printed, text or JSON; the schema of `trace --json` and `tail --json`.
@@ -134,6 +138,12 @@ pub struct TransitionRecord<'a> {
     /// Holder's task name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_comm: Option<String>,
+    /// Holder's container id, when its cgroup names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_container: Option<String>,
+    /// Holder's Kubernetes pod UID, when its cgroup names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pod_uid: Option<String>,
 }
 
 impl<'a> TransitionRecord<'a> {
@@ -156,6 +166,8 @@ impl<'a> TransitionRecord<'a> {
             ms_in_old: ns_in_old.map(|ns| ns as f64 / 1e6),
             owner_pid: owner.map(|o| o.pid),
             owner_comm: owner.map(|o| o.comm.clone()),
+            owner_container: owner.and_then(|o| o.container.clone()),
+            owner_pod_uid: owner.and_then(|o| o.pod_uid.clone()),
         }
     }
 }

@@ -333,6 +333,8 @@ impl Daemon {
                             tracker.process_info(&k).map(|p| OwnerView {
                                 pid: p.key.pid,
                                 comm: p.comm.clone(),
+                                container: p.container.clone(),
+                                pod_uid: p.pod_uid.clone(),
                             })
                         });
                     items.push(Arc::new(TailItem {
