@@ -46,6 +46,11 @@ enum Cmd {
         /// only if bpftrace is installed.
         #[arg(long, value_delimiter = ',')]
         modes: Option<Vec<String>>,
+        /// Also run `trace` and `run` as built from this commit (`trace@base`, `run@base`, each
+        /// just before its current form in every round), to measure a change against the code
+        /// before it in the same run. Built once into target/bench/baseline/.
+        #[arg(long, value_name = "REV")]
+        baseline_rev: Option<String>,
     },
     /// Setup, build in release mode, and measure owner attribution latency and agent CPU on a
     /// host with ~110,000 fds, in the host namespace and over network namespaces (as root).
@@ -94,16 +99,21 @@ fn run() -> Result<()> {
             runs,
             seconds,
             modes,
+            baseline_rev,
         } => {
-            let modes = bench::check_modes(modes)?;
+            let modes = bench::check_modes(modes, baseline_rev.is_some())?;
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
+            let baseline = baseline_rev
+                .map(|rev| bench::build_baseline(&root, &rev))
+                .transpose()?;
             bench::bench(
                 &root,
                 &bench::Settings {
                     runs,
                     seconds,
                     modes,
+                    baseline,
                 },
             )
         }
