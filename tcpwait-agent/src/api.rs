@@ -163,6 +163,13 @@ pub struct Counters {
     /// Transitions that reached the agent after a later one (applied out of time order).
     #[serde(default)]
     pub late: u64,
+    /// Output lines dropped because a sink's queue was full, by sink (`stdout`,
+    /// `transition_log`): the agent never waits for its output.
+    #[serde(default)]
+    pub sink_dropped: std::collections::BTreeMap<String, u64>,
+    /// Output lines a sink failed to write (I/O error), by sink.
+    #[serde(default)]
+    pub sink_failed: std::collections::BTreeMap<String, u64>,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.
@@ -313,9 +320,7 @@ fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<
         return Ok(());
     }
     let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-    serde_json::to_writer(&mut *buf, &record).map_err(io::Error::other)?;
-    buf.push(b'\n');
-    Ok(())
+    crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 
 #[cfg(test)]

@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// Transitions a `tail` client may lag behind (default 16384). For tests only.
     #[arg(long, hide = true, default_value_t = crate::api::TAIL_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub test_tail_backlog: usize,
+    /// Bytes of alert lines that may wait for stdout (default 1 MiB). For tests only.
+    #[arg(long, hide = true, default_value_t = crate::daemon::STDOUT_QUEUE_BYTES, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub test_stdout_queue_bytes: u64,
 }
 
 impl RunArgs {

@@ -85,6 +85,19 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         r.counters.lost_recursion_misses,
         r.counters.malformed
     )?;
+    for (what, counts) in [
+        ("dropped (queue full)", &r.counters.sink_dropped),
+        ("failed to write", &r.counters.sink_failed),
+    ] {
+        let lost: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(sink, n)| format!("{} {n}", escape_control(sink)))
+            .collect();
+        if !lost.is_empty() {
+            writeln!(out, "output lines {what}: {}", lost.join(", "))?;
+        }
+    }
     if r.processes.is_empty() && r.unowned.is_empty() {
         return writeln!(out, "no process holds CLOSE_WAIT sockets");
     }
@@ -170,7 +183,7 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         // came; only control lines and text output need parsing.
         let control = text.starts_with("{\"missed\"") || text.starts_with("{\"subscribed\"");
         let written = if format == Format::Json && !control {
-            writeln!(out, "{text}")
+            writeln!(out, "{}", crate::output::escape_json(text))
         } else {
             match serde_json::from_str::<TailLine<'_>>(text) {
                 Ok(TailLine::Subscribed { .. }) => {

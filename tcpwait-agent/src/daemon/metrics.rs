@@ -60,6 +60,11 @@ struct DeliveryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -231,6 +236,26 @@ pub(super) fn render(d: &Daemon) -> String {
         "tcpwait_alert_deliveries",
         "Alert deliveries, by sink and result",
         deliveries,
+    );
+
+    let (dropped, failed) = (
+        Family::<SinkLabel, Counter>::default(),
+        Family::<SinkLabel, Counter>::default(),
+    );
+    for (sink, d_n, f_n) in d.sinks.counts() {
+        dropped.get_or_create(&SinkLabel { sink }).inc_by(d_n);
+        failed.get_or_create(&SinkLabel { sink }).inc_by(f_n);
+    }
+    r.register(
+        "tcpwait_sink_dropped",
+        "Output lines dropped because the sink's queue was full (the agent never waits for \
+         its output), by sink",
+        dropped,
+    );
+    r.register(
+        "tcpwait_sink_failed",
+        "Output lines a sink could not write (I/O error), by sink",
+        failed,
     );
 
     let build = Family::<VersionLabel, Gauge>::default();

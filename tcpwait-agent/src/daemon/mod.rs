@@ -8,11 +8,11 @@ mod owning;
 mod report;
 mod resolver;
 mod settle;
+mod sinks;
 mod translog;
 
 use std::{
     collections::HashMap,
-    io::{self, Write as _},
     process::ExitCode,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -42,6 +42,7 @@ use metrics::EdgeCounts;
 use owning::MIN_RESOLVE_INTERVAL;
 use resolver::Resolver;
 use settle::{OWNER_SETTLE, Settling};
+pub use sinks::STDOUT_QUEUE_BYTES;
 
 /// The shortest wait for the next settling socket: settle deadlines are served in groups, at
 /// most this late, instead of one wake-up per socket passing through CLOSE_WAIT (measured at
@@ -83,8 +84,8 @@ struct Daemon {
     left_during_snapshot: HashMap<Tuple, u64>,
     /// The `instance` label of delivered alerts.
     instance: String,
-    /// The transition log file, when configured.
-    translog: Option<translog::TransitionLog>,
+    /// Alert lines and the transition log, written by their own threads.
+    sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
 }
@@ -122,13 +123,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let translog = match config.transition_log.path.as_str() {
         "" => None,
         path => Some(
-            translog::TransitionLog::open(
-                path.as_ref(),
-                config.transition_log.max_bytes,
-                config.transition_log.keep,
+            sinks::LineQueue::transition_log(
+                translog::TransitionLog::open(
+                    path.as_ref(),
+                    config.transition_log.max_bytes,
+                    config.transition_log.keep,
+                )
+                .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
+                sinks::TRANSLOG_QUEUE_BYTES,
             )
-            .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
+            .context("start the transition log writer")?,
         ),
+    };
+    let sinks = sinks::Sinks {
+        stdout: sinks::LineQueue::stdout(args.test_stdout_queue_bytes)
+            .context("start the alert line writer")?,
+        translog,
     };
 
     let tracker_config = TrackerConfig {
@@ -169,7 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery,
         edges: EdgeCounts::default(),
         instance: String::new(),
-        translog,
+        sinks,
         pending_tail: Vec::new(),
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
@@ -229,10 +239,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     d.evaluate();
     let summary = d.summary();
     let Daemon {
-        probe, delivery, ..
+        probe,
+        delivery,
+        sinks,
+        ..
     } = d;
     drop(probe); // detach first, then deliver what is owed
+    let deadline = Instant::now() + Duration::from_millis(1500);
     delivery.finish(Duration::from_millis(1500));
+    sinks.finish(deadline.into_std());
     eprintln!("tcpwait: stopped; {summary}");
     Ok(ExitCode::SUCCESS)
 }
@@ -266,7 +281,7 @@ impl Daemon {
     fn drain(&mut self) {
         let withhold = self.args.test_withhold_events;
         let publish = self.tail.receiver_count() > 0;
-        let record = publish || self.translog.is_some();
+        let record = publish || self.sinks.translog.is_some();
         let mut items = Vec::new();
         let Self {
             probe,
@@ -331,20 +346,19 @@ impl Daemon {
             }
             Err(e) => malformed.count(e),
         });
-        if let Some(log) = &mut self.translog {
-            let mut line = Vec::with_capacity(512);
-            let mut result = Ok(());
+        if let Some(log) = &self.sinks.translog
+            && !items.is_empty()
+        {
+            let mut lines = Vec::with_capacity(items.len() * 320);
+            let mut n = 0;
             for item in &items {
-                line.clear();
                 let rec =
                     TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-                if serde_json::to_writer(&mut line, &rec).is_ok() {
-                    result = result.and_then(|()| log.write_line(&line));
+                if crate::output::write_json_line(&mut lines, &rec).is_ok() {
+                    n += 1;
                 }
             }
-            if let Err(e) = result.and_then(|()| log.flush()) {
-                warn!(error = %e, "cannot write the transition log");
-            }
+            log.send(lines, n);
         }
         if publish {
             self.pending_tail.extend(items);
@@ -412,18 +426,24 @@ impl Daemon {
         if changes.is_empty() {
             return;
         }
-        let mut out = io::stdout().lock();
+        let mut lines = Vec::new();
         for change in &changes {
             let line = report::alert_line(change, now, self.args.json);
-            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                warn!(error = %e, "cannot print alert");
-            }
+            let line = if self.args.json {
+                crate::output::escape_json(&line)
+            } else {
+                line.into()
+            };
+            lines.extend_from_slice(line.as_bytes());
+            lines.push(b'\n');
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
             self.delivery
                 .send(&report::alert_message(change, now, &self.instance));
         }
+        // Never waits for stdout: a full queue drops the lines and counts them.
+        self.sinks.stdout.send(lines, changes.len() as u64);
     }
 
     fn summary(&self) -> String {

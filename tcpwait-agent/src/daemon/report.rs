@@ -79,6 +79,18 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconcile_corrected: c.repairs_corrected,
             duplicates: c.duplicates,
             late: d.kernel.late,
+            sink_dropped: d
+                .sinks
+                .counts()
+                .iter()
+                .map(|(s, n, _)| ((*s).to_owned(), *n))
+                .collect(),
+            sink_failed: d
+                .sinks
+                .counts()
+                .iter()
+                .map(|(s, _, n)| ((*s).to_owned(), *n))
+                .collect(),
         },
     }
 }
