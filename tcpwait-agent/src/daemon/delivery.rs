@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -279,9 +280,11 @@ impl Sink {
                 None => Ok(()),
             },
             Sink::File { path } => match msg {
+                // 0600: alerts hold command lines (the umask can only narrow it).
                 Some(m) => std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
                     .open(&*path)
                     .and_then(|mut f| writeln!(f, "{}", m.json))
                     .map_err(|e| format!("{}: {e}", path.display()).into()),

@@ -2,7 +2,9 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod budget;
 mod delivery;
+mod http;
 mod metrics;
 mod owning;
 mod report;
@@ -96,28 +98,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (category, name) = TRACEPOINT;
     let probe = Probe::attach(category, name, false)?;
     let attachment = probe.attachment();
-    let listener = api::bind(&config.agent.socket).await?;
+    let budget = budget::FdBudget::raise();
+    // Removed on every way out of this function (its Drop).
+    let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (tail, _) = broadcast::channel(args.test_tail_backlog);
     let tail_missed = Arc::new(AtomicU64::new(0));
+    let mut metrics_at = None;
     if !config.metrics.listen.is_empty() {
         let addr = config
             .metrics
             .listen
             .parse()
             .expect("validated by Config::validate");
-        metrics::serve(addr, cmd_tx.clone()).await.with_context(|| {
-            format!("cannot serve metrics on {addr}: choose another metrics.listen / --metrics-listen")
+        let (metrics_listener, bound) = http::bind(addr).await.with_context(|| {
+            format!(
+                "cannot serve metrics on {addr}: choose another metrics.listen / --metrics-listen"
+            )
         })?;
+        http::spawn(metrics_listener, cmd_tx.clone(), budget.metrics_connections);
+        metrics_at = Some(bound);
     }
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
         tail.clone(),
         tail_missed.clone(),
+        budget.api_clients,
     ));
     let delivery = Delivery::start(&config).context("start alert delivery")?;
     let translog = match config.transition_log.path.as_str() {
@@ -191,9 +201,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // Bootstrap: the sockets already in CLOSE_WAIT, with their owners.
     d.request_snapshot();
-    let metrics_url = match d.config.metrics.listen.as_str() {
-        "" => "metrics off".to_owned(),
-        addr => format!("metrics at http://{addr}/metrics"),
+    // The bound address: with port 0 the kernel chose it.
+    let metrics_url = match metrics_at {
+        None => "metrics off".to_owned(),
+        Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
     eprintln!(
         "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \

@@ -223,6 +223,11 @@ pub struct Sinks {
 impl Sinks {
     /// (sink, dropped, failed) per sink, for `status` and `/metrics`.
     pub fn counts(&self) -> Vec<(&'static str, u64, u64)> {
+        let stderr = (
+            "stderr",
+            crate::logging::STDERR_DROPPED.load(Ordering::Relaxed),
+            0,
+        );
         std::iter::once(&self.stdout)
             .chain(self.translog.as_ref())
             .map(|q| {
@@ -232,6 +237,7 @@ impl Sinks {
                     q.counts().failed.load(Ordering::Relaxed),
                 )
             })
+            .chain(std::iter::once(stderr))
             .collect()
     }
 

@@ -6,6 +6,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -21,7 +22,12 @@ pub struct TransitionLog {
 impl TransitionLog {
     /// Opens (appends to) `path`.
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        // 0600: lines hold command lines (the umask can only narrow it).
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
             path: path.into(),
@@ -68,6 +74,7 @@ impl TransitionLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)?;
         self.out = BufWriter::with_capacity(64 * 1024, file);
         self.size = 0;
