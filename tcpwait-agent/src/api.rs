@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{broadcast, mpsc, oneshot},
 };
@@ -35,6 +35,20 @@ pub const DEFAULT_SOCKET: &str = "/run/tcpwait/tcpwait.sock";
 
 /// Transitions a `tail` client may lag behind before it skips ahead (and is told so).
 pub const TAIL_BACKLOG: usize = 16 * 1024;
+
+/// Longest request line; a longer one is refused without being read further (a tail filter
+/// with every port listed is under 1 KiB).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take a `status` answer; then it is dropped with its buffer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `status` answers being written at once: each holds the whole serialized report, so this
+/// bounds the memory that clients that do not read can pin. Others wait for a turn at most
+/// [`STATUS_TURN_WAIT`], then are told the agent is busy.
+pub const STATUS_IN_FLIGHT: usize = 32;
+/// How long a `status` request waits for a turn.
+pub const STATUS_TURN_WAIT: Duration = Duration::from_secs(2);
 
 /// A request line from a client.
 #[derive(Debug, Serialize, Deserialize)]
@@ -309,6 +323,7 @@ pub async fn serve(
     max_clients: usize,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let status_turns = Arc::new(tokio::sync::Semaphore::new(STATUS_IN_FLIGHT));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -325,8 +340,9 @@ pub async fn serve(
             continue;
         };
         let (commands, rx, missed) = (commands.clone(), tail.subscribe(), tail_missed.clone());
+        let turns = status_turns.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(stream, commands, rx, missed).await {
+            if let Err(e) = client(stream, commands, rx, missed, turns).await {
                 debug!(error = %e, "API client ended");
             }
             drop(slot);
@@ -339,24 +355,44 @@ async fn client(
     commands: mpsc::Sender<Command>,
     mut tail: broadcast::Receiver<Arc<TailItem>>,
     tail_missed: Arc<AtomicU64>,
+    status_turns: Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read);
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    if line.len() > MAX_REQUEST {
+        let msg = format!("{{\"error\":\"request line over {MAX_REQUEST} bytes\"}}\n");
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
+        return Err(io::Error::other("request line too long"));
+    }
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
             let msg = serde_json::json!({ "error": format!("bad request: {e}") });
-            write.write_all(format!("{msg}\n").as_bytes()).await?;
+            let _ = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                write.write_all(format!("{msg}\n").as_bytes()),
+            )
+            .await;
             return Ok(());
         }
     };
     match request {
         Request::Status => {
             drop(tail);
+            let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "status answer not taken");
+            let Ok(turn) = tokio::time::timeout(STATUS_TURN_WAIT, status_turns.acquire()).await
+            else {
+                let msg = format!(
+                    "{{\"error\":\"busy: {STATUS_IN_FLIGHT} status answers are waiting for their clients to read them; try again\"}}\n"
+                );
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
+                return Ok(());
+            };
+            let _turn = turn.map_err(io::Error::other)?;
             let (tx, rx) = oneshot::channel();
             commands
                 .send(Command::Status(tx))
@@ -364,8 +400,11 @@ async fn client(
                 .map_err(|_| io::Error::other("daemon stopping"))?;
             let report = rx.await.map_err(|_| io::Error::other("daemon stopping"))?;
             let mut out = serde_json::to_vec(&report).map_err(io::Error::other)?;
+            drop(report);
             out.push(b'\n');
-            write.write_all(&out).await
+            tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+                .await
+                .map_err(|_| timed_out())?
         }
         Request::Tail { filter } => {
             let mut buf = Vec::with_capacity(64 * 1024);

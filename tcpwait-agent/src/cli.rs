@@ -156,6 +156,9 @@ pub struct StatusArgs {
     /// The full report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Give up when the agent has not answered within this time (e.g. a stopped agent).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub timeout: std::time::Duration,
 }
 
 /// Arguments of `tcpwait tail`.
@@ -170,6 +173,10 @@ pub struct TailArgs {
     /// when the holder is known).
     #[arg(long)]
     pub json: bool,
+    /// Give up when the agent has not accepted the subscription within this time (a stopped
+    /// agent); once following, tail waits for transitions indefinitely.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub timeout: std::time::Duration,
 }
 
 /// A duration: plain seconds (`2`, `0.5`) or with units (`90s`, `5m`, `1h 30m`).

@@ -278,7 +278,7 @@ impl Config {
             None => (Path::new(DEFAULT_PATH), false),
         };
         let name = path.display().to_string();
-        match std::fs::read_to_string(path) {
+        match read_capped(path) {
             Ok(text) => Self::parse(&text, &name),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
             Err(e) => Err(ConfigError {
@@ -438,6 +438,49 @@ impl Config {
         )?;
         Ok(())
     }
+}
+
+/// Largest configuration file read (the documented default is under 3 KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`]. It is opened
+/// non-blocking, so a FIFO cannot hang the open, and checked before it is read, so a device
+/// (`/dev/zero`) cannot exhaust memory.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::{
+        io::{Error, ErrorKind, Read as _},
+        os::unix::fs::OpenOptionsExt as _,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file: give the path of a TOML file",
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} bytes is over the {MAX_CONFIG_BYTES}-byte limit of a configuration file",
+                meta.len()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    // The file may grow after the check: read no more than the limit all the same.
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("over the {MAX_CONFIG_BYTES}-byte limit of a configuration file"),
+        ));
+    }
+    Ok(text)
 }
 
 fn syntax_error(text: &str, name: &str, e: &toml::de::Error) -> ConfigError {

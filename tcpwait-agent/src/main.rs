@@ -65,14 +65,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        cli::Command::Status(args) => client::status(&args.socket, args.json).await,
+        cli::Command::Status(args) => client::status(&args.socket, args.json, args.timeout).await,
         cli::Command::Tail(args) => {
             let format = if args.json {
                 output::Format::Json
             } else {
                 output::Format::Text
             };
-            client::tail(&args.socket, args.filter.to_filter(), format).await
+            client::tail(&args.socket, args.filter.to_filter(), format, args.timeout).await
         }
     }
 }
