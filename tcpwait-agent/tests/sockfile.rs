@@ -168,3 +168,49 @@ fn under_umask_000_the_files_are_private_and_the_socket_goes_on_exit() {
     assert_eq!(tw.stop(libc::SIGTERM), 0);
     assert!(!socket.exists(), "socket removed on exit");
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn sighup_and_sigusr_do_not_stop_the_agent_and_sigquit_stops_it_gracefully() {
+    require_root();
+    let sock = api_socket("signals");
+    let mut tw = daemon(&sock, &[]);
+    let pid = tw.child.id() as i32;
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGHUP] {
+        // SAFETY: a signal to the agent we started.
+        unsafe { libc::kill(pid, sig) };
+        // Handled and answered (status goes through the same loop as the signals).
+        assert!(status(&sock)["processes"].is_array());
+        assert!(
+            tw.child.try_wait().expect("wait").is_none(),
+            "signal {sig} stopped the agent"
+        );
+    }
+    assert!(tw.stderr.wait_for(
+        "SIGHUP received: configuration reload is not supported yet",
+        Duration::from_secs(5)
+    ));
+    for name in ["SIGUSR1", "SIGUSR2"] {
+        assert!(tw.stderr.wait_for(
+            &format!("{name} received: it has no use yet; ignored"),
+            Duration::from_secs(5)
+        ));
+    }
+    let hups = tw
+        .stderr
+        .snapshot()
+        .iter()
+        .filter(|l| l.contains("SIGHUP received"))
+        .count();
+    assert_eq!(hups, 2, "one line per SIGHUP");
+    assert_eq!(tw.stop(libc::SIGQUIT), 0, "SIGQUIT stops gracefully");
+    assert!(
+        tw.stderr
+            .snapshot()
+            .iter()
+            .any(|l| l.starts_with("tcpwait: stopped;")),
+        "{:?}",
+        tw.stderr.snapshot()
+    );
+    assert!(!Path::new(&sock).exists(), "socket removed");
+}

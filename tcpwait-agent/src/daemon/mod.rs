@@ -10,6 +10,7 @@ mod owning;
 mod report;
 mod resolver;
 mod settle;
+mod signals;
 mod sinks;
 mod translog;
 
@@ -22,7 +23,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{SignalKind, signal},
     sync::{broadcast, mpsc},
     time::Instant,
 };
@@ -92,7 +92,7 @@ struct Daemon {
     pending_tail: Vec<Arc<TailItem>>,
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
@@ -102,8 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Removed on every way out of this function (its Drop).
     let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn("/proc".into()).context("start the owner resolver thread")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut signals = signals::Signals::install()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (tail, _) = broadcast::channel(args.test_tail_backlog);
     let tail_missed = Arc::new(AtomicU64::new(0));
@@ -208,7 +207,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!(
         "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
-         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM to stop",
+         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
         d.config.agent.socket.display()
     );
 
@@ -233,8 +232,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_command(cmd);
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            signal = signals.stop() => {
+                info!(signal, "stopping");
+                break;
+            }
         }
         d.drain();
         d.evaluate();
