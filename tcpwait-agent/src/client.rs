@@ -88,8 +88,8 @@ pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Resul
         .with_context(|| format!("unexpected answer from the daemon: {}", line.trim()))?;
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        writeln!(out, "{}", crate::output::escape_json(&text))?;
     } else {
         print_status(&mut out, &report)?;
     }

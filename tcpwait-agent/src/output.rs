@@ -93,13 +93,15 @@ pub fn escape_control(s: &str) -> Cow<'_, str> {
 /// strings as they are. They become `\uXXXX` escapes (a surrogate pair above U+FFFF), which
 /// decode to the same string: a JSON consumer sees no difference, a terminal sees no control.
 pub fn escape_json(json: &str) -> Cow<'_, str> {
-    if !json.chars().any(must_escape) {
+    // JSON whitespace outside strings (pretty printing) stays: serde_json escapes it inside.
+    let bad = |c: char| must_escape(c) && !matches!(c, '\n' | '\r' | '\t');
+    if !json.chars().any(bad) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 16);
     let mut units = [0u16; 2];
     for c in json.chars() {
-        if must_escape(c) {
+        if bad(c) {
             for u in c.encode_utf16(&mut units) {
                 let _ = write!(out, "\\u{u:04x}");
             }
@@ -323,6 +325,14 @@ mod tests {
         );
         let back: serde_json::Value = serde_json::from_slice(&buf).expect("still JSON");
         assert_eq!(back, v, "decodes to the same string");
+        // Pretty-printed: the structural newlines stay.
+        let pretty = serde_json::to_string_pretty(&v).expect("pretty");
+        let escaped = escape_json(&pretty);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&escaped).expect("still JSON"),
+            v
+        );
+        assert!(escaped.contains('\n') && !escaped.contains('\u{202e}'));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Daemon;
-use crate::event::TcpState;
+use crate::{event::TcpState, output::escape_control};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -123,10 +123,12 @@ pub(super) fn render(d: &Daemon) -> String {
         .iter()
         .take(d.config.metrics.top_processes as usize)
     {
+        // Label values escaped like every text output: the exposition format escapes only
+        // `\`, `"` and newline, and a process names itself.
         let labels = ProcessLabels {
             pid: p.process.key.pid,
-            comm: p.process.comm.clone(),
-            container: p.process.container.clone().unwrap_or_default(),
+            comm: escape_control(&p.process.comm).into_owned(),
+            container: escape_control(p.process.container.as_deref().unwrap_or("")).into_owned(),
         };
         count.get_or_create(&labels).set(i64::from(p.count));
         oldest
