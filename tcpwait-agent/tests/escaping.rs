@@ -118,5 +118,5 @@ fn a_hostile_process_name_is_escaped_in_every_output() {
         series.contains("comm=\"\\\\x1b[31m\\\\x07a\\\\u{202e}b\\\\u{2028}\""),
         "{series}"
     );
-    assert_eq!(raw_bad(&body), vec![], "{series:?}");
+    assert_eq!(raw_bad(body), vec![], "{series:?}");
 }
