@@ -386,7 +386,7 @@ impl Config {
             ("alertmanager.url", &self.alertmanager.url),
             ("webhook.url", &self.webhook.url),
         ] {
-            if !(url.is_empty() || url.starts_with("http://") && url.len() > "http://".len()) {
+            if !(url.is_empty() || is_http_url(url)) {
                 return err(
                     key,
                     format!(
@@ -429,6 +429,14 @@ impl Config {
                 ),
             );
         }
+        for (key, path) in [
+            ("alert_file.path", &self.alert_file.path),
+            ("transition_log.path", &self.transition_log.path),
+        ] {
+            if let Err(why) = check_output_file(path) {
+                return err(key, format!("\"{path}\" {why}"));
+            }
+        }
         dur_range(
             "delivery.max_backoff",
             self.delivery.max_backoff,
@@ -437,6 +445,35 @@ impl Config {
             "100ms ..= 1h",
         )?;
         Ok(())
+    }
+}
+
+/// Whether `url` is a usable `http://` URL: it parses, has a host, and holds no whitespace or
+/// control character (`http://exa mple` does not).
+fn is_http_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    uri.scheme_str() == Some("http")
+        && uri.host().is_some_and(|h| !h.is_empty())
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// A file the agent appends to: "" (disabled), or a path that is not a directory and whose
+/// directory exists. Checked when the configuration is read, so `config --check` refuses it.
+fn check_output_file(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let p = Path::new(path);
+    if p.is_dir() {
+        return Err("is a directory: give the path of a file");
+    }
+    match p.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err("is in a directory that does not exist: create it first")
+        }
+        _ => Ok(()),
     }
 }
 

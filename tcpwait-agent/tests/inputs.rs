@@ -170,3 +170,28 @@ fn a_huge_request_line_is_refused_without_being_read_whole() {
     );
     assert!(status(&sock)["processes"].is_array());
 }
+
+#[test]
+fn config_check_refuses_a_bad_url_and_a_directory_as_the_alert_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, line) in [
+        (
+            "[webhook]\nurl = \"http://exa mple\"\n".to_owned(),
+            "webhook.url: \"http://exa mple\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable".to_owned(),
+        ),
+        (
+            format!("[alert_file]\npath = {:?}\n", dir.path().to_str().expect("utf-8")),
+            format!(
+                "alert_file.path: \"{}\" is a directory: give the path of a file",
+                dir.path().display()
+            ),
+        ),
+    ] {
+        let path = dir.path().join("tcpwait.toml");
+        std::fs::write(&path, &text).expect("write");
+        let p = path.to_str().expect("utf-8");
+        let (code, stderr, _) = bounded(&["config", "--check", p]);
+        assert_eq!(code, 2, "{stderr}");
+        assert_eq!(stderr, format!("tcpwait: {p}: {line}"));
+    }
+}

@@ -87,6 +87,22 @@ fn each_key_is_validated() {
             "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
         ),
         (
+            "[webhook]\nurl = \"http://exa mple\"",
+            "f.toml: webhook.url: \"http://exa mple\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alertmanager]\nurl = \"http://:9093\"",
+            "f.toml: alertmanager.url: \"http://:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alert_file]\npath = \"/tmp\"",
+            "f.toml: alert_file.path: \"/tmp\" is a directory: give the path of a file",
+        ),
+        (
+            "[transition_log]\npath = \"/nonexistent-dir/t.jsonl\"",
+            "f.toml: transition_log.path: \"/nonexistent-dir/t.jsonl\" is in a directory that does not exist: create it first",
+        ),
+        (
             "[alert_file]\npath = 1",
             "f.toml: alert_file.path: invalid type: integer `1`, expected a string",
         ),

@@ -258,9 +258,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } = d;
     drop(probe); // detach first, then deliver what is owed
     let deadline = Instant::now() + Duration::from_millis(1500);
-    delivery.finish(Duration::from_millis(1500));
+    let undelivered = delivery.finish(Duration::from_millis(1500));
     sinks.finish(deadline.into_std());
-    eprintln!("tcpwait: stopped; {summary}");
+    eprintln!("tcpwait: stopped; {summary}; alert changes dropped at shutdown {undelivered}");
     Ok(ExitCode::SUCCESS)
 }
 
