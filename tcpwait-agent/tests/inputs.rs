@@ -195,3 +195,64 @@ fn config_check_refuses_a_bad_url_and_a_directory_as_the_alert_file() {
         assert_eq!(stderr, format!("tcpwait: {p}: {line}"));
     }
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn status_clients_that_never_read_pin_bounded_memory_and_are_dropped() {
+    require_root();
+    const SOCKETS: usize = 3_000;
+    const CLIENTS: usize = 300;
+    let sock = api_socket("noread");
+    let tw = daemon(&sock, &[]);
+    let (_srv, cli) = leak("tw-noread", SOCKETS);
+    assert!(
+        wait_until(Duration::from_secs(10), || process_in(
+            &status(&sock),
+            cli.pid()
+        )
+        .is_some_and(|p| p["count"] == SOCKETS)),
+        "the {SOCKETS} sockets are listed"
+    );
+    let answer = Command::new(TCPWAIT)
+        .args(["status", "--json", "--socket", &sock])
+        .output()
+        .expect("status")
+        .stdout
+        .len();
+    let before = rss_kib(tw.child.id());
+    // Clients that ask for the (large) status answer and never read it.
+    let idle: Vec<UnixStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            s.write_all(b"\"status\"\n").expect("request");
+            s
+        })
+        .collect();
+    let mut peak = before;
+    wait_until(Duration::from_secs(4), || {
+        peak = peak.max(rss_kib(tw.child.id()));
+        false
+    });
+    // The write timeout (10 s) drops them; then status answers at once again.
+    std::thread::sleep(Duration::from_secs(9));
+    let started = Instant::now();
+    let ok = wait_until(Duration::from_secs(5), || {
+        Command::new(TCPWAIT)
+            .args(["status", "--json", "--socket", &sock])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let recovered = started.elapsed();
+    drop(idle);
+    eprintln!(
+        "noread: answer {answer} bytes, RSS {before} KiB, peak {peak} KiB with {CLIENTS} \
+         non-reading clients, status again after {recovered:?}"
+    );
+    assert!(ok, "status answers once the non-readers are dropped");
+    // At most 32 answers (STATUS_IN_FLIGHT) pinned, plus slack; 300 would be ~135 MB here.
+    let bound_kib = 32 * (answer as u64 / 1024) * 2 + 16 * 1024;
+    assert!(
+        peak < before + bound_kib,
+        "RSS grew from {before} to {peak} KiB (bound {bound_kib} KiB over)"
+    );
+}
