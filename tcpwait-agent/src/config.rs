@@ -59,6 +59,8 @@ url = ""
 [alert_file]
 # Alert changes appended as JSON lines to this file. "" disables.
 path = ""
+# Mode of the file when tcpwait creates it (octal, within "0644"; alerts hold command lines).
+mode = "0600"
 
 [delivery]
 # Alert changes waiting for delivery, per sink (1 ..= 1000000). When full, the new change is
@@ -74,6 +76,8 @@ path = ""
 max_bytes = 104857600
 # Rotated files kept: path.1 (newest) .. path.<keep> (1 ..= 100).
 keep = 5
+# Mode of the files when tcpwait creates them (octal, within "0644"; lines hold command names).
+mode = "0600"
 "#;
 
 /// A duration in the file: seconds, or a string with units.
@@ -135,6 +139,8 @@ pub struct TransitionLogConfig {
     pub path: String,
     pub max_bytes: u64,
     pub keep: u32,
+    /// Octal mode of the files created, e.g. "0600".
+    pub mode: String,
 }
 
 impl Default for TransitionLogConfig {
@@ -143,8 +149,17 @@ impl Default for TransitionLogConfig {
             path: String::new(),
             max_bytes: 100 << 20,
             keep: 5,
+            mode: DEFAULT_FILE_MODE.into(),
         }
     }
+}
+
+/// Mode of the alert file and the transition log unless configured: they hold command lines.
+pub const DEFAULT_FILE_MODE: &str = "0600";
+
+/// The mode of a validated `mode` key.
+pub fn file_mode(mode: &str) -> u32 {
+    input::parse_mode(mode).unwrap_or(0o600)
 }
 
 /// `[agent]`.
@@ -189,10 +204,21 @@ pub struct Webhook {
 }
 
 /// `[alert_file]`.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertFile {
     pub path: String,
+    /// Octal mode of the file created, e.g. "0600".
+    pub mode: String,
+}
+
+impl Default for AlertFile {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            mode: DEFAULT_FILE_MODE.into(),
+        }
+    }
 }
 
 /// `[delivery]`.
@@ -430,6 +456,19 @@ impl Config {
                     self.transition_log.keep
                 ),
             );
+        }
+        for (key, mode) in [
+            ("alert_file.mode", &self.alert_file.mode),
+            ("transition_log.mode", &self.transition_log.mode),
+        ] {
+            if input::parse_mode(mode).is_none() {
+                return err(
+                    key,
+                    format!(
+                        "\"{mode}\" is not allowed: allowed an octal mode within \"0644\" (no execute bit, no write for group or others), e.g. \"0600\" or \"0640\""
+                    ),
+                );
+            }
         }
         for (key, path) in [
             ("alert_file.path", &self.alert_file.path),

@@ -112,7 +112,7 @@ fn under_umask_000_the_files_are_private_and_the_socket_goes_on_exit() {
     std::fs::write(
         dir.path().join("tcpwait.toml"),
         format!(
-            "[transition_log]\npath = {:?}\n",
+            "[transition_log]\npath = {:?}\nmode = \"0640\"\n",
             log.to_str().expect("utf-8")
         ),
     )
@@ -149,14 +149,14 @@ fn under_umask_000_the_files_are_private_and_the_socket_goes_on_exit() {
         "created socket directory"
     );
     assert_eq!(mode(&socket), 0o600, "socket");
-    assert_eq!(mode(&log), 0o600, "transition log");
+    assert_eq!(mode(&log), 0o640, "transition log, as configured");
     let (_srv, cli) = leak("tw-modes", 2);
     assert!(
         wait_until(Duration::from_secs(5), || std::fs::read_to_string(&alerts)
             .is_ok_and(|a| a.contains(&format!("\"pid\":{}", cli.pid())))),
         "alert written"
     );
-    assert_eq!(mode(&alerts), 0o600, "alert file");
+    assert_eq!(mode(&alerts), 0o600, "alert file, by default");
     assert_eq!(tw.stop(libc::SIGTERM), 0);
     assert!(!socket.exists(), "socket removed on exit");
 

@@ -74,3 +74,16 @@ pub(super) fn read_capped(path: &Path) -> std::io::Result<String> {
     }
     Ok(text)
 }
+
+/// An octal file mode within 0644 ("0600", "640"); `None` otherwise.
+pub(super) fn parse_mode(mode: &str) -> Option<u32> {
+    let digits = mode
+        .strip_prefix('0')
+        .filter(|d| d.len() == 3)
+        .unwrap_or(mode);
+    if digits.len() != 3 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    let m = u32::from_str_radix(digits, 8).ok()?;
+    (m & !0o644 == 0).then_some(m)
+}

@@ -120,6 +120,7 @@ impl Delivery {
                 queue,
                 Sink::File {
                     path: config.alert_file.path.clone().into(),
+                    mode: crate::config::file_mode(&config.alert_file.mode),
                 },
                 backoff,
             )?;
@@ -222,6 +223,8 @@ enum Sink {
     },
     File {
         path: std::path::PathBuf,
+        /// Mode of the file when created.
+        mode: u32,
     },
 }
 
@@ -281,12 +284,12 @@ impl Sink {
                 Some(m) => post(http, url, &m.json),
                 None => Ok(()),
             },
-            Sink::File { path } => match msg {
-                // 0600: alerts hold command lines (the umask can only narrow it).
+            Sink::File { path, mode } => match msg {
+                // 0600 by default: alerts hold command lines (the umask can only narrow it).
                 Some(m) => std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .mode(0o600)
+                    .mode(*mode)
                     .open(&*path)
                     .and_then(|mut f| writeln!(f, "{}", m.json))
                     .map_err(|e| format!("{}: {e}", path.display()).into()),

@@ -137,6 +137,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     path.as_ref(),
                     config.transition_log.max_bytes,
                     config.transition_log.keep,
+                    crate::config::file_mode(&config.transition_log.mode),
                 )
                 .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
                 sinks::TRANSLOG_QUEUE_BYTES,

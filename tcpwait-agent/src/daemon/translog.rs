@@ -15,24 +15,25 @@ pub struct TransitionLog {
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
+    mode: u32,
     out: BufWriter<File>,
     size: u64,
 }
 
 impl TransitionLog {
-    /// Opens (appends to) `path`.
-    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<Self> {
-        // 0600: lines hold command lines (the umask can only narrow it).
+    /// Opens (appends to) `path`, creating it with `mode` (the umask can only narrow it).
+    pub fn open(path: &Path, max_bytes: u64, keep: u32, mode: u32) -> io::Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .mode(0o600)
+            .mode(mode)
             .open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
             path: path.into(),
             max_bytes,
             keep,
+            mode,
             out: BufWriter::with_capacity(64 * 1024, file),
             size,
         })
@@ -74,7 +75,7 @@ impl TransitionLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .mode(0o600)
+            .mode(self.mode)
             .open(&self.path)?;
         self.out = BufWriter::with_capacity(64 * 1024, file);
         self.size = 0;
@@ -90,7 +91,7 @@ mod tests {
     fn rotates_by_size_and_keeps_n_files() {
         let d = tempfile::tempdir().expect("tempdir");
         let path = d.path().join("t.jsonl");
-        let mut log = TransitionLog::open(&path, 20, 2).expect("open");
+        let mut log = TransitionLog::open(&path, 20, 2, 0o600).expect("open");
         for i in 0..7 {
             // 10 bytes per line with its newline: two lines per file.
             log.write_line(format!("{{\"n\":{i:03}}}").as_bytes())
