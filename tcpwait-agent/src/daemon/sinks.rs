@@ -137,23 +137,13 @@ impl LineQueue {
             SinkKind::TransitionLog,
             max_bytes,
             Box::new(move |bytes, _| {
-                let mut failed = 0;
-                let mut first_error = None;
-                for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                    if let Err(e) = log.write_line(line) {
-                        failed += 1;
-                        first_error.get_or_insert(e);
-                    }
-                }
-                if let Err(e) = log.flush() {
-                    first_error.get_or_insert(e);
-                }
-                if let Some(e) = first_error
+                let (written, error) = log.write_batch(bytes);
+                if let Some(e) = error
                     && !std::mem::replace(&mut warned, true)
                 {
                     warn!(error = %e, "cannot write the transition log; counting lost lines (tcpwait_sink_failed_total)");
                 }
-                failed
+                written.failed
             }),
         )
     }
