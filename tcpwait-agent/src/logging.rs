@@ -53,6 +53,15 @@ pub fn init(verbose: u8) {
         .init();
 }
 
+/// Prints `line` on stderr without waiting for it: through the log queue (dropped and counted
+/// when full), so a stalled stderr cannot hold the agent at start or exit.
+pub fn print_line(line: &str) {
+    let mut event = EventLine(Vec::with_capacity(line.len() + 1));
+    event.0.extend_from_slice(line.as_bytes());
+    event.0.push(b'\n');
+    // Queued by its Drop.
+}
+
 /// Waits until the queued log lines are written, at most `limit`.
 pub fn flush(limit: Duration) {
     let deadline = Instant::now() + limit;

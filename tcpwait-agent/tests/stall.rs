@@ -36,11 +36,19 @@ fn small_pipe() -> (OwnedFd, OwnedFd) {
     (r, w)
 }
 
-/// Runs `tcpwait status --json` and returns the report and how long it took.
+/// Asks the agent for its status over the API socket (in process: the time measured is the
+/// agent's, not a client process's start-up) and returns the report and how long it took.
 fn timed_status(sock: &str) -> (Value, Duration) {
+    use std::io::{BufRead as _, Write as _};
     let t = Instant::now();
-    let v = status(sock);
-    (v, t.elapsed())
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.write_all(b"\"status\"\n").expect("request");
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .expect("answer");
+    let took = t.elapsed();
+    (serde_json::from_str(&line).expect("status JSON"), took)
 }
 
 #[test]
@@ -232,4 +240,69 @@ impl Drop for KillOnDrop {
         // `wait` (the test's last step), as no other process of ours reuses it this soon.
         unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
     }
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn stalled_stderr_never_stalls_the_agent_nor_its_exit() {
+    require_root();
+    let sock = api_socket("stall-stderr");
+    let (_pipe_r, pipe_w) = small_pipe();
+    let mut child = Command::new(TCPWAIT)
+        .args(["run", "--json", "--socket", &sock, "--metrics-listen", ""])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(pipe_w))
+        .spawn()
+        .expect("start tcpwait");
+    let kill = KillOnDrop(child.id());
+    let answers = || {
+        Command::new(TCPWAIT)
+            .args(["status", "--json", "--timeout", "1s", "--socket", &sock])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(wait_until(Duration::from_secs(20), answers), "agent up");
+    // Every SIGHUP logs a warning: a few fill the one-page pipe, the queue takes 1,024 more,
+    // the rest are dropped and counted. The agent answers throughout.
+    let mut slowest = Duration::ZERO;
+    for i in 0..3_000 {
+        // SAFETY: a signal to the agent we started.
+        unsafe { libc::kill(kill.0 as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(1));
+        if i % 250 == 0 {
+            let (_, took) = timed_status(&sock);
+            slowest = slowest.max(took);
+        }
+    }
+    let (v, took) = timed_status(&sock);
+    slowest = slowest.max(took);
+    let dropped = v["counters"]["sink_dropped"]["stderr"]
+        .as_u64()
+        .expect("stderr drops");
+    let sent = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(kill.0 as i32, libc::SIGTERM) };
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s.code();
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "no exit with stderr stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let exit_took = sent.elapsed();
+    eprintln!(
+        "stall-stderr: {dropped} log lines dropped, slowest status {slowest:?}, exit in \
+         {exit_took:?}"
+    );
+    assert_eq!(code, Some(0));
+    assert!(dropped > 0, "log lines dropped and counted");
+    assert!(slowest < Duration::from_secs(1), "status took {slowest:?}");
+    assert!(
+        exit_took < Duration::from_secs(3),
+        "exit took {exit_took:?}"
+    );
 }

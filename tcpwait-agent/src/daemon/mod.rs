@@ -206,11 +206,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => "metrics off".to_owned(),
         Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
-    eprintln!(
+    crate::logging::print_line(&format!(
         "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
          (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
         d.config.agent.socket.display()
-    );
+    ));
 
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -261,7 +261,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_millis(1500);
     let undelivered = delivery.finish(Duration::from_millis(1500));
     sinks.finish(deadline.into_std());
-    eprintln!("tcpwait: stopped; {summary}; alert changes dropped at shutdown {undelivered}");
+    crate::logging::print_line(&format!(
+        "tcpwait: stopped; {summary}; alert changes dropped at shutdown {undelivered}"
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
