@@ -3,6 +3,7 @@ use std::{
     io::{self, Write as _},
     path::Path,
     process::ExitCode,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -29,6 +30,32 @@ pub struct NotRunning {
     source: io::Error,
 }
 
+/// The agent did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the tcpwait daemon at {path} did not answer within {}: it may be stopped (SIGSTOP) or \
+     overloaded; check it with `systemctl status tcpwait` or pass a longer --timeout",
+    humantime::format_duration(*timeout)
+)]
+pub struct NoAnswer {
+    path: String,
+    timeout: Duration,
+}
+
+/// Runs `f` within `timeout`, or fails with [`NoAnswer`].
+async fn within<T>(
+    path: &Path,
+    timeout: Duration,
+    f: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| NoAnswer {
+            path: path.display().to_string(),
+            timeout,
+        })?
+}
+
 async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)
         .await
@@ -46,19 +73,23 @@ async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
 }
 
 /// `tcpwait status`.
-pub async fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let stream = connect(path, &Request::Status).await?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .await
-        .context("read the daemon's answer")?;
+pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let line = within(path, timeout, async {
+        let stream = connect(path, &Request::Status).await?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .context("read the daemon's answer")?;
+        Ok(line)
+    })
+    .await?;
     let report: StatusReport = serde_json::from_str(&line)
         .with_context(|| format!("unexpected answer from the daemon: {}", line.trim()))?;
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        writeln!(out, "{}", crate::output::escape_json(&text))?;
     } else {
         print_status(&mut out, &report)?;
     }
@@ -85,6 +116,19 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         r.counters.lost_recursion_misses,
         r.counters.malformed
     )?;
+    for (what, counts) in [
+        ("dropped (queue full)", &r.counters.sink_dropped),
+        ("failed to write", &r.counters.sink_failed),
+    ] {
+        let lost: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(sink, n)| format!("{} {n}", escape_control(sink)))
+            .collect();
+        if !lost.is_empty() {
+            writeln!(out, "output lines {what}: {}", lost.join(", "))?;
+        }
+    }
     if r.processes.is_empty() && r.unowned.is_empty() {
         return writeln!(out, "no process holds CLOSE_WAIT sockets");
     }
@@ -158,9 +202,24 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
 }
 
 /// `tcpwait tail`.
-pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result<ExitCode> {
-    let stream = connect(path, &Request::Tail { filter }).await?;
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+pub async fn tail(
+    path: &Path,
+    filter: Filter,
+    format: Format,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    // The first line, `{"subscribed":true}`, comes at once from a running agent.
+    let (mut reader, first) = within(path, timeout, async {
+        let stream = connect(path, &Request::Tail { filter }).await?;
+        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        let mut first = String::new();
+        reader
+            .read_line(&mut first)
+            .await
+            .context("read from the daemon")?;
+        Ok((reader, first))
+    })
+    .await?;
     let clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
@@ -168,12 +227,17 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         out.flush()?;
     }
     let mut missed = 0u64;
-    let mut line = String::new();
+    let mut line = first;
+    let mut pending_first = true;
     loop {
-        line.clear();
-        let n = tokio::select! {
-            n = reader.read_line(&mut line) => n.context("read from the daemon")?,
-            _ = tokio::signal::ctrl_c() => 0,
+        let n = if std::mem::take(&mut pending_first) {
+            line.len()
+        } else {
+            line.clear();
+            tokio::select! {
+                n = reader.read_line(&mut line) => n.context("read from the daemon")?,
+                _ = tokio::signal::ctrl_c() => 0,
+            }
         };
         if n == 0 {
             break;
@@ -183,7 +247,7 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         // came; only control lines and text output need parsing.
         let control = text.starts_with("{\"missed\"") || text.starts_with("{\"subscribed\"");
         let written = if format == Format::Json && !control {
-            writeln!(out, "{text}")
+            writeln!(out, "{}", crate::output::escape_json(text))
         } else {
             match serde_json::from_str::<TailLine<'_>>(text) {
                 Ok(TailLine::Subscribed { .. }) => {

@@ -4,21 +4,15 @@
 //!
 //! Cardinality is bounded: per-process series exist only for the `top_processes` processes with
 //! the most CLOSE_WAIT sockets.
-use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use super::Daemon;
+use crate::{event::TcpState, output::escape_control};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
-use tokio::sync::{mpsc, oneshot};
-
-use super::Daemon;
-use crate::{api::Command, event::TcpState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -61,6 +55,11 @@ struct KindLabel {
 struct DeliveryLabels {
     sink: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    sink: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,11 +127,13 @@ pub(super) fn render(d: &Daemon) -> String {
         .iter()
         .take(d.config.metrics.top_processes as usize)
     {
+        // Label values escaped like every text output: the exposition format escapes only
+        // `\`, `"` and newline, and a process names itself.
         let labels = ProcessLabels {
             pid: p.process.key.pid,
-            comm: p.process.comm.clone(),
-            container: p.process.container.clone().unwrap_or_default(),
-            pod_uid: p.process.pod_uid.clone().unwrap_or_default(),
+            comm: escape_control(&p.process.comm).into_owned(),
+            container: escape_control(p.process.container.as_deref().unwrap_or("")).into_owned(),
+            pod_uid: escape_control(p.process.pod_uid.as_deref().unwrap_or("")).into_owned(),
             netns: p.process.netns.map(|n| n.to_string()).unwrap_or_default(),
         };
         count.get_or_create(&labels).set(i64::from(p.count));
@@ -261,6 +262,43 @@ pub(super) fn render(d: &Daemon) -> String {
         deliveries,
     );
 
+    let (dropped, failed) = (
+        Family::<SinkLabel, Counter>::default(),
+        Family::<SinkLabel, Counter>::default(),
+    );
+    for (sink, d_n, f_n) in d.sinks.counts() {
+        dropped.get_or_create(&SinkLabel { sink }).inc_by(d_n);
+        failed.get_or_create(&SinkLabel { sink }).inc_by(f_n);
+    }
+    r.register(
+        "tcpwait_sink_dropped",
+        "Output lines dropped because the sink's queue was full (the agent never waits for \
+         its output), by sink",
+        dropped,
+    );
+    r.register(
+        "tcpwait_sink_failed",
+        "Output lines a sink could not write (I/O error), by sink",
+        failed,
+    );
+
+    let rejected = Family::<ReasonLabel, Counter>::default();
+    for (reason, n) in [
+        ("limit", &super::http::REJECTED_LIMIT),
+        ("timeout", &super::http::REJECTED_TIMEOUT),
+        ("too_large", &super::http::REJECTED_TOO_LARGE),
+    ] {
+        rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n.load(Ordering::Relaxed));
+    }
+    r.register(
+        "tcpwait_http_rejected",
+        "Metrics connections closed without an answer: over the connection limit, no request \
+         head in time, head too large",
+        rejected,
+    );
+
     let build = Family::<VersionLabel, Gauge>::default();
     build
         .get_or_create(&VersionLabel {
@@ -272,58 +310,6 @@ pub(super) fn render(d: &Daemon) -> String {
     let mut out = String::new();
     encode(&mut out, &r).expect("writing into a String cannot fail");
     out
-}
-
-/// Serves `/metrics` on `listen` until the process ends.
-pub(super) async fn serve(
-    listen: SocketAddr,
-    commands: mpsc::Sender<Command>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/", get(|| async { "tcpwait: metrics at /metrics\n" }))
-        .with_state(commands);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(())
-}
-
-/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format
-/// (0.0.4) otherwise (curl, `promtool check metrics`).
-async fn metrics(
-    State(commands): State<mpsc::Sender<Command>>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
-    let (tx, rx) = oneshot::channel();
-    let body = match commands.send(Command::Metrics(tx)).await {
-        Ok(()) => rx.await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    let openmetrics = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/openmetrics-text"));
-    if openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            to_text_format(&body),
-        )
-    }
 }
 
 /// OpenMetrics text → Prometheus text format 0.0.4: a counter family `x` (samples `x_total`)

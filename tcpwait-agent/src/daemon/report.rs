@@ -86,6 +86,18 @@ pub(super) fn status(d: &Daemon) -> StatusReport {
             reconciliations: d.reconciliations,
             namespaces_dumped: d.last_cost.namespaces,
             namespace_failures: d.namespace_failures,
+            sink_dropped: d
+                .sinks
+                .counts()
+                .iter()
+                .map(|(s, n, _)| ((*s).to_owned(), *n))
+                .collect(),
+            sink_failed: d
+                .sinks
+                .counts()
+                .iter()
+                .map(|(s, _, n)| ((*s).to_owned(), *n))
+                .collect(),
         },
     }
 }
