@@ -108,21 +108,27 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
             "FIN_WAIT2>CLOSE"
         ]
     );
-    for r in &server_sock {
+    for (i, r) in server_sock.iter().enumerate() {
+        // Before Linux 6.15 (a3a128f611a9, "inet: consolidate inet_csk_clone_lock()") the
+        // kernel moves the new socket to SYN_RECV before it copies the peer's address and port
+        // into it: that one transition carries the listener's tuple, peer unset.
+        let (peer, peer_port) = if i == 0 && !kernel_sets_peer_before_syn_recv() {
+            (if family == 4 { "0.0.0.0" } else { "::" }, 0)
+        } else {
+            (ip, cport)
+        };
         assert_eq!(
             (r["saddr"].as_str(), r["daddr"].as_str()),
-            (Some(ip), Some(ip))
+            (Some(ip), Some(peer)),
+            "{r}"
         );
         assert_eq!(
             (&r["sport"], &r["dport"], &r["family"]),
-            (&port.into(), &cport.into(), &family.into())
+            (&port.into(), &peer_port.into(), &family.into())
         );
     }
     let summary = tw.stderr.snapshot().join("\n");
-    assert!(
-        summary.contains(" 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"),
-        "{summary}"
-    );
+    assert!(summary.contains(no_loss_summary()), "{summary}");
 }
 
 #[test]
@@ -162,11 +168,9 @@ fn every_transition_of_n_connections_is_captured() {
     });
     assert_eq!(tw.stop(libc::SIGINT), 0);
     let summary = tw.stderr.snapshot().join("\n");
-    // This kernel (6.18) has BTF and tp_btf: the main program must not have fallen back.
-    assert!(
-        summary.contains("(sock:inet_sock_set_state, BTF tracepoint)"),
-        "{summary}"
-    );
+    // Every kernel of the matrix (5.10 and later) has BTF and tp_btf: the main program must
+    // not have fallen back.
+    assert!(summary.contains(expected_programs()), "{summary}");
     assert!(
         all_seen,
         "saw {} of {expected}; {summary}",
@@ -195,7 +199,10 @@ fn every_transition_of_n_connections_is_captured() {
         assert_eq!(count(edge), N, "{edge}");
     }
     assert_eq!((count("CLOSE>LISTEN"), count("LISTEN>CLOSE")), (1, 1));
-    assert!(summary.contains(&format!(", {expected} printed, 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)")), "{summary}");
+    assert!(
+        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        "{summary}"
+    );
     // Batched per CPU and put back in time order, none late.
     assert!(summary.ends_with(", 0 out of order"), "{summary}");
 }
@@ -253,13 +260,91 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
     // one program: a nested transition the kernel skipped for the main programs (the rescue
     // program records it alone). Rare, so at least 95 % must be exact triples.
     let triples = ours.iter().filter(|(_, n)| **n == 3).count();
+    let over: Vec<_> = ours.iter().filter(|(_, n)| **n > 3).collect();
     assert!(
-        ours.iter().all(|(_, n)| **n <= 3),
-        "no transition recorded more than three times"
+        over.is_empty(),
+        "no transition recorded more than three times: {over:?}"
     );
     assert!(
         triples * 100 >= ours.len() * 95,
         "{triples} triples of {} transitions",
         ours.len()
     );
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_loopback_stress_loses_and_duplicates_nothing() {
+    // Four client threads connect and close as fast as they can against one listener that
+    // closes first, so transitions run in softirq while the program already runs on the same
+    // CPU (nested transitions: the main program skipped for them and the rescue program
+    // recording them, or, on kernels without the per-program guard, the main program nested in
+    // itself). Whatever the kernel does, every transition must be printed exactly once.
+    require_root();
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 400;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let mut tw = Tcpwait::start(&["trace", "--json", "--port", &port.to_string()], READY);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind again");
+    let n = THREADS * PER_THREAD;
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..n {
+            drop(listener.accept().expect("accept"));
+        }
+        listener
+    });
+    let clients: Vec<_> = (0..THREADS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                for _ in 0..PER_THREAD {
+                    let mut s =
+                        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    let mut buf = [0u8; 1];
+                    // EOF: the server closed first; then this side closes.
+                    assert_eq!(s.read(&mut buf).expect("read"), 0);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    drop(acceptor.join().expect("acceptor"));
+    let expected = 10 * n + 2;
+    let all_seen = wait_until(Duration::from_secs(20), || {
+        tw.stdout.snapshot().len() >= expected
+    });
+    // Anything late or duplicated would arrive in this second.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
+    let all = tw.json();
+    // Exactly n of each edge: a duplicate makes one edge's count too high, a loss too low (a
+    // freed socket's address and a client port are reused within the run, so no per-socket
+    // key identifies a transition).
+    let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
+    for edge in [
+        "CLOSE>SYN_SENT",
+        "SYN_SENT>ESTABLISHED",
+        "ESTABLISHED>CLOSE_WAIT",
+        "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE",
+        "LISTEN>SYN_RECV",
+        "SYN_RECV>ESTABLISHED",
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
+    ] {
+        assert_eq!(count(edge), n, "{edge}; {summary}");
+    }
+    assert_eq!(all.len(), expected, "{summary}");
+    assert!(
+        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        "{summary}"
+    );
+    eprintln!("stress: {summary}");
 }
