@@ -363,7 +363,11 @@ fn a_loss_count_the_kernel_cannot_give_is_unknown_not_0() {
     let sock = api_socket("unknown");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let _tw = daemon(&sock, &["--metrics-listen", &listen]);
+    // `daemon()` turns metrics off; this one serves them, on a port of its own.
+    let _tw = Tcpwait::start(
+        &["run", "--json", "--socket", &sock, "--metrics-listen", &listen],
+        AGENT_READY,
+    );
     let counts = kernel_counts_recursion();
     let c = &status(&sock)["counters"];
     assert_eq!(c["lost_recursion_misses"].is_u64(), counts, "{c}");

@@ -251,24 +251,39 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         .iter()
         .filter(|(k, _)| k.contains("\"family\":4") || k.contains("\"family\":6"))
         .collect();
-    assert!(
-        ours.len() >= 2 * 10 * N,
-        "{} distinct transitions",
-        ours.len()
-    );
-    // A decoding difference would split every triple. A transition can also be missing from
-    // one program: a nested transition the kernel skipped for the main programs (the rescue
-    // program records it alone). Rare, so at least 95 % must be exact triples.
-    let triples = ours.iter().filter(|(_, n)| **n == 3).count();
-    let over: Vec<_> = ours.iter().filter(|(_, n)| **n > 3).collect();
+    // Before Linux 6.15 an accepted socket's LISTEN → SYN_RECV carries no peer (see
+    // `kernel_sets_peer_before_syn_recv`): two of them at one reused socket address make the
+    // same key, so such a key stands for n / 3 transitions.
+    let merged = |k: &str| {
+        !kernel_sets_peer_before_syn_recv()
+            && k.contains("\"old\":\"LISTEN\"")
+            && k.contains("\"dport\":0")
+    };
+    let (mut transitions, mut triples) = (0, 0);
+    let mut over = Vec::new();
+    for (k, n) in &ours {
+        if merged(k) {
+            transitions += n.div_ceil(3);
+            triples += *n / 3;
+        } else {
+            transitions += 1;
+            triples += usize::from(**n == 3);
+            if **n > 3 {
+                over.push((k, n));
+            }
+        }
+    }
     assert!(
         over.is_empty(),
         "no transition recorded more than three times: {over:?}"
     );
+    assert!(transitions >= 2 * 10 * N, "{transitions} distinct transitions");
+    // A decoding difference would split every triple. A transition can also be missing from
+    // one program: a nested transition the kernel skipped for the main programs (the rescue
+    // program records it alone). Rare, so at least 95 % must be exact triples.
     assert!(
-        triples * 100 >= ours.len() * 95,
-        "{triples} triples of {} transitions",
-        ours.len()
+        triples * 100 >= transitions * 95,
+        "{triples} triples of {transitions} transitions"
     );
 }
 
@@ -347,4 +362,55 @@ fn a_loopback_stress_loses_and_duplicates_nothing() {
         "{summary}"
     );
     eprintln!("stress: {summary}");
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn without_kernel_btf_the_classic_tracepoint_captures_every_transition() {
+    // A kernel built without BTF (no /sys/kernel/btf/vmlinux): the main program falls back to
+    // the classic tracepoint, which reads the kernel's own trace record; no rescue program
+    // (it reads `struct sock` at BTF offsets) and no batching (the flush program stages for
+    // the BTF program only). Every kernel of the matrix has BTF, so the test takes it away.
+    require_root();
+    const N: usize = 100;
+    let port = free_port();
+    let mut tw = Tcpwait::start_with_env(
+        &["trace", "--json", "--port", &port.to_string()],
+        &[("TCPWAIT_KERNEL_BTF", "/nonexistent/vmlinux")],
+        READY,
+    );
+    let (mut srv, got) = server("tw-server", &format!("127.0.0.1:{port}"), N);
+    assert_eq!(got, port);
+    let (mut cli, _) = client(
+        "tw-client",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        N,
+    );
+    srv.expect_line("accepted");
+    cli.send("close");
+    cli.expect_line("closed");
+    srv.send("exit");
+    let _ = srv.child.wait();
+    let expected = 10 * N + 2;
+    let all_seen = wait_until(Duration::from_secs(10), || {
+        tw.stdout.snapshot().len() >= expected
+    });
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(
+        summary.contains(
+            "(sock:inet_sock_set_state, classic tracepoint, no rescue of nested transitions)"
+        ),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("no kernel BTF: transitions the kernel skips as nested are "),
+        "{summary}"
+    );
+    assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
+    assert_eq!(tw.json().len(), expected, "{summary}");
+    assert!(
+        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        "{summary}"
+    );
 }

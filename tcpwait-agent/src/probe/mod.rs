@@ -214,8 +214,12 @@ impl Probe {
                     attachment.rescue = false;
                 }
             }
-            Err(e) => {
+            Err(e) if counts_recursion => {
                 warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
+                attachment.rescue = false;
+            }
+            Err(e) => {
+                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are lost uncounted (Linux < 5.12 keeps no recursion count)");
                 attachment.rescue = false;
             }
         }

@@ -83,8 +83,14 @@ pub struct Tcpwait {
 impl Tcpwait {
     /// Starts `tcpwait <args>` and waits until it says it is tracing.
     pub fn start(args: &[&str], ready: &str) -> Self {
+        Self::start_with_env(args, &[], ready)
+    }
+
+    /// [`Tcpwait::start`] with environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
         let mut child = Command::new(TCPWAIT)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -179,7 +179,7 @@ fn run_script(root: &Path, bins: &[(String, PathBuf)]) -> String {
     for (name, bin) in bins {
         let _ = writeln!(
             s,
-            "{} --include-ignored --test-threads=1 > $OUT/tests-{name}.log 2>&1",
+            "{} --include-ignored --test-threads=1 --show-output > $OUT/tests-{name}.log 2>&1",
             bin.display()
         );
     }
@@ -221,16 +221,24 @@ fn read_results(out: &Path, secs: f64) -> Row {
         })
         // The start-up line names only what is missing; the table says both ways.
         .map(|p| {
-            let mut p = p;
-            if p.starts_with("BTF tracepoint") && !p.contains("unbatched") {
-                p.push_str(", batched");
-            }
-            if !p.contains("no rescue") && p != "did not start" {
-                p.push_str(", rescue");
-            }
-            p
+            let btf = p.starts_with("BTF tracepoint");
+            format!(
+                "{}, {}, {}",
+                if btf { "BTF tracepoint" } else { "classic tracepoint" },
+                if btf && !p.contains("unbatched") {
+                    "batched"
+                } else {
+                    "unbatched"
+                },
+                if p.contains("no rescue") {
+                    "no rescue"
+                } else {
+                    "rescue"
+                }
+            )
         })
         .unwrap_or_else(|| "did not start".to_owned());
+    let startup = strip_ansi(&startup);
     let notes = startup
         .lines()
         .filter(|l| {
@@ -238,6 +246,14 @@ fn read_results(out: &Path, secs: f64) -> Row {
         })
         .filter(|l| !l.ends_with("exit status 0"))
         .map(|l| l.trim().to_owned())
+        // What the tests print about the kernel (the stress test: nested transitions seen).
+        .chain(TARGETS.iter().flat_map(|t| {
+            read(&format!("tests-{t}.log"))
+                .lines()
+                .filter(|l| l.starts_with("stress: "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }))
         .collect();
     let (mut passed, mut failed) = (0, Vec::new());
     for t in TARGETS {
@@ -271,6 +287,24 @@ fn read_results(out: &Path, secs: f64) -> Row {
         notes,
         broken,
     }
+}
+
+/// Drops terminal colour sequences (`ESC [ … m`) from tracing's output.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn table(rows: &[Row]) -> String {
