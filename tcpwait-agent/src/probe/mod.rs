@@ -95,6 +95,9 @@ pub struct Probe {
     watermark: u64,
     prog_fd: i32,
     attachment: Attachment,
+    /// The kernel counts the main program's recursion misses (see [`Probe::attach`]); if not,
+    /// they are reported as unknown.
+    counts_recursion: bool,
     /// The main program's statistics, kept by [`Probe::stop`] when it closes the program.
     stopped: Option<ProgStats>,
     /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
@@ -182,11 +185,15 @@ impl Probe {
         // the per-program `recursion_misses` count: a main program without that count in its
         // fdinfo runs on a kernel without the guard, where the rescue program's marks would
         // not tell a nested run from a handled one (it would record duplicates).
-        let counts_recursion = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}"))
+        let has_guard = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}"))
             .map(|t| parse_fdinfo(&t).contains_key("recursion_misses"))
             .unwrap_or(false);
+        // The classic tracepoint's guard (`bpf_prog_active` in `trace_call_bpf`) counts what it
+        // skips only from 6.7 (dd8657894c11, "bpf: Count missed stats in trace_call_bpf");
+        // before, its `recursion_misses` reads 0 whatever was skipped.
+        let counts_recursion = has_guard && (attachment.btf || kernel_version() >= (6, 7));
         match offsets {
-            Ok(_) if !counts_recursion && !compare => {
+            Ok(_) if !has_guard && !compare => {
                 warn!(
                     "this kernel keeps no per-program recursion count (Linux < 5.12): kernel \
                      recursion misses are reported as unknown, and the rescue program is not \
@@ -219,7 +226,7 @@ impl Probe {
                 attachment.rescue = false;
             }
             Err(e) => {
-                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are lost uncounted (Linux < 5.12 keeps no recursion count)");
+                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are lost uncounted (before Linux 6.7 the classic tracepoint's recursion misses are not counted)");
                 attachment.rescue = false;
             }
         }
@@ -260,6 +267,7 @@ impl Probe {
             watermark: 0,
             prog_fd,
             attachment,
+            counts_recursion,
             stopped: None,
             ebpf: Some(ebpf),
         })
@@ -393,7 +401,10 @@ impl Probe {
         let get = |k: &str| info.get(k).copied().unwrap_or(0);
         Ok(ProgStats {
             // Absent before Linux 5.12 (the per-program recursion count came with it).
-            recursion_misses: info.get("recursion_misses").copied(),
+            recursion_misses: info
+                .get("recursion_misses")
+                .copied()
+                .filter(|_| self.counts_recursion),
             run_time_ns: get("run_time_ns"),
             run_count: get("run_cnt"),
         })
@@ -407,6 +418,15 @@ struct ProgStats {
     recursion_misses: Option<u64>,
     run_time_ns: u64,
     run_count: u64,
+}
+
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease`; (0, 0) if unreadable.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// A count the kernel may not keep, for people: the number, or `unknown`.

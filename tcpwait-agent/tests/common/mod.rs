@@ -454,7 +454,13 @@ pub fn kernel_counts_recursion() -> bool {
 /// The summary's loss part when nothing was lost: where the kernel keeps no recursion-miss
 /// count, that count is unknown and the total only a lower bound.
 pub fn no_loss_summary() -> &'static str {
-    if kernel_counts_recursion() {
+    no_loss_summary_counted(kernel_counts_recursion())
+}
+
+/// [`no_loss_summary`] for a main program whose recursion misses the kernel counts, or not
+/// (the classic tracepoint's are counted from Linux 6.7).
+pub fn no_loss_summary_counted(counted: bool) -> &'static str {
+    if counted {
         " 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"
     } else {
         " at least 0 lost (ring buffer full: 0, kernel recursion misses: unknown, malformed: 0)"

@@ -71,6 +71,8 @@ fn apt_args(dir: &Path) -> Vec<String> {
         format!("-oDir::Cache={}", d("cache")),
         format!("-oDir::State::status={}", d("status")),
         "-oDebug::NoLocking=1".into(),
+        // The build area belongs to root, not to apt's sandbox user `_apt`.
+        "-oAPT::Sandbox::User=root".into(),
         "-oAPT::Get::List-Cleanup=0".into(),
     ]
 }
