@@ -365,7 +365,14 @@ fn a_loss_count_the_kernel_cannot_give_is_unknown_not_0() {
     let listen = format!("127.0.0.1:{port}");
     // `daemon()` turns metrics off; this one serves them, on a port of its own.
     let _tw = Tcpwait::start(
-        &["run", "--json", "--socket", &sock, "--metrics-listen", &listen],
+        &[
+            "run",
+            "--json",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            &listen,
+        ],
         AGENT_READY,
     );
     let counts = kernel_counts_recursion();
@@ -398,5 +405,8 @@ fn a_loss_count_the_kernel_cannot_give_is_unknown_not_0() {
     conn.read_to_string(&mut body).expect("response");
     let series = "tcpwait_events_lost_total{reason=\"recursion_miss\"}";
     assert_eq!(body.contains(series), counts, "{body}");
-    assert!(body.contains("tcpwait_events_lost_total{reason=\"ring_full\"} 0"), "{body}");
+    assert!(
+        body.contains("tcpwait_events_lost_total{reason=\"ring_full\"} 0"),
+        "{body}"
+    );
 }

@@ -281,7 +281,10 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         over.is_empty(),
         "no transition recorded more than three times: {over:?}"
     );
-    assert!(transitions >= 2 * 10 * N, "{transitions} distinct transitions");
+    assert!(
+        transitions >= 2 * 10 * N,
+        "{transitions} distinct transitions"
+    );
     // A decoding difference would split every triple. A transition can also be missing from
     // one program: a nested transition the kernel skipped for the main programs (the rescue
     // program records it alone). Rare, so at least 95 % must be exact triples.
@@ -319,8 +322,7 @@ fn a_loopback_stress_loses_and_duplicates_nothing() {
             std::thread::spawn(move || {
                 use std::io::Read as _;
                 for _ in 0..PER_THREAD {
-                    let mut s =
-                        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
                     let mut buf = [0u8; 1];
                     // EOF: the server closed first; then this side closes.
                     assert_eq!(s.read(&mut buf).expect("read"), 0);

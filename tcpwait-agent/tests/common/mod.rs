@@ -438,10 +438,7 @@ pub fn kernel_version() -> (u32, u32) {
         .trim()
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().expect("a number"));
-    (
-        parts.next().expect("major"),
-        parts.next().expect("minor"),
-    )
+    (parts.next().expect("major"), parts.next().expect("minor"))
 }
 
 /// Whether the kernel counts a BPF program's recursion misses (`recursion_misses` in its

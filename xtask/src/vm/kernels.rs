@@ -42,13 +42,7 @@ pub const SERIES: &[Series] = &[
 /// Modules the guest loads (with their dependencies, from `modules.dep`): the 9p root share
 /// over virtio, and inet_diag for the agent's socket dumps (`ss` and the daemon use it).
 /// A name absent from `modules.dep` is taken as built in (checked in `modules.builtin`).
-const MODULES: &[&str] = &[
-    "virtio_pci",
-    "9pnet_virtio",
-    "9p",
-    "inet_diag",
-    "tcp_diag",
-];
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "inet_diag", "tcp_diag"];
 
 /// A kernel ready to boot.
 pub struct Kernel {
@@ -100,7 +94,10 @@ pub fn prepare(vm: &Path, fetched: &mut bool) -> Result<(Vec<Kernel>, PathBuf)> 
         }
         fs::write(apt.join("etc/sources.list"), SOURCES)?;
         fs::write(apt.join("status"), "")?;
-        eprintln!("xtask vm: apt-get update (private configuration in {})", apt.display());
+        eprintln!(
+            "xtask vm: apt-get update (private configuration in {})",
+            apt.display()
+        );
         run(Command::new("apt-get")
             .args(apt_args(&apt))
             .args(["update", "-qq"]))?;
@@ -142,10 +139,7 @@ fn newest(apt: &Path, regex: &str) -> Result<String> {
         .output()
         .context("run apt-cache")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut names: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split(" - ").next())
-        .collect();
+    let mut names: Vec<&str> = text.lines().filter_map(|l| l.split(" - ").next()).collect();
     // Version order: compare the digit runs as numbers.
     names.sort_by_key(|n| {
         n.split(|c: char| !c.is_ascii_digit())
@@ -219,7 +213,10 @@ fn extract(deb: &Path, dir: &Path, vm: &Path) -> Result<()> {
             let (m, d) = l.split_once(':')?;
             Some((
                 module_name(m),
-                (m.to_owned(), d.split_whitespace().map(str::to_owned).collect()),
+                (
+                    m.to_owned(),
+                    d.split_whitespace().map(str::to_owned).collect(),
+                ),
             ))
         })
         .collect();

@@ -142,7 +142,9 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             .lines()
             .find(|l| {
                 l.contains("\"reason\":\"compiler-artifact\"")
-                    && l.contains(&format!("\"kind\":[\"test\"],\"crate_types\":[\"bin\"],\"name\":\"{t}\""))
+                    && l.contains(&format!(
+                        "\"kind\":[\"test\"],\"crate_types\":[\"bin\"],\"name\":\"{t}\""
+                    ))
             })
             .with_context(|| format!("no test executable for {t} in cargo's output"))?;
         let exe = line
@@ -224,7 +226,11 @@ fn read_results(out: &Path, secs: f64) -> Row {
             let btf = p.starts_with("BTF tracepoint");
             format!(
                 "{}, {}, {}",
-                if btf { "BTF tracepoint" } else { "classic tracepoint" },
+                if btf {
+                    "BTF tracepoint"
+                } else {
+                    "classic tracepoint"
+                },
                 if btf && !p.contains("unbatched") {
                     "batched"
                 } else {
@@ -264,10 +270,7 @@ fn read_results(out: &Path, secs: f64) -> Row {
             if rest.ends_with(" ... ok") {
                 passed += 1;
             } else if rest.ends_with(" ... FAILED") {
-                failed.push(format!(
-                    "{t}::{}",
-                    rest.trim_end_matches(" ... FAILED")
-                ));
+                failed.push(format!("{t}::{}", rest.trim_end_matches(" ... FAILED")));
             }
         }
     }
