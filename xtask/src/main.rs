@@ -66,10 +66,11 @@ enum Cmd {
         /// Only these kernel series (e.g. `--kernel 5.10`); default all.
         #[arg(long = "kernel")]
         only: Vec<String>,
-        /// Use KVM instead of software emulation (TCG). This machine's /dev/kvm fails inside
-        /// these kernels' decompressors (DESIGN.md), so TCG is the default.
-        #[arg(long)]
-        kvm: bool,
+        /// qemu accelerator: `auto` (KVM if a probe boot reaches the guest's init, remembered
+        /// in .build/vm/kvm-probe; else software emulation), `kvm` or `tcg`. This machine's
+        /// /dev/kvm stops inside these kernels' decompressors (DESIGN.md).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
         /// No row for the host's kernel.
         #[arg(long)]
         no_host: bool,
@@ -125,14 +126,22 @@ fn run() -> Result<()> {
                 },
             )
         }
-        Cmd::VmTest { only, kvm, no_host } => {
+        Cmd::VmTest {
+            only,
+            accel,
+            no_host,
+        } => {
             setup::setup(&root)?;
             setup::install_test_packages()?;
             vm::vm_test(
                 &root,
                 &vm::Options {
                     only,
-                    kvm,
+                    accel: match accel.as_str() {
+                        "kvm" => vm::Accel::Kvm,
+                        "tcg" => vm::Accel::Tcg,
+                        _ => vm::Accel::Auto,
+                    },
                     host: !no_host,
                 },
             )
@@ -166,7 +175,7 @@ fn run() -> Result<()> {
                 &root,
                 &vm::Options {
                     only: Vec::new(),
-                    kvm: false,
+                    accel: vm::Accel::Auto,
                     host: true,
                 },
             )

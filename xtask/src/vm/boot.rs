@@ -97,3 +97,80 @@ pub(super) fn run(vm: &Path, k: &Kernel, busybox: &Path, script: &str, kvm: bool
     }
     Ok(row)
 }
+
+/// Whether KVM boots these kernels here: `/dev/kvm` must open, and a kernel must reach the
+/// initramfs's `/init` under it within [`KVM_PROBE`] (this machine's paravirtual KVM stops
+/// in the kernels' decompressor, DESIGN.md). The answer is kept in `.build/vm/kvm-probe` for
+/// this host kernel, so the probe's seconds are spent once. Returns the answer and why.
+pub(super) fn kvm_works(vm: &Path, k: &Kernel, busybox: &Path) -> Result<(bool, String)> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Ok((false, format!("/dev/kvm cannot be opened ({e})")));
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let cache = vm.join("kvm-probe");
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && let Some((answer, release)) = text.split_once(' ')
+        && release.trim() == host.trim()
+    {
+        return Ok((
+            answer == "works",
+            format!("{answer} here (cached in {}; delete it to probe again)", cache.display()),
+        ));
+    }
+    let dir = vm.join("run/kvm-probe");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let initrd = dir.join("initramfs.cpio");
+    initramfs::build(busybox, &k.modules, &initrd)?;
+    let console = dir.join("console.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512"])
+        .args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&k.image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start qemu-system-x86_64 (KVM probe)")?;
+    let t = Instant::now();
+    let reached = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("TCPWAIT-VM init") {
+            break true;
+        }
+        if t.elapsed() > KVM_PROBE || child.try_wait()?.is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = if reached { "works" } else { "fails" };
+    std::fs::write(&cache, format!("{answer} {}", host.trim()))?;
+    Ok((
+        reached,
+        if reached {
+            format!("KVM booted Debian {} to its init", k.series)
+        } else {
+            format!(
+                "KVM did not bring Debian {} to its init within {} s (console: {})",
+                k.series,
+                KVM_PROBE.as_secs(),
+                console.display()
+            )
+        },
+    ))
+}
+
+/// How long the KVM probe waits for the guest's init (KVM boots in 1–3 s).
+const KVM_PROBE: Duration = Duration::from_secs(15);

@@ -5,8 +5,9 @@
 //! packages, a small initramfs, the test binaries run inside, results read back). Here the guest
 //! mounts the host's root read-only over 9p instead of receiving copies of the binaries
 //! (DESIGN.md, "Testing tiers", says why), and writes its results to a second, writable 9p
-//! share. Software emulation (TCG) by default: this machine's `/dev/kvm` is a paravirtual KVM
-//! on which these kernels fail in their decompressor (DESIGN.md); `--kvm` asks for KVM.
+//! share. KVM where a probe boot shows it works, software emulation (TCG) otherwise: this
+//! machine's `/dev/kvm` is a paravirtual KVM on which these kernels stop in their decompressor
+//! (DESIGN.md).
 mod boot;
 mod initramfs;
 mod kernels;
@@ -28,10 +29,19 @@ const TARGETS: &[&str] = &["trace", "daemon"];
 pub struct Options {
     /// Kernel series to boot (`5.10`, `6.1`, `6.12`); empty: all.
     pub only: Vec<String>,
-    /// Use KVM instead of TCG.
-    pub kvm: bool,
+    /// Accelerator: KVM, TCG, or KVM where it boots these kernels (probed once).
+    pub accel: Accel,
     /// Add a row for the host's kernel (the same tiers run directly).
     pub host: bool,
+}
+
+/// Which qemu accelerator to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM where a probe boot reaches the guest's init, software emulation (TCG) otherwise.
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 /// One kernel's result.
@@ -82,6 +92,22 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     crate::cargo(root, &["build", "--release", "--package", "tcpwait-agent"])?;
     let bins = test_binaries(root)?;
     let script = run_script(root, &bins);
+    let kvm = match opts.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => {
+            let (works, why) = boot::kvm_works(&vm, &kernels[0], &busybox)?;
+            eprintln!(
+                "xtask vm: {}: {why}",
+                if works {
+                    "using KVM"
+                } else {
+                    "using software emulation (TCG), not KVM"
+                }
+            );
+            works
+        }
+    };
     let mut rows = Vec::new();
     if opts.host {
         rows.push(host_row(&vm, &script)?);
@@ -90,7 +116,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == k.series) {
             continue;
         }
-        rows.push(boot::run(&vm, k, &busybox, &script, opts.kvm)?);
+        rows.push(boot::run(&vm, k, &busybox, &script, kvm)?);
     }
     println!("{}", table(&rows));
     println!(
