@@ -182,7 +182,8 @@ pub struct AlertReport {
 pub struct Counters {
     pub transitions: u64,
     pub lost_ring_full: u64,
-    pub lost_recursion_misses: u64,
+    /// `null` where the kernel keeps no recursion-miss count (before 5.12).
+    pub lost_recursion_misses: Option<u64>,
     pub malformed: u64,
     pub tail_missed: u64,
     pub table_overflow: u64,

@@ -113,7 +113,7 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         r.tracked_sockets,
         r.counters.transitions,
         r.counters.lost_ring_full,
-        r.counters.lost_recursion_misses,
+        crate::probe::count_or_unknown(r.counters.lost_recursion_misses),
         r.counters.malformed
     )?;
     for (what, counts) in [

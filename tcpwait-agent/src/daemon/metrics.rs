@@ -175,13 +175,17 @@ pub(super) fn render(d: &Daemon) -> String {
     );
 
     let lost = Family::<ReasonLabel, Counter>::default();
+    // A kernel that keeps no recursion-miss count (before 5.12) gets no `recursion_miss`
+    // series: absent means unknown, where 0 would claim nothing was lost.
     for (reason, n) in [
-        ("ring_full", d.kernel.reserve_failed),
+        ("ring_full", Some(d.kernel.reserve_failed)),
         ("recursion_miss", d.kernel.recursion_misses),
-        ("malformed", d.malformed.total()),
-        ("tail_backlog", d.tail_missed.load(Ordering::Relaxed)),
+        ("malformed", Some(d.malformed.total())),
+        ("tail_backlog", Some(d.tail_missed.load(Ordering::Relaxed))),
     ] {
-        lost.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        if let Some(n) = n {
+            lost.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        }
     }
     r.register("tcpwait_events_lost", "Transitions lost, by reason", lost);
 

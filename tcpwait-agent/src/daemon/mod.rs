@@ -420,11 +420,12 @@ impl Daemon {
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
-                let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
+                let lost =
+                    k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
                 if lost > self.lost_seen {
                     warn!(
                         ring_full = k.reserve_failed,
-                        recursion_misses = k.recursion_misses,
+                        recursion_misses = crate::probe::count_or_unknown(k.recursion_misses),
                         malformed = self.malformed.total(),
                         "transitions lost; reconciling with inet_diag"
                     );
@@ -482,7 +483,7 @@ impl Daemon {
              {}; out of order {}",
             self.transitions,
             self.kernel.reserve_failed,
-            self.kernel.recursion_misses,
+            crate::probe::count_or_unknown(self.kernel.recursion_misses),
             self.malformed.total(),
             self.kernel.late
         )
