@@ -293,3 +293,36 @@ pub async fn tail(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Counters, ProcessReport};
+
+    #[test]
+    fn status_text_shows_output_losses_and_escapes_process_text() {
+        let report = StatusReport {
+            processes: vec![ProcessReport {
+                pid: 7,
+                comm: "a\u{202e}b".into(),
+                cmdline: "x\u{2028}y\u{1b}".into(),
+                count: 1,
+                ..Default::default()
+            }],
+            counters: Counters {
+                sink_dropped: [("stdout".to_owned(), 49), ("stderr".to_owned(), 0)].into(),
+                sink_failed: [("transition_log".to_owned(), 3)].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &report).expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "output lines dropped (queue full): stdout 49");
+        assert_eq!(lines[2], "output lines failed to write: transition_log 3");
+        assert!(text.contains("a\\u{202e}b"), "{text}");
+        assert!(text.contains("x\\u{2028}y\\x1b"), "{text}");
+    }
+}
