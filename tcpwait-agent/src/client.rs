@@ -56,6 +56,24 @@ async fn within<T>(
         })?
 }
 
+/// Fails with the agent's own words when it refused the request (`{"error": "…"}`: too many
+/// clients, busy, request too large).
+fn refused(path: &Path, line: &str) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Refusal {
+        error: String,
+    }
+    match serde_json::from_str::<Refusal>(line.trim()) {
+        Ok(r) => anyhow::bail!(
+            "the tcpwait daemon at {} refused the request: {}",
+            path.display(),
+            escape_control(&r.error)
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
 async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)
         .await
@@ -65,11 +83,11 @@ async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
         })?;
     let mut line = serde_json::to_vec(request).context("encode request")?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .await
-        .context("send request to the daemon")?;
-    Ok(stream)
+    match stream.write_all(&line).await {
+        // The agent may have answered and closed before reading (a refusal): read it.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(stream),
+        r => r.context("send request to the daemon").map(|()| stream),
+    }
 }
 
 /// `tcpwait status`.
@@ -84,6 +102,7 @@ pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Resul
         Ok(line)
     })
     .await?;
+    refused(path, &line)?;
     let report: StatusReport = serde_json::from_str(&line)
         .with_context(|| format!("unexpected answer from the daemon: {}", line.trim()))?;
     let mut out = io::stdout().lock();
@@ -220,6 +239,8 @@ pub async fn tail(
         Ok((reader, first))
     })
     .await?;
+    // Only the first line can be a refusal (too many clients, request too large).
+    refused(path, &first)?;
     let clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
@@ -284,4 +305,37 @@ pub async fn tail(
         eprintln!("tcpwait: {missed} transitions missed in total");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Counters, ProcessReport};
+
+    #[test]
+    fn status_text_shows_output_losses_and_escapes_process_text() {
+        let report = StatusReport {
+            processes: vec![ProcessReport {
+                pid: 7,
+                comm: "a\u{202e}b".into(),
+                cmdline: "x\u{2028}y\u{1b}".into(),
+                count: 1,
+                ..Default::default()
+            }],
+            counters: Counters {
+                sink_dropped: [("stdout".to_owned(), 49), ("stderr".to_owned(), 0)].into(),
+                sink_failed: [("transition_log".to_owned(), 3)].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &report).expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "output lines dropped (queue full): stdout 49");
+        assert_eq!(lines[2], "output lines failed to write: transition_log 3");
+        assert!(text.contains("a\\u{202e}b"), "{text}");
+        assert!(text.contains("x\\u{2028}y\\x1b"), "{text}");
+    }
 }

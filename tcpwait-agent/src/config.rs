@@ -10,7 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use input::{check_output_file, is_http_url, read_capped};
+pub use input::file_mode;
+use input::{DEFAULT_FILE_MODE, check_output_file, is_http_url, read_capped};
 
 /// Where `tcpwait run` looks when `--config` is not given; absent means embedded defaults.
 pub const DEFAULT_PATH: &str = "/etc/tcpwait/tcpwait.toml";
@@ -152,14 +153,6 @@ impl Default for TransitionLogConfig {
             mode: DEFAULT_FILE_MODE.into(),
         }
     }
-}
-
-/// Mode of the alert file and the transition log unless configured: they hold command lines.
-pub const DEFAULT_FILE_MODE: &str = "0600";
-
-/// The mode of a validated `mode` key.
-pub fn file_mode(mode: &str) -> u32 {
-    input::parse_mode(mode).unwrap_or(0o600)
 }
 
 /// `[agent]`.

@@ -256,3 +256,25 @@ fn status_clients_that_never_read_pin_bounded_memory_and_are_dropped() {
         "RSS grew from {before} to {peak} KiB (bound {bound_kib} KiB over)"
     );
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_refused_request_is_reported_in_the_agents_words() {
+    require_root();
+    let sock = api_socket("refused");
+    let _tw = daemon(&sock, &[]);
+    // Fill every API slot with clients that send nothing (each times out after 5 s).
+    let idle: Vec<UnixStream> = (0..256)
+        .map(|_| UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    let (code, stderr, _) = bounded(&["status", "--socket", &sock]);
+    drop(idle);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "tcpwait: the tcpwait daemon at {sock} refused the request: too many clients (256); \
+             try again"
+        )
+    );
+}

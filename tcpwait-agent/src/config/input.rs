@@ -87,3 +87,11 @@ pub(super) fn parse_mode(mode: &str) -> Option<u32> {
     let m = u32::from_str_radix(digits, 8).ok()?;
     (m & !0o644 == 0).then_some(m)
 }
+
+/// Mode of the alert file and the transition log unless configured: they hold command lines.
+pub(super) const DEFAULT_FILE_MODE: &str = "0600";
+
+/// The mode of a validated `mode` key.
+pub fn file_mode(mode: &str) -> u32 {
+    parse_mode(mode).unwrap_or(0o600)
+}

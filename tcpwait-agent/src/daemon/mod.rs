@@ -457,24 +457,23 @@ impl Daemon {
         if changes.is_empty() {
             return;
         }
-        let mut lines = Vec::new();
         for change in &changes {
             let line = report::alert_line(change, now, self.args.json);
-            let line = if self.args.json {
-                crate::output::escape_json(&line)
+            let mut line = if self.args.json {
+                crate::output::escape_json(&line).into_owned()
             } else {
-                line.into()
+                line
             };
-            lines.extend_from_slice(line.as_bytes());
-            lines.push(b'\n');
+            line.push('\n');
+            // Never waits for stdout: a full queue drops the line and counts it. One line at a
+            // time, so a burst drops only what does not fit.
+            self.sinks.stdout.send(line.into_bytes(), 1);
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
             self.delivery
                 .send(&report::alert_message(change, now, &self.instance));
         }
-        // Never waits for stdout: a full queue drops the lines and counts them.
-        self.sinks.stdout.send(lines, changes.len() as u64);
     }
 
     fn summary(&self) -> String {
