@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{broadcast, mpsc, oneshot},
 };
@@ -35,6 +35,20 @@ pub const DEFAULT_SOCKET: &str = "/run/tcpwait/tcpwait.sock";
 
 /// Transitions a `tail` client may lag behind before it skips ahead (and is told so).
 pub const TAIL_BACKLOG: usize = 16 * 1024;
+
+/// Longest request line; a longer one is refused without being read further (a tail filter
+/// with every port listed is under 1 KiB).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take a `status` answer; then it is dropped with its buffer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `status` answers being written at once: each holds the whole serialized report, so this
+/// bounds the memory that clients that do not read can pin. Others wait for a turn at most
+/// [`STATUS_TURN_WAIT`], then are told the agent is busy.
+pub const STATUS_IN_FLIGHT: usize = 32;
+/// How long a `status` request waits for a turn.
+pub const STATUS_TURN_WAIT: Duration = Duration::from_secs(2);
 
 /// A request line from a client.
 #[derive(Debug, Serialize, Deserialize)]
@@ -178,7 +192,8 @@ pub struct AlertReport {
 pub struct Counters {
     pub transitions: u64,
     pub lost_ring_full: u64,
-    pub lost_recursion_misses: u64,
+    /// `null` where the kernel keeps no recursion-miss count (before 5.12).
+    pub lost_recursion_misses: Option<u64>,
     pub malformed: u64,
     pub tail_missed: u64,
     pub table_overflow: u64,
@@ -201,6 +216,13 @@ pub struct Counters {
     /// Namespace dumps that failed (could not enter, or gone), summed.
     #[serde(default)]
     pub namespace_failures: u64,
+    /// Output lines dropped because a sink's queue was full, by sink (`stdout`,
+    /// `transition_log`): the agent never waits for its output.
+    #[serde(default)]
+    pub sink_dropped: std::collections::BTreeMap<String, u64>,
+    /// Output lines a sink failed to write (I/O error), by sink.
+    #[serde(default)]
+    pub sink_failed: std::collections::BTreeMap<String, u64>,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.
@@ -219,39 +241,128 @@ pub enum ApiError {
     )]
     InUse(PathBuf),
     #[error(
+        "{0} exists and is not a socket ({1}): tcpwait replaces only a stale socket of its own; move the file away or choose another --socket"
+    )]
+    NotASocket(PathBuf, &'static str),
+    #[error(
+        "{0} is a socket owned by uid {1}, not by this user: tcpwait replaces only a stale socket of its own; remove it or choose another --socket"
+    )]
+    NotOurs(PathBuf, u32),
+    #[error(
         "cannot create the API socket {0}: check the directory exists and is writable, or choose another --socket"
     )]
     Bind(PathBuf, #[source] io::Error),
 }
 
-/// Binds the API socket: removes a stale socket file, refuses if a daemon answers on it,
-/// creates the parent directory (0755), and makes the socket 0600 (root only).
-pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(ApiError::InUse(path.into()));
+/// The bound socket file; removed when dropped (the daemon's exit, or a failed start), unless
+/// another file has taken its path since.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        {
+            let _ = std::fs::remove_file(&self.path);
         }
-        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Binds the API socket. An existing path is replaced only when it is a stale socket (nobody
+/// answers) owned by this user; anything else is refused, untouched. Missing directories are
+/// created 0700 and the socket is bound under umask 0177, so it is 0600 from its first
+/// instant whatever the caller's umask (no window in which another user could connect to or
+/// replace it).
+pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ApiError> {
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ApiError::InUse(path.into()));
+            }
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(ApiError::NotOurs(path.into(), meta.uid()));
+            }
+            std::fs::remove_file(path).map_err(|e| ApiError::Bind(path.into(), e))?;
+        }
+        Ok(meta) => {
+            return Err(ApiError::NotASocket(
+                path.into(),
+                file_kind(meta.file_type()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ApiError::Bind(path.into(), e)),
     }
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
-        && !dir.exists()
     {
-        std::fs::create_dir_all(dir).map_err(|e| ApiError::Bind(path.into(), e))?;
+        // Every missing ancestor is created 0700 (mkdir's mode is masked by the umask, which
+        // can only narrow it; the chmod then makes it exactly 0700).
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ApiError::Bind(path.into(), e))?;
+        for d in missing {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| ApiError::Bind(path.into(), e))?;
+        }
     }
-    let listener = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.into(), e))?;
+    // The umask is process-wide: this runs at start, before the threads that create files
+    // (delivery, sinks, resolver) exist, and a stricter umask could only narrow their modes.
+    // SAFETY: umask has no preconditions.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| ApiError::Bind(path.into(), e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| ApiError::Bind(path.into(), e))?;
+    let file = SocketFile {
+        path: path.into(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| ApiError::Bind(path.into(), e))?;
-    Ok(listener)
+    Ok((listener, file))
 }
 
-/// Accepts clients until the listener fails; each client gets its own task.
+/// Accepts clients until the listener fails; each client gets its own task. At most
+/// `max_clients` at once: past it a new client is told so and closed (its fd is needed back).
 pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
     tail: broadcast::Sender<Arc<TailItem>>,
     tail_missed: Arc<AtomicU64>,
+    max_clients: usize,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let status_turns = Arc::new(tokio::sync::Semaphore::new(STATUS_IN_FLIGHT));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -261,11 +372,19 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Never waits for the client: a full socket buffer just loses the message.
+            let msg = format!("{{\"error\":\"too many clients ({max_clients}); try again\"}}\n");
+            let _ = stream.try_write(msg.as_bytes());
+            continue;
+        };
         let (commands, rx, missed) = (commands.clone(), tail.subscribe(), tail_missed.clone());
+        let turns = status_turns.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(stream, commands, rx, missed).await {
+            if let Err(e) = client(stream, commands, rx, missed, turns).await {
                 debug!(error = %e, "API client ended");
             }
+            drop(slot);
         });
     }
 }
@@ -275,24 +394,44 @@ async fn client(
     commands: mpsc::Sender<Command>,
     mut tail: broadcast::Receiver<Arc<TailItem>>,
     tail_missed: Arc<AtomicU64>,
+    status_turns: Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read);
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    if line.len() > MAX_REQUEST {
+        let msg = format!("{{\"error\":\"request line over {MAX_REQUEST} bytes\"}}\n");
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
+        return Err(io::Error::other("request line too long"));
+    }
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
             let msg = serde_json::json!({ "error": format!("bad request: {e}") });
-            write.write_all(format!("{msg}\n").as_bytes()).await?;
+            let _ = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                write.write_all(format!("{msg}\n").as_bytes()),
+            )
+            .await;
             return Ok(());
         }
     };
     match request {
         Request::Status => {
             drop(tail);
+            let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "status answer not taken");
+            let Ok(turn) = tokio::time::timeout(STATUS_TURN_WAIT, status_turns.acquire()).await
+            else {
+                let msg = format!(
+                    "{{\"error\":\"busy: {STATUS_IN_FLIGHT} status answers are waiting for their clients to read them; try again\"}}\n"
+                );
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
+                return Ok(());
+            };
+            let _turn = turn.map_err(io::Error::other)?;
             let (tx, rx) = oneshot::channel();
             commands
                 .send(Command::Status(tx))
@@ -300,8 +439,11 @@ async fn client(
                 .map_err(|_| io::Error::other("daemon stopping"))?;
             let report = rx.await.map_err(|_| io::Error::other("daemon stopping"))?;
             let mut out = serde_json::to_vec(&report).map_err(io::Error::other)?;
+            drop(report);
             out.push(b'\n');
-            write.write_all(&out).await
+            tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+                .await
+                .map_err(|_| timed_out())?
         }
         Request::Tail { filter } => {
             let mut buf = Vec::with_capacity(64 * 1024);
@@ -351,9 +493,7 @@ fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<
         return Ok(());
     }
     let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-    serde_json::to_writer(&mut *buf, &record).map_err(io::Error::other)?;
-    buf.push(b'\n');
-    Ok(())
+    crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 
 #[cfg(test)]

@@ -97,6 +97,9 @@ pub struct RunArgs {
     /// Transitions a `tail` client may lag behind (default 16384). For tests only.
     #[arg(long, hide = true, default_value_t = crate::api::TAIL_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub test_tail_backlog: usize,
+    /// Bytes of alert lines that may wait for stdout (default 1 MiB). For tests only.
+    #[arg(long, hide = true, default_value_t = crate::daemon::STDOUT_QUEUE_BYTES, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub test_stdout_queue_bytes: u64,
 }
 
 impl RunArgs {
@@ -162,6 +165,9 @@ pub struct StatusArgs {
     /// The full report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Give up when the agent has not answered within this time (e.g. a stopped agent).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub timeout: std::time::Duration,
 }
 
 /// Arguments of `tcpwait tail`.
@@ -176,6 +182,10 @@ pub struct TailArgs {
     /// when the holder is known).
     #[arg(long)]
     pub json: bool,
+    /// Give up when the agent has not accepted the subscription within this time (a stopped
+    /// agent); once following, tail waits for transitions indefinitely.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub timeout: std::time::Duration,
 }
 
 /// A duration: plain seconds (`2`, `0.5`) or with units (`90s`, `5m`, `1h 30m`).

@@ -3,6 +3,7 @@ use std::{
     io::{self, Write as _},
     path::Path,
     process::ExitCode,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -29,6 +30,50 @@ pub struct NotRunning {
     source: io::Error,
 }
 
+/// The agent did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the tcpwait daemon at {path} did not answer within {}: it may be stopped (SIGSTOP) or \
+     overloaded; check it with `systemctl status tcpwait` or pass a longer --timeout",
+    humantime::format_duration(*timeout)
+)]
+pub struct NoAnswer {
+    path: String,
+    timeout: Duration,
+}
+
+/// Runs `f` within `timeout`, or fails with [`NoAnswer`].
+async fn within<T>(
+    path: &Path,
+    timeout: Duration,
+    f: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| NoAnswer {
+            path: path.display().to_string(),
+            timeout,
+        })?
+}
+
+/// Fails with the agent's own words when it refused the request (`{"error": "…"}`: too many
+/// clients, busy, request too large).
+fn refused(path: &Path, line: &str) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Refusal {
+        error: String,
+    }
+    match serde_json::from_str::<Refusal>(line.trim()) {
+        Ok(r) => anyhow::bail!(
+            "the tcpwait daemon at {} refused the request: {}",
+            path.display(),
+            escape_control(&r.error)
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
 async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     let mut stream = UnixStream::connect(path)
         .await
@@ -38,27 +83,32 @@ async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
         })?;
     let mut line = serde_json::to_vec(request).context("encode request")?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .await
-        .context("send request to the daemon")?;
-    Ok(stream)
+    match stream.write_all(&line).await {
+        // The agent may have answered and closed before reading (a refusal): read it.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(stream),
+        r => r.context("send request to the daemon").map(|()| stream),
+    }
 }
 
 /// `tcpwait status`.
-pub async fn status(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let stream = connect(path, &Request::Status).await?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .await
-        .context("read the daemon's answer")?;
+pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let line = within(path, timeout, async {
+        let stream = connect(path, &Request::Status).await?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .context("read the daemon's answer")?;
+        Ok(line)
+    })
+    .await?;
+    refused(path, &line)?;
     let report: StatusReport = serde_json::from_str(&line)
         .with_context(|| format!("unexpected answer from the daemon: {}", line.trim()))?;
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        writeln!(out, "{}", crate::output::escape_json(&text))?;
     } else {
         print_status(&mut out, &report)?;
     }
@@ -82,9 +132,22 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         r.tracked_sockets,
         r.counters.transitions,
         r.counters.lost_ring_full,
-        r.counters.lost_recursion_misses,
+        crate::probe::count_or_unknown(r.counters.lost_recursion_misses),
         r.counters.malformed
     )?;
+    for (what, counts) in [
+        ("dropped (queue full)", &r.counters.sink_dropped),
+        ("failed to write", &r.counters.sink_failed),
+    ] {
+        let lost: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(sink, n)| format!("{} {n}", escape_control(sink)))
+            .collect();
+        if !lost.is_empty() {
+            writeln!(out, "output lines {what}: {}", lost.join(", "))?;
+        }
+    }
     for a in &r.alerts {
         writeln!(
             out,
@@ -194,9 +257,26 @@ fn short(state: &str) -> String {
 }
 
 /// `tcpwait tail`.
-pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result<ExitCode> {
-    let stream = connect(path, &Request::Tail { filter }).await?;
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+pub async fn tail(
+    path: &Path,
+    filter: Filter,
+    format: Format,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    // The first line, `{"subscribed":true}`, comes at once from a running agent.
+    let (mut reader, first) = within(path, timeout, async {
+        let stream = connect(path, &Request::Tail { filter }).await?;
+        let mut reader = BufReader::with_capacity(64 * 1024, stream);
+        let mut first = String::new();
+        reader
+            .read_line(&mut first)
+            .await
+            .context("read from the daemon")?;
+        Ok((reader, first))
+    })
+    .await?;
+    // Only the first line can be a refusal (too many clients, request too large).
+    refused(path, &first)?;
     let clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
@@ -204,12 +284,17 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         out.flush()?;
     }
     let mut missed = 0u64;
-    let mut line = String::new();
+    let mut line = first;
+    let mut pending_first = true;
     loop {
-        line.clear();
-        let n = tokio::select! {
-            n = reader.read_line(&mut line) => n.context("read from the daemon")?,
-            _ = tokio::signal::ctrl_c() => 0,
+        let n = if std::mem::take(&mut pending_first) {
+            line.len()
+        } else {
+            line.clear();
+            tokio::select! {
+                n = reader.read_line(&mut line) => n.context("read from the daemon")?,
+                _ = tokio::signal::ctrl_c() => 0,
+            }
         };
         if n == 0 {
             break;
@@ -219,7 +304,7 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
         // came; only control lines and text output need parsing.
         let control = text.starts_with("{\"missed\"") || text.starts_with("{\"subscribed\"");
         let written = if format == Format::Json && !control {
-            writeln!(out, "{text}")
+            writeln!(out, "{}", crate::output::escape_json(text))
         } else {
             match serde_json::from_str::<TailLine<'_>>(text) {
                 Ok(TailLine::Subscribed { .. }) => {
@@ -261,6 +346,7 @@ pub async fn tail(path: &Path, filter: Filter, format: Format) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Counters;
 
     #[test]
     fn status_text_has_a_section_per_watched_state() {
@@ -308,5 +394,32 @@ mod tests {
             ]
         );
         assert_eq!(short("FIN_WAIT2"), "FW2");
+    }
+
+    #[test]
+    fn status_text_shows_output_losses_and_escapes_process_text() {
+        let report = StatusReport {
+            processes: vec![ProcessReport {
+                pid: 7,
+                comm: "a\u{202e}b".into(),
+                cmdline: "x\u{2028}y\u{1b}".into(),
+                count: 1,
+                ..Default::default()
+            }],
+            counters: Counters {
+                sink_dropped: [("stdout".to_owned(), 49), ("stderr".to_owned(), 0)].into(),
+                sink_failed: [("transition_log".to_owned(), 3)].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &report).expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "output lines dropped (queue full): stdout 49");
+        assert_eq!(lines[2], "output lines failed to write: transition_log 3");
+        assert!(text.contains("a\\u{202e}b"), "{text}");
+        assert!(text.contains("x\\u{2028}y\\x1b"), "{text}");
     }
 }

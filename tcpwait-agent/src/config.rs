@@ -11,6 +11,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use self::rules::RuleSet;
+pub use input::file_mode;
+use input::{DEFAULT_FILE_MODE, check_output_file, is_http_url, read_capped};
 
 mod rules;
 
@@ -55,6 +57,8 @@ url = ""
 [alert_file]
 # Alert changes appended as JSON lines to this file. "" disables.
 path = ""
+# Mode of the file when tcpwait creates it (octal, within "0644"; alerts hold command lines).
+mode = "0600"
 
 [delivery]
 # Alert changes waiting for delivery, per sink (1 ..= 1000000). When full, the new change is
@@ -70,6 +74,8 @@ path = ""
 max_bytes = 104857600
 # Rotated files kept: path.1 (newest) .. path.<keep> (1 ..= 100).
 keep = 5
+# Mode of the files when tcpwait creates them (octal, within "0644"; lines hold command names).
+mode = "0600"
 
 # Alerting rules, one [[rules]] table each. A process fires a rule's alert when it holds a
 # socket in the rule's state at least `age` old, or more than `count` such sockets; the alert
@@ -159,6 +165,8 @@ pub struct TransitionLogConfig {
     pub path: String,
     pub max_bytes: u64,
     pub keep: u32,
+    /// Octal mode of the files created, e.g. "0600".
+    pub mode: String,
 }
 
 impl Default for TransitionLogConfig {
@@ -167,6 +175,7 @@ impl Default for TransitionLogConfig {
             path: String::new(),
             max_bytes: 100 << 20,
             keep: 5,
+            mode: DEFAULT_FILE_MODE.into(),
         }
     }
 }
@@ -205,10 +214,21 @@ pub struct Webhook {
 }
 
 /// `[alert_file]`.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertFile {
     pub path: String,
+    /// Octal mode of the file created, e.g. "0600".
+    pub mode: String,
+}
+
+impl Default for AlertFile {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            mode: DEFAULT_FILE_MODE.into(),
+        }
+    }
 }
 
 /// `[delivery]`.
@@ -287,7 +307,7 @@ impl Config {
             None => (Path::new(DEFAULT_PATH), false),
         };
         let name = path.display().to_string();
-        match std::fs::read_to_string(path) {
+        match read_capped(path) {
             Ok(text) => Self::parse(&text, &name),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
             Err(e) => Err(ConfigError {
@@ -382,7 +402,7 @@ impl Config {
             ("alertmanager.url", &self.alertmanager.url),
             ("webhook.url", &self.webhook.url),
         ] {
-            if !(url.is_empty() || url.starts_with("http://") && url.len() > "http://".len()) {
+            if !(url.is_empty() || is_http_url(url)) {
                 return err(
                     key,
                     format!(
@@ -425,6 +445,27 @@ impl Config {
                 ),
             );
         }
+        for (key, mode) in [
+            ("alert_file.mode", &self.alert_file.mode),
+            ("transition_log.mode", &self.transition_log.mode),
+        ] {
+            if input::parse_mode(mode).is_none() {
+                return err(
+                    key,
+                    format!(
+                        "\"{mode}\" is not allowed: allowed an octal mode within \"0644\" (no execute bit, no write for group or others), e.g. \"0600\" or \"0640\""
+                    ),
+                );
+            }
+        }
+        for (key, path) in [
+            ("alert_file.path", &self.alert_file.path),
+            ("transition_log.path", &self.transition_log.path),
+        ] {
+            if let Err(why) = check_output_file(path) {
+                return err(key, format!("\"{path}\" {why}"));
+            }
+        }
         dur_range(
             "delivery.max_backoff",
             self.delivery.max_backoff,
@@ -450,5 +491,6 @@ fn syntax_error(text: &str, name: &str, e: &toml::de::Error) -> ConfigError {
     }
 }
 
+mod input;
 #[cfg(test)]
 mod tests;

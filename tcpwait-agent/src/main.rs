@@ -11,6 +11,7 @@ mod config;
 mod daemon;
 mod event;
 mod filter;
+mod logging;
 mod model;
 mod output;
 mod owners;
@@ -20,7 +21,7 @@ mod tracker;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(cli.verbose);
+    logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -31,7 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Log lines still queued for stderr get a moment to be written (never a hang).
+    logging::flush(std::time::Duration::from_millis(500));
+    match result {
         Ok(code) => code,
         Err(e) => {
             // One line: the cause and its fix, then the chain of underlying errors.
@@ -61,42 +65,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        cli::Command::Status(args) => client::status(&args.socket, args.json).await,
+        cli::Command::Status(args) => client::status(&args.socket, args.json, args.timeout).await,
         cli::Command::Tail(args) => {
             let format = if args.json {
                 output::Format::Json
             } else {
                 output::Format::Text
             };
-            client::tail(&args.socket, args.filter.to_filter(), format).await
+            client::tail(&args.socket, args.filter.to_filter(), format, args.timeout).await
         }
     }
-}
-
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::{
-        EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
-    };
-    let default = match verbose {
-        0 => "warn",
-        1 => "tcpwait=debug,info",
-        _ => "trace",
-    };
-    let filter =
-        || EnvFilter::try_from_env("TCPWAIT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // Under systemd (JOURNAL_STREAM is set for the service's stderr), log to the journal with
-    // structured fields; elsewhere, to stderr.
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .and_then(|_| tracing_journald::layer().ok())
-        .map(|l| l.with_filter(filter()));
-    let stderr = journald.is_none().then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false)
-            .with_filter(filter())
-    });
-    tracing_subscriber::registry()
-        .with(journald)
-        .with(stderr)
-        .init();
 }

@@ -48,26 +48,84 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Escapes control characters (C0, DEL, C1) as `\xNN` / `\u{NNNN}`, and a backslash as `\\`, so
-/// process-supplied text cannot move the cursor, recolour, or forge lines on a terminal.
+/// Whether `c` must not reach a terminal or a log line raw: control characters (C0, DEL, C1:
+/// cursor movement, colours, forged lines), format characters (Unicode category Cf: the bidi
+/// overrides and isolates that reorder what a reader sees, zero-width characters that hide
+/// text, the BOM) and the line and paragraph separators U+2028/U+2029 (a new line to many
+/// viewers and to JavaScript).
+pub fn must_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}')
+        // Unicode 16 category Cf.
+        || matches!(c as u32,
+            0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F | 0x890..=0x891 | 0x8E2 | 0x180E
+            | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F | 0xFEFF
+            | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
+}
+
+/// Escapes the characters of [`must_escape`] as `\xNN` (below U+0100) or `\u{NNNN}`, and a
+/// backslash as `\\`, so process-supplied text (comm, command line, cgroup) cannot move the
+/// cursor, recolour, reorder or forge lines on a terminal. The one escaping of every text
+/// output: status, alert lines, tail/trace text, metric label values.
 pub fn escape_control(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(|c| c.is_control() || c == '\\') {
+    if !s.chars().any(|c| must_escape(c) || c == '\\') {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x100 && c.is_control() => {
+            c if (c as u32) < 0x100 && must_escape(c) => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
-            c if c.is_control() => {
+            c if must_escape(c) => {
                 let _ = write!(out, "\\u{{{:04x}}}", c as u32);
             }
             c => out.push(c),
         }
     }
     Cow::Owned(out)
+}
+
+/// Re-escapes a serialized JSON text so that it holds none of the [`must_escape`] characters
+/// raw: serde_json escapes C0 controls only, and leaves DEL, C1, bidi overrides and U+2028 in
+/// strings as they are. They become `\uXXXX` escapes (a surrogate pair above U+FFFF), which
+/// decode to the same string: a JSON consumer sees no difference, a terminal sees no control.
+pub fn escape_json(json: &str) -> Cow<'_, str> {
+    // JSON whitespace outside strings (pretty printing) stays: serde_json escapes it inside.
+    let bad = |c: char| must_escape(c) && !matches!(c, '\n' | '\r' | '\t');
+    if !json.chars().any(bad) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    let mut units = [0u16; 2];
+    for c in json.chars() {
+        if bad(c) {
+            for u in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{u:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Appends `value` as one JSON line (newline-terminated), escaped by [`escape_json`].
+pub fn write_json_line(buf: &mut Vec<u8>, value: &impl Serialize) -> serde_json::Result<()> {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, value)?;
+    // ASCII-only output (the common case) needs no second look.
+    if !buf[start..].is_ascii() {
+        let text = std::str::from_utf8(&buf[start..]).expect("serde_json writes UTF-8");
+        if let Cow::Owned(escaped) = escape_json(text) {
+            buf.truncate(start);
+            buf.extend_from_slice(escaped.as_bytes());
+        }
+    }
+    buf.push(b'\n');
+    Ok(())
 }
 
 /// `addr:port`, with IPv6 addresses in brackets.
@@ -97,6 +155,10 @@ pub fn time_of_day(wall_ns: i128) -> String {
 pub struct OwnerView {
     pub pid: u32,
     pub comm: String,
+    /// Container id, from the holder's cgroup.
+    pub container: Option<String>,
+    /// Kubernetes pod UID, from the holder's cgroup.
+    pub pod_uid: Option<String>,
 }
 
 /// One transition as printed, text or JSON; the schema of `trace --json` and `tail --json`.
@@ -134,6 +196,12 @@ pub struct TransitionRecord<'a> {
     /// Holder's task name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_comm: Option<String>,
+    /// Holder's container id, when its cgroup names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_container: Option<String>,
+    /// Holder's Kubernetes pod UID, when its cgroup names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pod_uid: Option<String>,
 }
 
 impl<'a> TransitionRecord<'a> {
@@ -156,6 +224,8 @@ impl<'a> TransitionRecord<'a> {
             ms_in_old: ns_in_old.map(|ns| ns as f64 / 1e6),
             owner_pid: owner.map(|o| o.pid),
             owner_comm: owner.map(|o| o.comm.clone()),
+            owner_container: owner.and_then(|o| o.container.clone()),
+            owner_pod_uid: owner.and_then(|o| o.pod_uid.clone()),
         }
     }
 }
@@ -179,8 +249,9 @@ pub fn write_record(
 ) -> io::Result<()> {
     match format {
         Format::Json => {
-            serde_json::to_writer(&mut *w, r).map_err(io::Error::other)?;
-            w.write_all(b"\n")
+            let mut line = Vec::with_capacity(320);
+            write_json_line(&mut line, r).map_err(io::Error::other)?;
+            w.write_all(&line)
         }
         Format::Text => {
             let ms = r
@@ -247,6 +318,39 @@ mod tests {
             escape_control("a\x1b[31mb\n\u{85}\\"),
             "a\\x1b[31mb\\x0a\\x85\\\\"
         );
+    }
+
+    #[test]
+    fn escapes_format_and_separator_characters() {
+        // BEL, DEL, soft hyphen, bidi override, zero-width space, line and paragraph
+        // separators, word joiner, BOM, a tag character; accents and CJK pass.
+        assert_eq!(
+            escape_control(
+                "\x07\x7f\u{ad}gnp\u{202e}txt\u{200b}\u{2028}\u{2029}\u{2060}\u{feff}\u{e0041}é漢"
+            ),
+            "\\x07\\x7f\\xadgnp\\u{202e}txt\\u{200b}\\u{2028}\\u{2029}\\u{2060}\\u{feff}\\u{e0041}é漢"
+        );
+    }
+
+    #[test]
+    fn json_lines_hold_no_raw_control_format_or_separator() {
+        let v = serde_json::json!({ "comm": "a\u{1b}\u{7}\u{85}\u{202e}\u{2028}\u{e0041}é" });
+        let mut buf = Vec::new();
+        write_json_line(&mut buf, &v).expect("write");
+        assert_eq!(
+            String::from_utf8(buf.clone()).expect("utf-8"),
+            "{\"comm\":\"a\\u001b\\u0007\\u0085\\u202e\\u2028\\udb40\\udc41é\"}\n"
+        );
+        let back: serde_json::Value = serde_json::from_slice(&buf).expect("still JSON");
+        assert_eq!(back, v, "decodes to the same string");
+        // Pretty-printed: the structural newlines stay.
+        let pretty = serde_json::to_string_pretty(&v).expect("pretty");
+        let escaped = escape_json(&pretty);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&escaped).expect("still JSON"),
+            v
+        );
+        assert!(escaped.contains('\n') && !escaped.contains('\u{202e}'));
     }
 
     #[test]

@@ -125,15 +125,21 @@ struct Stats {
 
 impl Stats {
     fn summary(&self, k: &KernelCounters) -> String {
-        let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
+        let lost = k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
+        // Where the kernel does not count recursion misses, the total is only a lower bound.
+        let at_least = if k.recursion_misses.is_none() {
+            "at least "
+        } else {
+            ""
+        };
         format!(
-            "{} transitions seen, {} printed, {lost} lost (ring buffer full: {}, kernel \
-             recursion misses: {}, malformed: {}); {} nested transitions rescued, {} out of \
-             order",
+            "{} transitions seen, {} printed, {at_least}{lost} lost (ring buffer full: {}, \
+             kernel recursion misses: {}, malformed: {}); {} nested transitions rescued, {} out \
+             of order",
             self.seen,
             self.printed,
             k.reserve_failed,
-            k.recursion_misses,
+            crate::probe::count_or_unknown(k.recursion_misses),
             self.malformed.total(),
             k.rescued,
             k.late

@@ -285,3 +285,72 @@ fn transition_log_rotates_by_size_and_keeps_the_tail_schema() {
         .count();
     assert!(owned > 0, "CLOSE_WAIT→LAST_ACK lines carry the owner");
 }
+
+/// Unmounts on drop.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_full_disk_loses_transition_log_lines_only_counted() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A 64 KiB file system: a few hundred lines fit, the rest meet ENOSPC.
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tcpwait-test"])
+        .arg(dir.path())
+        .status()
+        .expect("mount");
+    assert!(ok.success(), "mount a small tmpfs");
+    let _mount = Mount(dir.path().into());
+    let log = dir.path().join("t.jsonl");
+    let config = tempfile::NamedTempFile::new().expect("config");
+    std::fs::write(
+        config.path(),
+        format!(
+            "[transition_log]\npath = {:?}\n",
+            log.to_str().expect("utf-8")
+        ),
+    )
+    .expect("write config");
+    let sock = api_socket("fulldisk");
+    let _tw = daemon(&sock, &["--config", config.path().to_str().expect("utf-8")]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    for _ in 0..2_000 {
+        let c = std::net::TcpStream::connect(addr).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        drop((c, s));
+    }
+    drop(l);
+    let mut last = (0, 0, 0, 0);
+    let exact = wait_until(Duration::from_secs(10), || {
+        let c = status(&sock)["counters"].clone();
+        let text = std::fs::read_to_string(&log).expect("read log");
+        for line in text.lines() {
+            serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        }
+        last = (
+            text.lines().count() as u64,
+            c["sink_failed"]["transition_log"].as_u64().expect("failed"),
+            c["sink_dropped"]["transition_log"]
+                .as_u64()
+                .expect("dropped"),
+            c["transitions"].as_u64().expect("transitions"),
+        );
+        last.0 + last.1 + last.2 == last.3
+    });
+    let (lines, failed, dropped, transitions) = last;
+    eprintln!(
+        "fulldisk: {transitions} transitions: {lines} lines in the log, {failed} failed, \
+         {dropped} dropped"
+    );
+    assert!(exact, "lines + failed + dropped == transitions: {last:?}");
+    assert!(failed > 0 && lines > 0, "{last:?}");
+    assert!(transitions >= 20_000, "{last:?}");
+}

@@ -305,3 +305,140 @@ fn a_namespace_that_goes_away_takes_its_sockets_and_leaves_the_others() {
         .collect();
     assert_eq!(errors, Vec::<String>::new());
 }
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on
+/// a hybrid one), from /proc/self/mountinfo.
+fn cgroup2_root() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split(' ').nth(4).map(std::path::PathBuf::from))?
+        })
+}
+
+/// A kubelet-shaped cgroup (systemd driver, containerd), removed on drop: the leaf a pod's
+/// container's processes live in.
+struct PodCgroup {
+    top: std::path::PathBuf,
+    leaf: std::path::PathBuf,
+}
+
+impl PodCgroup {
+    fn new(root: &std::path::Path, uid: &str, container: &str) -> Self {
+        let top = root.join(format!("kubepods-tw{}.slice", std::process::id()));
+        let leaf = top
+            .join(format!(
+                "kubepods-tw{}-pod{}.slice",
+                std::process::id(),
+                uid.replace('-', "_")
+            ))
+            .join(format!("cri-containerd-{container}.scope"));
+        std::fs::create_dir_all(&leaf).expect("create the pod's cgroup");
+        Self { top, leaf }
+    }
+
+    fn enter(&self, pid: u32) {
+        std::fs::write(self.leaf.join("cgroup.procs"), pid.to_string()).expect("move into it");
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        // Deepest first; each is empty once its processes are gone.
+        let mut dir = Some(self.leaf.as_path());
+        while let Some(d) = dir {
+            let _ = std::fs::remove_dir(d);
+            dir = d.parent().filter(|p| p.starts_with(&self.top));
+        }
+    }
+}
+
+/// A pod: its own network namespace and a kubelet cgroup. Its leak names the pod everywhere.
+#[test]
+#[ignore = "needs root: real kernel program, network namespaces, cgroup v2"]
+fn a_pods_leak_carries_its_pod_uid_container_and_namespace() {
+    require_root();
+    let Some(root) = cgroup2_root() else {
+        eprintln!("SKIPPED: no cgroup v2 hierarchy mounted (kernel without cgroup2)");
+        return;
+    };
+    const UID: &str = "2792948f-f6ca-4171-a1fd-7f4e1857c471";
+    let container = format!("{:064x}", u128::from(std::process::id()) << 64 | 0xc0ffee);
+    let pod = PodCgroup::new(&root, UID, &container);
+    let ns = NetNs::new("pod");
+    let socket = common::api_socket("netns-pod");
+    let tw = daemon(&socket, &["--close-wait-age", "2"]);
+    let mut tail = common::Tcpwait::start(
+        &[
+            "tail",
+            "--json",
+            "--socket",
+            &socket,
+            "--netns",
+            &ns.inode().to_string(),
+        ],
+        "following",
+    );
+    let (mut srv, port) = ns.server("tw-pod-srv", "127.0.0.1:0", 2);
+    let mut cli = ns.spawn(
+        "client",
+        "tw-pod-app",
+        &[format!("127.0.0.1:{port}"), "2".to_owned()],
+    );
+    pod.enter(cli.pid());
+    cli.expect_line("connected");
+    srv.expect_line("accepted");
+    let pid = cli.pid();
+    assert!(
+        wait_until(Duration::from_secs(6), || firing_for(&tw, pid).len() == 1),
+        "{}",
+        status(&socket)
+    );
+    let p = process_in(&status(&socket), pid).expect("listed");
+    assert_eq!(
+        (&p["pod_uid"], &p["container"], &p["runtime"], &p["netns"]),
+        (
+            &Value::from(UID),
+            &Value::from(container.as_str()),
+            &Value::from("containerd"),
+            &Value::from(ns.inode())
+        ),
+        "{p}"
+    );
+    let a = &firing_for(&tw, pid)[0];
+    assert_eq!(
+        (&a["pod_uid"], &a["container"], &a["netns"]),
+        (
+            &Value::from(UID),
+            &Value::from(container.as_str()),
+            &Value::from(ns.inode())
+        )
+    );
+    // The owner's pod in the live log: the owner's own close() (CLOSE_WAIT -> LAST_ACK).
+    cli.send("close");
+    cli.expect_line("closed");
+    let owned = |tail: &common::Tcpwait| -> Vec<Value> {
+        tail.json()
+            .into_iter()
+            .filter(|r| r["old"] == "CLOSE_WAIT" && r["owner_pid"] == pid)
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || owned(&tail).len() == 2));
+    for r in owned(&tail) {
+        assert_eq!(
+            (&r["owner_pod_uid"], &r["owner_container"], &r["netns"]),
+            (
+                &Value::from(UID),
+                &Value::from(container.as_str()),
+                &Value::from(ns.inode())
+            ),
+            "{r}"
+        );
+    }
+    let _ = tail.stop(libc::SIGINT);
+    drop(cli);
+}

@@ -42,8 +42,12 @@ fn find(all: &[Value], sport: u16, dport: u16, edge: &str) -> Option<Value> {
 /// closes it.
 fn close_wait_lifecycle(ip: &str, family: u64) {
     require_root();
-    let mut tw = Tcpwait::start(&["trace", "--json"], READY);
-    let (mut srv, port) = server("tw-server", &format!("{ip}:0"), 1);
+    // Only this test's port: on a shared host another socket can take a freed socket's
+    // address during the test, and records are grouped by address below.
+    let port = free_port();
+    let mut tw = Tcpwait::start(&["trace", "--json", "--port", &port.to_string()], READY);
+    let (mut srv, got) = server("tw-server", &format!("{ip}:{port}"), 1);
+    assert_eq!(got, port);
     let addr: SocketAddr = format!("{ip}:{port}")
         .replace("::1:", "[::1]:")
         .parse()
@@ -115,21 +119,27 @@ fn close_wait_lifecycle(ip: &str, family: u64) {
             "FIN_WAIT2>CLOSE"
         ]
     );
-    for r in &server_sock {
+    for (i, r) in server_sock.iter().enumerate() {
+        // Before Linux 6.15 (a3a128f611a9, "inet: consolidate inet_csk_clone_lock()") the
+        // kernel moves the new socket to SYN_RECV before it copies the peer's address and port
+        // into it: that one transition carries the listener's tuple, peer unset.
+        let (peer, peer_port) = if i == 0 && !kernel_sets_peer_before_syn_recv() {
+            (if family == 4 { "0.0.0.0" } else { "::" }, 0)
+        } else {
+            (ip, cport)
+        };
         assert_eq!(
             (r["saddr"].as_str(), r["daddr"].as_str()),
-            (Some(ip), Some(ip))
+            (Some(ip), Some(peer)),
+            "{r}"
         );
         assert_eq!(
             (&r["sport"], &r["dport"], &r["family"]),
-            (&port.into(), &cport.into(), &family.into())
+            (&port.into(), &peer_port.into(), &family.into())
         );
     }
     let summary = tw.stderr.snapshot().join("\n");
-    assert!(
-        summary.contains(" 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)"),
-        "{summary}"
-    );
+    assert!(summary.contains(no_loss_summary()), "{summary}");
 }
 
 #[test]
@@ -169,11 +179,9 @@ fn every_transition_of_n_connections_is_captured() {
     });
     assert_eq!(tw.stop(libc::SIGINT), 0);
     let summary = tw.stderr.snapshot().join("\n");
-    // This kernel (6.18) has BTF and tp_btf: the main program must not have fallen back.
-    assert!(
-        summary.contains("(sock:inet_sock_set_state, BTF tracepoint)"),
-        "{summary}"
-    );
+    // Every kernel of the matrix (5.10 and later) has BTF and tp_btf: the main program must
+    // not have fallen back.
+    assert!(summary.contains(expected_programs()), "{summary}");
     assert!(
         all_seen,
         "saw {} of {expected}; {summary}",
@@ -202,7 +210,10 @@ fn every_transition_of_n_connections_is_captured() {
         assert_eq!(count(edge), N, "{edge}");
     }
     assert_eq!((count("CLOSE>LISTEN"), count("LISTEN>CLOSE")), (1, 1));
-    assert!(summary.contains(&format!(", {expected} printed, 0 lost (ring buffer full: 0, kernel recursion misses: 0, malformed: 0)")), "{summary}");
+    assert!(
+        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        "{summary}"
+    );
     // Batched per CPU and put back in time order, none late.
     assert!(summary.ends_with(", 0 out of order"), "{summary}");
 }
@@ -266,24 +277,175 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         .iter()
         .filter(|(k, _)| k.contains("\"family\":4") || k.contains("\"family\":6"))
         .collect();
+    // Before Linux 6.15 an accepted socket's LISTEN → SYN_RECV carries no peer (see
+    // `kernel_sets_peer_before_syn_recv`): two of them at one reused socket address make the
+    // same key, so such a key stands for n / 3 transitions.
+    let merged = |k: &str| {
+        !kernel_sets_peer_before_syn_recv()
+            && k.contains("\"old\":\"LISTEN\"")
+            && k.contains("\"dport\":0")
+    };
+    let (mut transitions, mut triples) = (0, 0);
+    let mut over = Vec::new();
+    for (k, n) in &ours {
+        if merged(k) {
+            transitions += n.div_ceil(3);
+            triples += *n / 3;
+        } else {
+            transitions += 1;
+            triples += usize::from(**n == 3);
+            if **n > 3 {
+                over.push((k, n));
+            }
+        }
+    }
     assert!(
-        ours.len() >= 2 * 10 * N,
-        "{} distinct transitions",
-        ours.len()
+        over.is_empty(),
+        "no transition recorded more than three times: {over:?}"
+    );
+    assert!(
+        transitions >= 2 * 10 * N,
+        "{transitions} distinct transitions"
     );
     // A decoding difference would split every triple. A transition can also be missing from
     // one program: a nested transition the kernel skipped for the main programs (the rescue
     // program records it alone). Rare, so at least 95 % must be exact triples.
-    let triples = ours.iter().filter(|(_, n)| **n == 3).count();
     assert!(
-        ours.iter().all(|(_, n)| **n <= 3),
-        "no transition recorded more than three times"
+        triples * 100 >= transitions * 95,
+        "{triples} triples of {transitions} transitions"
     );
-    let odd: Vec<_> = ours.iter().filter(|(_, n)| **n != 3).take(8).collect();
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_loopback_stress_loses_and_duplicates_nothing() {
+    // Four client threads connect and close as fast as they can against one listener that
+    // closes first, so transitions run in softirq while the program already runs on the same
+    // CPU (nested transitions: the main program skipped for them and the rescue program
+    // recording them, or, on kernels without the per-program guard, the main program nested in
+    // itself). Whatever the kernel does, every transition must be printed exactly once.
+    require_root();
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 1000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let mut tw = Tcpwait::start(&["trace", "--json", "--port", &port.to_string()], READY);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind again");
+    let n = THREADS * PER_THREAD;
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..n {
+            drop(listener.accept().expect("accept"));
+        }
+        listener
+    });
+    let clients: Vec<_> = (0..THREADS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                for _ in 0..PER_THREAD {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    let mut buf = [0u8; 1];
+                    // EOF: the server closed first; then this side closes.
+                    assert_eq!(s.read(&mut buf).expect("read"), 0);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    drop(acceptor.join().expect("acceptor"));
+    let expected = 10 * n + 2;
+    let all_seen = wait_until(Duration::from_secs(20), || {
+        tw.stdout.snapshot().len() >= expected
+    });
+    // Anything late or duplicated would arrive in this second.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
+    let all = tw.json();
+    // Exactly n of each edge: a duplicate makes one edge's count too high, a loss too low (a
+    // freed socket's address and a client port are reused within the run, so no per-socket
+    // key identifies a transition).
+    let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
+    for edge in [
+        "CLOSE>SYN_SENT",
+        "SYN_SENT>ESTABLISHED",
+        "ESTABLISHED>CLOSE_WAIT",
+        "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE",
+        "LISTEN>SYN_RECV",
+        "SYN_RECV>ESTABLISHED",
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
+    ] {
+        assert_eq!(count(edge), n, "{edge}; {summary}");
+    }
+    assert_eq!(all.len(), expected, "{summary}");
     assert!(
-        triples * 100 >= ours.len() * 95,
-        "{triples} triples of {} transitions; some others: {odd:#?}",
-        ours.len()
+        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        "{summary}"
+    );
+    eprintln!("stress: {}", summary.lines().last().unwrap_or_default());
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn without_kernel_btf_the_classic_tracepoint_captures_every_transition() {
+    // A kernel built without BTF (no /sys/kernel/btf/vmlinux): the main program falls back to
+    // the classic tracepoint, which reads the kernel's own trace record; no rescue program
+    // (it reads `struct sock` at BTF offsets) and no batching (the flush program stages for
+    // the BTF program only). Every kernel of the matrix has BTF, so the test takes it away.
+    require_root();
+    const N: usize = 100;
+    let port = free_port();
+    let mut tw = Tcpwait::start_with_env(
+        &["trace", "--json", "--port", &port.to_string()],
+        &[("TCPWAIT_KERNEL_BTF", "/nonexistent/vmlinux")],
+        READY,
+    );
+    let (mut srv, got) = server("tw-server", &format!("127.0.0.1:{port}"), N);
+    assert_eq!(got, port);
+    let (mut cli, _) = client(
+        "tw-client",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        N,
+    );
+    srv.expect_line("accepted");
+    cli.send("close");
+    cli.expect_line("closed");
+    srv.send("exit");
+    let _ = srv.child.wait();
+    let expected = 10 * N + 2;
+    let all_seen = wait_until(Duration::from_secs(10), || {
+        tw.stdout.snapshot().len() >= expected
+    });
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let summary = tw.stderr.snapshot().join("\n");
+    assert!(
+        summary.contains(
+            "(sock:inet_sock_set_state, classic tracepoint, no rescue of nested transitions)"
+        ),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("no kernel BTF: transitions the kernel skips as nested are "),
+        "{summary}"
+    );
+    assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
+    assert_eq!(tw.json().len(), expected, "{summary}");
+    // The classic tracepoint's guard counts what it skips from Linux 6.7 (dd8657894c11):
+    // before, the count is unknown, not 0.
+    let counted = kernel_version() >= (6, 7);
+    assert!(
+        summary.contains(&format!(
+            ", {expected} printed,{}",
+            no_loss_summary_counted(counted)
+        )),
+        "{summary}"
     );
 }
 

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod setup;
+mod vm;
 
 #[derive(Parser)]
 #[command(about = "tcpwait build and setup helpers")]
@@ -46,15 +47,41 @@ enum Cmd {
         /// only if bpftrace is installed.
         #[arg(long, value_delimiter = ',')]
         modes: Option<Vec<String>>,
+        /// Also run `trace` and `run` as built from this commit (`trace@base`, `run@base`, each
+        /// just before its current form in every round), to measure a change against the code
+        /// before it in the same run. Built once into target/bench/baseline/.
+        #[arg(long, value_name = "REV")]
+        baseline_rev: Option<String>,
     },
     /// Setup, build in release mode, and measure owner attribution latency and agent CPU on a
     /// host with ~110,000 fds, in the host namespace and over network namespaces (as root).
     BenchOwners(bench::owners::Args),
-    /// Setup, then run every test: unit tests and the privileged tests on the real kernel.
+    /// Setup, then run every test: unit tests and the privileged tests on the real kernel, then
+    /// the kernel tiers on Debian's 5.10, 6.1 and 6.12 under qemu (`vm-test`).
     Test {
-        /// Extra arguments for the test harness (e.g. a test name filter).
+        /// Skip the kernel matrix (said in the output).
+        #[arg(long)]
+        no_vm: bool,
+        /// Extra arguments for the test harness (e.g. a test name filter; the matrix is
+        /// skipped then: it runs whole tiers).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Setup, then boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the privileged
+    /// tests that exercise the kernel inside each, plus the same on the host's kernel; one line
+    /// per kernel (as root).
+    VmTest {
+        /// Only these kernel series (e.g. `--kernel 5.10`); default all.
+        #[arg(long = "kernel")]
+        only: Vec<String>,
+        /// qemu accelerator: `auto` (KVM if a probe boot reaches the guest's init, remembered
+        /// in .build/vm/kvm-probe; else software emulation), `kvm` or `tcg`. This machine's
+        /// /dev/kvm stops inside these kernels' decompressors (DESIGN.md).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
+        /// No row for the host's kernel.
+        #[arg(long)]
+        no_host: bool,
     },
 }
 
@@ -94,21 +121,46 @@ fn run() -> Result<()> {
             runs,
             seconds,
             modes,
+            baseline_rev,
         } => {
-            let modes = bench::check_modes(modes)?;
+            let modes = bench::check_modes(modes, baseline_rev.is_some())?;
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
+            let baseline = baseline_rev
+                .map(|rev| bench::build_baseline(&root, &rev))
+                .transpose()?;
             bench::bench(
                 &root,
                 &bench::Settings {
                     runs,
                     seconds,
                     modes,
+                    baseline,
                 },
             )
         }
         Cmd::BenchOwners(args) => bench::owners::main(&root, args),
-        Cmd::Test { args } => {
+        Cmd::VmTest {
+            only,
+            accel,
+            no_host,
+        } => {
+            setup::setup(&root)?;
+            setup::install_test_packages()?;
+            vm::vm_test(
+                &root,
+                &vm::Options {
+                    only,
+                    accel: match accel.as_str() {
+                        "kvm" => vm::Accel::Kvm,
+                        "tcg" => vm::Accel::Tcg,
+                        _ => vm::Accel::Auto,
+                    },
+                    host: !no_host,
+                },
+            )
+        }
+        Cmd::Test { no_vm, args } => {
             setup::setup(&root)?;
             setup::install_test_packages()?;
             // Privileged tests are `#[ignore]`d so a plain `cargo test` (no root) runs the unit
@@ -119,7 +171,28 @@ fn run() -> Result<()> {
             // (and two cores) with each other.
             let mut cmd = vec!["test", "--", "--include-ignored", "--test-threads=1"];
             cmd.extend(args.iter().map(String::as_str));
-            cargo(&root, &cmd)
+            cargo(&root, &cmd)?;
+            if no_vm || !args.is_empty() {
+                eprintln!(
+                    "xtask: SKIPPED the kernel matrix (5.10, 6.1, 6.12): {}",
+                    if no_vm {
+                        "--no-vm"
+                    } else {
+                        "a test filter was given"
+                    }
+                );
+                return Ok(());
+            }
+            // The host's kernel ran every tier above; its row is the same tiers again, which
+            // also names the programs it attached.
+            vm::vm_test(
+                &root,
+                &vm::Options {
+                    only: Vec::new(),
+                    accel: vm::Accel::Auto,
+                    host: true,
+                },
+            )
         }
     }
 }

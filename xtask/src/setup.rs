@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests use, by a command each provides: iproute2 (`ss`), util-linux
-/// (`setpriv`), Prometheus with promtool, Alertmanager with amtool, systemd (`systemd-analyze`).
+/// (`setpriv`), Prometheus with promtool, Alertmanager with amtool, systemd (`systemd-analyze`),
+/// qemu (the kernel matrix, `cargo xtask vm-test`).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
@@ -23,6 +24,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus-alertmanager", "prometheus-alertmanager"),
     ("amtool", "prometheus-alertmanager"),
     ("systemd-analyze", "systemd"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
 ];
 
 pub fn setup(root: &Path) -> Result<()> {
@@ -119,7 +121,7 @@ pub fn install_test_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn on_path(cmd: &str) -> bool {
+pub fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).exists()))
         .unwrap_or(false)

@@ -138,6 +138,30 @@ fn each_key_is_validated() {
             "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
         ),
         (
+            "[webhook]\nurl = \"http://exa mple\"",
+            "f.toml: webhook.url: \"http://exa mple\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alertmanager]\nurl = \"http://:9093\"",
+            "f.toml: alertmanager.url: \"http://:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+        ),
+        (
+            "[alert_file]\npath = \"/tmp\"",
+            "f.toml: alert_file.path: \"/tmp\" is a directory: give the path of a file",
+        ),
+        (
+            "[transition_log]\npath = \"/nonexistent-dir/t.jsonl\"",
+            "f.toml: transition_log.path: \"/nonexistent-dir/t.jsonl\" is in a directory that does not exist: create it first",
+        ),
+        (
+            "[alert_file]\nmode = \"0666\"",
+            "f.toml: alert_file.mode: \"0666\" is not allowed: allowed an octal mode within \"0644\" (no execute bit, no write for group or others), e.g. \"0600\" or \"0640\"",
+        ),
+        (
+            "[transition_log]\nmode = \"rw\"",
+            "f.toml: transition_log.mode: \"rw\" is not allowed: allowed an octal mode within \"0644\" (no execute bit, no write for group or others), e.g. \"0600\" or \"0640\"",
+        ),
+        (
             "[alert_file]\npath = 1",
             "f.toml: alert_file.path: invalid type: integer `1`, expected a string",
         ),
@@ -212,5 +236,20 @@ fn each_key_is_validated() {
     ] {
         assert_eq!(error(text), msg, "{text}");
         assert!(!error(text).contains('\n'));
+    }
+}
+
+#[test]
+fn file_modes_within_0644() {
+    for (text, mode) in [
+        ("0600", 0o600),
+        ("640", 0o640),
+        ("0644", 0o644),
+        ("0400", 0o400),
+    ] {
+        assert_eq!(super::input::parse_mode(text), Some(mode), "{text}");
+    }
+    for text in ["0666", "0700", "0755", "00600", "600 ", "", "0o600", "0602"] {
+        assert_eq!(super::input::parse_mode(text), None, "{text:?}");
     }
 }

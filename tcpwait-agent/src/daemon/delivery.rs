@@ -1,20 +1,24 @@
 //! Alert delivery: Alertmanager API v2, a generic JSON webhook, a JSON-lines file. Each sink
 //! is a thread with a bounded queue; the state task only ever `try_send`s, so a slow or dead
-//! receiver never slows the agent. A full queue drops the new change and counts it; a failed
-//! delivery is retried with exponential backoff (100 ms doubling to `max_backoff`) and counted;
-//! nothing is dropped while the queue has room, except a change the receiver refuses for good
-//! (HTTP 4xx other than 408 and 429: retrying the same body cannot succeed), which is counted as
-//! failed and dropped so that it does not block every change behind it. On shutdown a sink
-//! stops waiting between retries and makes one last attempt per change it still holds.
+//! receiver never slows the agent. A full queue drops the new change and counts it. A sink
+//! keeps the latest state of every alert and retries each independently (see [`retry`]):
+//! exponential backoff from 100 ms to `max_backoff`, every failed attempt counted; a change the
+//! receiver refuses for good (HTTP 4xx other than 408 and 429: retrying the same body cannot
+//! succeed) is counted as failed and dropped. On shutdown a sink makes one last attempt per
+//! change it still holds; what it could not deliver then, or by the end of the shutdown budget,
+//! is counted as dropped.
 //!
 //! Alertmanager forgets an alert whose `endsAt` passes, so firing alerts are re-sent every
 //! `resend_interval` with `endsAt = now + 4 × resend_interval`; a resolved alert is sent once
 //! with `endsAt = now`.
+mod retry;
+
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
     sync::{
-        Arc, Condvar, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
@@ -46,47 +50,30 @@ pub struct AlertMessage {
 
 /// Sinks, by index into the counters.
 const SINKS: [&str; 3] = ["alertmanager", "webhook", "file"];
-const RESULTS: [&str; 3] = ["sent", "failed", "dropped"];
+const RESULTS: [&str; 4] = ["sent", "failed", "dropped", "superseded"];
+const SENT: usize = 0;
+const FAILED: usize = 1;
+const DROPPED: usize = 2;
+const SUPERSEDED: usize = 3;
 
 #[derive(Default)]
-struct Counts([AtomicU64; 9]);
+struct Counts {
+    by_result: [AtomicU64; 12],
+    /// Changes queued or held for retry, per sink: what is lost if the process ends now.
+    owed: [AtomicU64; 3],
+}
 
 impl Counts {
-    fn add(&self, sink: usize, result: usize) {
-        self.0[sink * 3 + result].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Set on shutdown; wakes sinks that wait between retries.
-#[derive(Default)]
-struct Stopping {
-    stop: Mutex<bool>,
-    wake: Condvar,
-}
-
-impl Stopping {
-    /// Waits `d`, or less if shutdown starts; returns true when shutting down.
-    fn wait(&self, d: Duration) -> bool {
-        let guard = self.stop.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .wake
-            .wait_timeout_while(guard, d, |stop| !*stop)
-            .unwrap_or_else(|p| p.into_inner());
-        *guard
-    }
-
-    fn set(&self) {
-        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.wake.notify_all();
+    fn add(&self, sink: usize, result: usize, n: u64) {
+        self.by_result[sink * RESULTS.len() + result].fetch_add(n, Ordering::Relaxed);
     }
 }
 
 /// The running sinks.
 pub struct Delivery {
     senders: Vec<(usize, SyncSender<AlertMessage>)>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<(usize, JoinHandle<()>)>,
     counts: Arc<Counts>,
-    stopping: Arc<Stopping>,
 }
 
 impl Delivery {
@@ -97,7 +84,6 @@ impl Delivery {
             senders: Vec::new(),
             threads: Vec::new(),
             counts,
-            stopping: Arc::default(),
         };
         let queue = config.delivery.queue_size as usize;
         let backoff = config.delivery.max_backoff.0;
@@ -134,6 +120,7 @@ impl Delivery {
                 queue,
                 Sink::File {
                     path: config.alert_file.path.clone().into(),
+                    mode: crate::config::file_mode(&config.alert_file.mode),
                 },
                 backoff,
             )?;
@@ -150,22 +137,24 @@ impl Delivery {
     ) -> std::io::Result<()> {
         let (tx, rx) = mpsc::sync_channel(queue);
         let counts = self.counts.clone();
-        let stopping = self.stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("tcpwait-{}", SINKS[idx]))
-            .spawn(move || worker(idx, sink, rx, counts, max_backoff, &stopping))?;
+            .spawn(move || worker(idx, sink, &rx, &counts, max_backoff))?;
         self.senders.push((idx, tx));
-        self.threads.push(handle);
+        self.threads.push((idx, handle));
         Ok(())
     }
 
     /// Queues a change for every sink; never blocks.
     pub fn send(&self, msg: &AlertMessage) {
         for (idx, tx) in &self.senders {
+            // Counted as owed first: the sink may take it before try_send returns.
+            self.counts.owed[*idx].fetch_add(1, Ordering::Relaxed);
             match tx.try_send(msg.clone()) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                    self.counts.add(*idx, 2);
+                    self.counts.owed[*idx].fetch_sub(1, Ordering::Relaxed);
+                    self.counts.add(*idx, DROPPED, 1);
                     warn!(
                         sink = SINKS[*idx],
                         "alert delivery queue full; change dropped"
@@ -183,28 +172,43 @@ impl Delivery {
                 out.push((
                     SINKS[*idx],
                     *result,
-                    self.counts.0[idx * 3 + r].load(Ordering::Relaxed),
+                    self.counts.by_result[idx * RESULTS.len() + r].load(Ordering::Relaxed),
                 ));
             }
         }
         out
     }
 
-    /// Closes the queues and waits up to `limit` for the sinks to deliver what they hold.
-    pub fn finish(self, limit: Duration) {
+    /// Closes the queues and waits up to `limit` for the sinks to deliver what they hold;
+    /// what a sink still holds then is counted as dropped.
+    /// Returns the changes dropped during shutdown.
+    pub fn finish(self, limit: Duration) -> u64 {
+        let dropped = |c: &Counts| -> u64 {
+            (0..SINKS.len())
+                .map(|i| c.by_result[i * RESULTS.len() + DROPPED].load(Ordering::Relaxed))
+                .sum()
+        };
+        let before = dropped(&self.counts);
         let deadline = Instant::now() + limit;
         drop(self.senders);
-        self.stopping.set();
-        for t in self.threads {
+        for (idx, t) in self.threads {
             while !t.is_finished() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(10));
             }
             if t.is_finished() {
                 let _ = t.join();
             } else {
-                warn!("alert delivery did not finish in time; undelivered changes are lost");
+                // Taken from `owed` so that the sink, if it finishes after all, cannot count
+                // the same changes again.
+                let lost = self.counts.owed[idx].swap(0, Ordering::Relaxed);
+                self.counts.add(idx, DROPPED, lost);
+                warn!(
+                    sink = SINKS[idx],
+                    lost, "alert delivery did not finish in time; undelivered changes dropped"
+                );
             }
         }
+        dropped(&self.counts) - before
     }
 }
 
@@ -219,6 +223,8 @@ enum Sink {
     },
     File {
         path: std::path::PathBuf,
+        /// Mode of the file when created.
+        mode: u32,
     },
 }
 
@@ -278,10 +284,12 @@ impl Sink {
                 Some(m) => post(http, url, &m.json),
                 None => Ok(()),
             },
-            Sink::File { path } => match msg {
+            Sink::File { path, mode } => match msg {
+                // 0600 by default: alerts hold command lines (the umask can only narrow it).
                 Some(m) => std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(*mode)
                     .open(&*path)
                     .and_then(|mut f| writeln!(f, "{}", m.json))
                     .map_err(|e| format!("{}: {e}", path.display()).into()),
@@ -335,54 +343,75 @@ fn is_permanent(status: u16) -> bool {
 fn worker(
     idx: usize,
     mut sink: Sink,
-    rx: Receiver<AlertMessage>,
-    counts: Arc<Counts>,
+    rx: &Receiver<AlertMessage>,
+    counts: &Counts,
     max_backoff: Duration,
-    stopping: &Stopping,
 ) {
     let http = agent();
     let mut next_resend = sink.resend_interval().map(|d| Instant::now() + d);
+    let mut owed = retry::Owed::new(max_backoff);
+    // Leaves `owed`: sent, given up or superseded. Saturating: `finish` may have taken them.
+    let settle = |n: u64| {
+        let _ = counts.owed[idx].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+            Some(o.saturating_sub(n))
+        });
+    };
+    let take = |owed: &mut retry::Owed, m: AlertMessage| {
+        if owed.add(m, Instant::now()) {
+            counts.add(idx, SUPERSEDED, 1);
+            settle(1);
+        }
+    };
     loop {
-        let wait = next_resend.map_or(Duration::from_secs(3600), |t| {
+        let wake = owed.next_due().into_iter().chain(next_resend).min();
+        let wait = wake.map_or(Duration::from_secs(3600), |t| {
             t.saturating_duration_since(Instant::now())
         });
-        let msg = match rx.recv_timeout(wait) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
+        let closed = match rx.recv_timeout(wait) {
+            Ok(m) => {
+                take(&mut owed, m);
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
         };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match sink.deliver(&http, msg.as_ref()) {
-                Ok(()) => {
-                    if msg.is_some() {
-                        counts.add(idx, 0);
-                    }
-                    break;
-                }
+        while let Ok(m) = rx.try_recv() {
+            take(&mut owed, m);
+        }
+        // At shutdown: one last attempt for every change held, due or not.
+        let (sent, failed, gave_up) = owed.attempt(Instant::now(), closed, |m| {
+            match sink.deliver(&http, Some(m)) {
+                Ok(()) => retry::Outcome::Sent,
                 Err(Failed { error, permanent }) => {
-                    counts.add(idx, 1);
                     if permanent {
-                        if msg.is_some() {
-                            counts.add(idx, 2);
-                        }
                         warn!(sink = SINKS[idx], error = %error, "alert change refused by the receiver; dropped");
-                        break;
+                        retry::Outcome::GiveUp
+                    } else if closed {
+                        warn!(sink = SINKS[idx], error = %error, "alert delivery failed at shutdown; dropped");
+                        retry::Outcome::GiveUp
+                    } else {
+                        warn!(sink = SINKS[idx], error = %error, "alert delivery failed; will retry");
+                        retry::Outcome::Retry
                     }
-                    warn!(sink = SINKS[idx], error = %error, retry_in_ms = backoff.as_millis() as u64, "alert delivery failed");
-                    // On shutdown: no more waiting, one attempt per change still held.
-                    if stopping.wait(backoff) {
-                        if msg.is_some() {
-                            counts.add(idx, 2);
-                        }
-                        break;
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
                 }
             }
+        });
+        counts.add(idx, SENT, sent);
+        counts.add(idx, FAILED, failed);
+        counts.add(idx, DROPPED, gave_up);
+        settle(sent + gave_up);
+        if closed {
+            return;
         }
-        if let Some(d) = sink.resend_interval() {
-            next_resend = Some(Instant::now() + d);
+        if let Some(t) = next_resend
+            && Instant::now() >= t
+        {
+            // Firing alerts re-sent (Alertmanager); a failure waits for the next round.
+            if let Err(Failed { error, .. }) = sink.deliver(&http, None) {
+                counts.add(idx, FAILED, 1);
+                warn!(sink = SINKS[idx], error = %error, "alert re-send failed");
+            }
+            next_resend = sink.resend_interval().map(|d| Instant::now() + d);
         }
     }
 }
@@ -399,22 +428,5 @@ mod tests {
         for code in [200, 408, 429, 500, 502, 503] {
             assert!(!is_permanent(code), "{code}");
         }
-    }
-
-    #[test]
-    fn a_retry_wait_ends_at_shutdown() {
-        let s = Arc::new(Stopping::default());
-        assert!(!s.wait(Duration::from_millis(1)), "not stopping yet");
-        let waiter = {
-            let s = s.clone();
-            thread::spawn(move || {
-                let t = Instant::now();
-                (s.wait(Duration::from_secs(60)), t.elapsed())
-            })
-        };
-        s.set();
-        let (stopping, waited) = waiter.join().expect("waiter");
-        assert!(stopping);
-        assert!(waited < Duration::from_secs(10), "{waited:?}");
     }
 }

@@ -4,18 +4,15 @@
 //!
 //! Cardinality is bounded: per-process series exist only for the states the rules watch, and
 //! per state for the `top_processes` processes with the most sockets in it.
-use std::{net::SocketAddr, sync::atomic::AtomicU64};
+use std::sync::atomic::AtomicU64;
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use super::stats::Stats;
+use crate::{event::TcpState, output::escape_control, tracker::Tracker};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
-use tokio::sync::{mpsc, oneshot};
-
-use super::stats::Stats;
-use crate::{api::Command, event::TcpState, tracker::Tracker};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -65,6 +62,11 @@ struct KindLabel {
 struct DeliveryLabels {
     sink: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    sink: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,11 +133,14 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
     let cw_oldest = Family::<ProcessLabels, Gauge<f64, AtomicU64>>::default();
     for state in t.watched_states() {
         for p in t.processes(state, now).iter().take(d.top_processes) {
+            // Label values escaped like every text output: the exposition format escapes
+            // only `\`, `"` and newline, and a process names itself.
             let labels = ProcessLabels {
                 pid: p.process.key.pid,
-                comm: p.process.comm.clone(),
-                container: p.process.container.clone().unwrap_or_default(),
-                pod_uid: p.process.pod_uid.clone().unwrap_or_default(),
+                comm: escape_control(&p.process.comm).into_owned(),
+                container: escape_control(p.process.container.as_deref().unwrap_or(""))
+                    .into_owned(),
+                pod_uid: escape_control(p.process.pod_uid.as_deref().unwrap_or("")).into_owned(),
                 netns: p.process.netns.map(|n| n.to_string()).unwrap_or_default(),
             };
             let age = p.oldest_age_ns as f64 / 1e9;
@@ -197,13 +202,17 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
     );
 
     let lost = Family::<ReasonLabel, Counter>::default();
+    // A kernel that keeps no recursion-miss count (before 5.12) gets no `recursion_miss`
+    // series: absent means unknown, where 0 would claim nothing was lost.
     for (reason, n) in [
-        ("ring_full", d.kernel.reserve_failed),
+        ("ring_full", Some(d.kernel.reserve_failed)),
         ("recursion_miss", d.kernel.recursion_misses),
-        ("malformed", d.malformed),
-        ("tail_backlog", d.tail_missed),
+        ("malformed", Some(d.malformed)),
+        ("tail_backlog", Some(d.tail_missed)),
     ] {
-        lost.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        if let Some(n) = n {
+            lost.get_or_create(&ReasonLabel { reason }).inc_by(n);
+        }
     }
     r.register("tcpwait_events_lost", "Transitions lost, by reason", lost);
 
@@ -284,6 +293,37 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
         deliveries,
     );
 
+    let (dropped, failed) = (
+        Family::<SinkLabel, Counter>::default(),
+        Family::<SinkLabel, Counter>::default(),
+    );
+    for &(sink, d_n, f_n) in &d.sinks {
+        dropped.get_or_create(&SinkLabel { sink }).inc_by(d_n);
+        failed.get_or_create(&SinkLabel { sink }).inc_by(f_n);
+    }
+    r.register(
+        "tcpwait_sink_dropped",
+        "Output lines dropped because the sink's queue was full (the agent never waits for \
+         its output), by sink",
+        dropped,
+    );
+    r.register(
+        "tcpwait_sink_failed",
+        "Output lines a sink could not write (I/O error), by sink",
+        failed,
+    );
+
+    let rejected = Family::<ReasonLabel, Counter>::default();
+    for &(reason, n) in &d.http_rejected {
+        rejected.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+    r.register(
+        "tcpwait_http_rejected",
+        "Metrics connections closed without an answer: over the connection limit, no request \
+         head in time, head too large",
+        rejected,
+    );
+
     let build = Family::<VersionLabel, Gauge>::default();
     build
         .get_or_create(&VersionLabel {
@@ -295,58 +335,6 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
     let mut out = String::new();
     encode(&mut out, &r).expect("writing into a String cannot fail");
     out
-}
-
-/// Serves `/metrics` on `listen` until the process ends.
-pub(super) async fn serve(
-    listen: SocketAddr,
-    commands: mpsc::Sender<Command>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/", get(|| async { "tcpwait: metrics at /metrics\n" }))
-        .with_state(commands);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(())
-}
-
-/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format
-/// (0.0.4) otherwise (curl, `promtool check metrics`).
-async fn metrics(
-    State(commands): State<mpsc::Sender<Command>>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
-    let (tx, rx) = oneshot::channel();
-    let body = match commands.send(Command::Metrics(tx)).await {
-        Ok(()) => rx.await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    let openmetrics = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/openmetrics-text"));
-    if openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            to_text_format(&body),
-        )
-    }
 }
 
 /// OpenMetrics text → Prometheus text format 0.0.4: a counter family `x` (samples `x_total`)

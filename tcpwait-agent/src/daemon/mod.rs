@@ -2,18 +2,21 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod budget;
 mod delivery;
+mod http;
 mod metrics;
 mod owning;
 mod report;
 mod resolver;
 mod settle;
+mod signals;
+mod sinks;
 mod stats;
 mod translog;
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{self, Write as _},
     process::ExitCode,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -21,7 +24,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{SignalKind, signal},
     sync::{broadcast, mpsc},
     time::Instant,
 };
@@ -43,6 +45,7 @@ use metrics::EdgeCounts;
 use owning::MIN_RESOLVE_INTERVAL;
 use resolver::Resolver;
 use settle::{OWNER_SETTLE, Settling};
+pub use sinks::STDOUT_QUEUE_BYTES;
 
 /// The shortest wait for the next settling socket: settle deadlines are served in groups, at
 /// most this late, instead of one wake-up per socket passing through CLOSE_WAIT (measured at
@@ -92,53 +95,70 @@ struct Daemon {
     last_cost: resolver::Cost,
     /// The `instance` label of delivered alerts.
     instance: String,
-    /// The transition log file, when configured.
-    translog: Option<translog::TransitionLog>,
+    /// Alert lines and the transition log, written by their own threads.
+    sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
     let probe = Probe::attach(category, name, Default::default())?;
     let attachment = probe.attachment();
-    let listener = api::bind(&config.agent.socket).await?;
+    let budget = budget::FdBudget::raise();
+    // Removed on every way out of this function (its Drop).
+    let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
         .context("start the owner resolver thread")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut signals = signals::Signals::install()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (tail, _) = broadcast::channel(args.test_tail_backlog);
     let tail_missed = Arc::new(AtomicU64::new(0));
+    let mut metrics_at = None;
     if !config.metrics.listen.is_empty() {
         let addr = config
             .metrics
             .listen
             .parse()
             .expect("validated by Config::validate");
-        metrics::serve(addr, cmd_tx.clone()).await.with_context(|| {
-            format!("cannot serve metrics on {addr}: choose another metrics.listen / --metrics-listen")
+        let (metrics_listener, bound) = http::bind(addr).await.with_context(|| {
+            format!(
+                "cannot serve metrics on {addr}: choose another metrics.listen / --metrics-listen"
+            )
         })?;
+        http::spawn(metrics_listener, cmd_tx.clone(), budget.metrics_connections);
+        metrics_at = Some(bound);
     }
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
         tail.clone(),
         tail_missed.clone(),
+        budget.api_clients,
     ));
     let delivery = Delivery::start(&config).context("start alert delivery")?;
     let translog = match config.transition_log.path.as_str() {
         "" => None,
         path => Some(
-            translog::TransitionLog::open(
-                path.as_ref(),
-                config.transition_log.max_bytes,
-                config.transition_log.keep,
+            sinks::LineQueue::transition_log(
+                translog::TransitionLog::open(
+                    path.as_ref(),
+                    config.transition_log.max_bytes,
+                    config.transition_log.keep,
+                    crate::config::file_mode(&config.transition_log.mode),
+                )
+                .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
+                sinks::TRANSLOG_QUEUE_BYTES,
             )
-            .with_context(|| format!("cannot open the transition log {path}: check the directory exists and is writable"))?,
+            .context("start the transition log writer")?,
         ),
+    };
+    let sinks = sinks::Sinks {
+        stdout: sinks::LineQueue::stdout(args.test_stdout_queue_bytes)
+            .context("start the alert line writer")?,
+        translog,
     };
 
     let tracker_config = TrackerConfig {
@@ -182,7 +202,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery,
         edges: EdgeCounts::default(),
         instance: String::new(),
-        translog,
+        sinks,
         pending_tail: Vec::new(),
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
@@ -194,15 +214,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // Bootstrap: the sockets already in the watched states, with their owners.
     d.request_snapshot();
-    let metrics_url = match d.config.metrics.listen.as_str() {
-        "" => "metrics off".to_owned(),
-        addr => format!("metrics at http://{addr}/metrics"),
+    // The bound address: with port 0 the kernel chose it.
+    let metrics_url = match metrics_at {
+        None => "metrics off".to_owned(),
+        Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
-    eprintln!(
+    crate::logging::print_line(&format!(
         "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
-         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM to stop",
+         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
         d.config.agent.socket.display()
-    );
+    ));
 
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -225,8 +246,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_command(cmd);
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            signal = signals.stop() => {
+                info!(signal, "stopping");
+                break;
+            }
         }
         d.drain();
         d.evaluate();
@@ -242,11 +265,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     d.evaluate();
     let summary = d.summary();
     let Daemon {
-        probe, delivery, ..
+        probe,
+        delivery,
+        sinks,
+        ..
     } = d;
     drop(probe); // detach first, then deliver what is owed
-    delivery.finish(Duration::from_millis(1500));
-    eprintln!("tcpwait: stopped; {summary}");
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let undelivered = delivery.finish(Duration::from_millis(1500));
+    sinks.finish(deadline.into_std());
+    crate::logging::print_line(&format!(
+        "tcpwait: stopped; {summary}; alert changes dropped at shutdown {undelivered}"
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -279,7 +309,7 @@ impl Daemon {
     fn drain(&mut self) {
         let withhold = self.args.test_withhold_events;
         let publish = self.tail.receiver_count() > 0;
-        let record = publish || self.translog.is_some();
+        let record = publish || self.sinks.translog.is_some();
         let mut items = Vec::new();
         let Self {
             probe,
@@ -333,6 +363,8 @@ impl Daemon {
                             tracker.process_info(&k).map(|p| OwnerView {
                                 pid: p.key.pid,
                                 comm: p.comm.clone(),
+                                container: p.container.clone(),
+                                pod_uid: p.pod_uid.clone(),
                             })
                         });
                     items.push(Arc::new(TailItem {
@@ -344,20 +376,19 @@ impl Daemon {
             }
             Err(e) => malformed.count(e),
         });
-        if let Some(log) = &mut self.translog {
-            let mut line = Vec::with_capacity(512);
-            let mut result = Ok(());
+        if let Some(log) = &self.sinks.translog
+            && !items.is_empty()
+        {
+            let mut lines = Vec::with_capacity(items.len() * 320);
+            let mut n = 0;
             for item in &items {
-                line.clear();
                 let rec =
                     TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-                if serde_json::to_writer(&mut line, &rec).is_ok() {
-                    result = result.and_then(|()| log.write_line(&line));
+                if crate::output::write_json_line(&mut lines, &rec).is_ok() {
+                    n += 1;
                 }
             }
-            if let Err(e) = result.and_then(|()| log.flush()) {
-                warn!(error = %e, "cannot write the transition log");
-            }
+            log.send(lines, n);
         }
         if publish {
             self.pending_tail.extend(items);
@@ -389,11 +420,12 @@ impl Daemon {
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
-                let lost = k.reserve_failed + k.recursion_misses + self.malformed.total();
+                let lost =
+                    k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
                 if lost > self.lost_seen {
                     warn!(
                         ring_full = k.reserve_failed,
-                        recursion_misses = k.recursion_misses,
+                        recursion_misses = crate::probe::count_or_unknown(k.recursion_misses),
                         malformed = self.malformed.total(),
                         "transitions lost; reconciling with inet_diag"
                     );
@@ -425,7 +457,6 @@ impl Daemon {
         if changes.is_empty() {
             return;
         }
-        let mut out = io::stdout().lock();
         for change in &changes {
             let a = match change {
                 AlertChange::Firing(a) | AlertChange::Resolved(a) => a,
@@ -435,9 +466,15 @@ impl Daemon {
                 .rule(&a.rule)
                 .expect("an alert's rule is one of the tracker's");
             let line = report::alert_line(change, rule, now, self.args.json);
-            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                warn!(error = %e, "cannot print alert");
-            }
+            let mut line = if self.args.json {
+                crate::output::escape_json(&line).into_owned()
+            } else {
+                line
+            };
+            line.push('\n');
+            // Never waits for stdout: a full queue drops the line and counts it. One line at a
+            // time, so a burst drops only what does not fit.
+            self.sinks.stdout.send(line.into_bytes(), 1);
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
@@ -452,7 +489,7 @@ impl Daemon {
              {}; out of order {}",
             self.transitions,
             self.kernel.reserve_failed,
-            self.kernel.recursion_misses,
+            crate::probe::count_or_unknown(self.kernel.recursion_misses),
             self.malformed.total(),
             self.kernel.late
         )

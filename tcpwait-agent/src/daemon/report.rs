@@ -90,6 +90,16 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64) -> StatusReport {
             reconciliations: s.reconciliations,
             namespaces_dumped: s.last_cost.namespaces,
             namespace_failures: s.namespace_failures,
+            sink_dropped: s
+                .sinks
+                .iter()
+                .map(|(name, n, _)| ((*name).to_owned(), *n))
+                .collect(),
+            sink_failed: s
+                .sinks
+                .iter()
+                .map(|(name, _, n)| ((*name).to_owned(), *n))
+                .collect(),
         },
     }
 }

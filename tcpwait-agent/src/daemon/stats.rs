@@ -7,7 +7,7 @@ use super::{Daemon, metrics::EdgeCounts, resolver::Cost};
 use crate::probe::KernelCounters;
 
 /// The daemon's own counters as of one request.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(super) struct Stats {
     /// Seconds since the daemon started.
     pub uptime_s: f64,
@@ -31,6 +31,10 @@ pub(super) struct Stats {
     pub edges: EdgeCounts,
     /// Alert deliveries: (sink, result, count).
     pub deliveries: Vec<(&'static str, &'static str, u64)>,
+    /// Output sinks' lost lines: (sink, dropped because the queue was full, failed to write).
+    pub sinks: Vec<(&'static str, u64, u64)>,
+    /// Metrics connections closed without an answer: (reason, count).
+    pub http_rejected: [(&'static str, u64); 3],
     /// Per-process metric series are exported for this many processes per watched state.
     pub top_processes: usize,
 }
@@ -50,7 +54,34 @@ impl Daemon {
             last_cost: self.last_cost,
             edges: self.edges.clone(),
             deliveries: self.delivery.counts(),
+            sinks: self.sinks.counts(),
+            http_rejected: [
+                ("limit", super::http::REJECTED_LIMIT.load(Ordering::Relaxed)),
+                ("timeout", super::http::REJECTED_TIMEOUT.load(Ordering::Relaxed)),
+                ("too_large", super::http::REJECTED_TOO_LARGE.load(Ordering::Relaxed)),
+            ],
             top_processes: self.config.metrics.top_processes as usize,
+        }
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            uptime_s: 0.0,
+            transitions: 0,
+            kernel: KernelCounters::default(),
+            malformed: 0,
+            tail_missed: 0,
+            scan_denied: 0,
+            reconciliations: 0,
+            namespace_failures: 0,
+            last_cost: Cost::default(),
+            edges: EdgeCounts::default(),
+            deliveries: Vec::new(),
+            sinks: Vec::new(),
+            http_rejected: [("limit", 0), ("timeout", 0), ("too_large", 0)],
+            top_processes: 20,
         }
     }
 }

@@ -2,10 +2,14 @@
 //! rotated by size. Rotation renames `file` → `file.1` → … → `file.<keep>` (the oldest is
 //! deleted) and starts a new `file`, so `tail -F file` follows it across rotations.
 //!
-//! Writes go through a 64 KiB buffer flushed once per drained batch, never per line.
+//! The sink thread hands it whole batches (one per drain), written with one `write` call per
+//! batch (per rotation), never per line. A failed write (a full disk) loses only whole lines:
+//! the file is cut back to the end of the last complete line, and the lines not written are
+//! counted, so lines in the files + lines failed + lines dropped = transitions, exactly.
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter, Write as _},
+    io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -14,39 +18,115 @@ pub struct TransitionLog {
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
-    out: BufWriter<File>,
+    mode: u32,
+    out: File,
     size: u64,
 }
 
+/// What became of a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Lines written whole.
+    pub lines: u64,
+    /// Lines not written.
+    pub failed: u64,
+}
+
 impl TransitionLog {
-    /// Opens (appends to) `path`.
-    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
+    /// Opens (appends to) `path`, creating it with `mode` (the umask can only narrow it).
+    pub fn open(path: &Path, max_bytes: u64, keep: u32, mode: u32) -> io::Result<Self> {
+        let out = Self::create(path, mode)?;
+        let size = out.metadata()?.len();
         Ok(Self {
             path: path.into(),
             max_bytes,
             keep,
-            out: BufWriter::with_capacity(64 * 1024, file),
+            mode,
+            out,
             size,
         })
     }
 
-    /// Appends one line (without its newline), rotating first if it would not fit.
-    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        let len = line.len() as u64 + 1;
-        if self.size > 0 && self.size + len > self.max_bytes {
-            self.rotate()?;
+    fn create(path: &Path, mode: u32) -> io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(mode)
+            .open(path)
+    }
+
+    /// Appends newline-terminated `lines`, rotating before a line that would not fit. On an
+    /// error the rest of the batch is counted as failed, and the error returned.
+    pub fn write_batch(&mut self, lines: &[u8]) -> (Written, Option<io::Error>) {
+        let mut done = Written::default();
+        let mut chunk_start = 0;
+        let mut chunk_lines = 0u64;
+        let mut pos = 0;
+        let total = lines.iter().filter(|b| **b == b'\n').count() as u64;
+        while pos < lines.len() {
+            let end = lines[pos..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(lines.len(), |i| pos + i + 1);
+            let chunk_len = (pos - chunk_start) as u64;
+            let len = (end - pos) as u64;
+            if self.size + chunk_len > 0 && self.size + chunk_len + len > self.max_bytes {
+                if let Err((whole, e)) = self.write_chunk(&lines[chunk_start..pos]) {
+                    done.lines += whole;
+                    done.failed = total - done.lines;
+                    return (done, Some(e));
+                }
+                done.lines += chunk_lines;
+                if let Err((_, e)) = self.rotate() {
+                    done.failed = total - done.lines;
+                    return (done, Some(e));
+                }
+                (chunk_start, chunk_lines) = (pos, 0);
+            }
+            chunk_lines += 1;
+            pos = end;
         }
-        self.out.write_all(line)?;
-        self.out.write_all(b"\n")?;
-        self.size += len;
+        match self.write_chunk(&lines[chunk_start..]) {
+            Ok(()) => {
+                done.lines += chunk_lines;
+                (done, None)
+            }
+            Err((whole, e)) => {
+                done.lines += whole;
+                done.failed = total - done.lines;
+                (done, Some(e))
+            }
+        }
+    }
+
+    /// Writes `chunk` (whole lines); on an error, cuts the file back to the last whole line
+    /// written and returns how many were.
+    fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), (u64, io::Error)> {
+        let mut off = 0;
+        while off < chunk.len() {
+            match self.out.write(&chunk[off..]) {
+                Ok(0) => {
+                    return Err(self.cut(chunk, off, io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.cut(chunk, off, e)),
+            }
+        }
+        self.size += chunk.len() as u64;
         Ok(())
     }
 
-    /// Flushes the buffer to the file.
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+    fn cut(&mut self, chunk: &[u8], written: usize, e: io::Error) -> (u64, io::Error) {
+        let whole_end = chunk[..written]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let whole = chunk[..whole_end].iter().filter(|b| **b == b'\n').count() as u64;
+        self.size += whole_end as u64;
+        // A partial line would break the JSON-lines file: cut it off.
+        let _ = self.out.set_len(self.size);
+        (whole, e)
     }
 
     fn rotated(&self, n: u32) -> PathBuf {
@@ -55,21 +135,17 @@ impl TransitionLog {
         p.into()
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
-        self.out.flush()?;
+    fn rotate(&mut self) -> Result<(), (u64, io::Error)> {
+        let fail = |e| (0, e);
         let _ = std::fs::remove_file(self.rotated(self.keep));
         for n in (1..self.keep).rev() {
             let from = self.rotated(n);
             if from.exists() {
-                std::fs::rename(&from, self.rotated(n + 1))?;
+                std::fs::rename(&from, self.rotated(n + 1)).map_err(fail)?;
             }
         }
-        std::fs::rename(&self.path, self.rotated(1))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.out = BufWriter::with_capacity(64 * 1024, file);
+        std::fs::rename(&self.path, self.rotated(1)).map_err(fail)?;
+        self.out = Self::create(&self.path, self.mode).map_err(fail)?;
         self.size = 0;
         Ok(())
     }
@@ -83,13 +159,16 @@ mod tests {
     fn rotates_by_size_and_keeps_n_files() {
         let d = tempfile::tempdir().expect("tempdir");
         let path = d.path().join("t.jsonl");
-        let mut log = TransitionLog::open(&path, 20, 2).expect("open");
-        for i in 0..7 {
-            // 10 bytes per line with its newline: two lines per file.
-            log.write_line(format!("{{\"n\":{i:03}}}").as_bytes())
-                .expect("write");
-        }
-        log.flush().expect("flush");
+        let mut log = TransitionLog::open(&path, 20, 2, 0o600).expect("open");
+        // 10 bytes per line with its newline: two lines per file; batches of 3 and 4.
+        let lines: Vec<u8> = (0..7)
+            .flat_map(|i| format!("{{\"n\":{i:03}}}\n").into_bytes())
+            .collect();
+        let (a, e) = log.write_batch(&lines[..30]);
+        assert!(e.is_none());
+        let (b, e) = log.write_batch(&lines[30..]);
+        assert!(e.is_none());
+        assert_eq!((a.lines + b.lines, a.failed + b.failed), (7, 0));
         let read = |p: &Path| std::fs::read_to_string(p).expect("read");
         assert_eq!(read(&path), "{\"n\":006}\n");
         assert_eq!(
@@ -104,5 +183,20 @@ mod tests {
             !d.path().join("t.jsonl.3").exists(),
             "only `keep` rotated files"
         );
+    }
+
+    #[test]
+    fn a_full_disk_fails_whole_lines_and_says_how_many() {
+        // /dev/full: every write fails with ENOSPC.
+        let mut log = TransitionLog::open(Path::new("/dev/full"), 1 << 20, 2, 0o600).expect("open");
+        let (w, e) = log.write_batch(b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n");
+        assert_eq!(
+            w,
+            Written {
+                lines: 0,
+                failed: 3
+            }
+        );
+        assert_eq!(e.expect("error").raw_os_error(), Some(libc::ENOSPC));
     }
 }

@@ -117,10 +117,12 @@ impl Btf {
         })
     }
 
-    /// Reads the running kernel's BTF.
+    /// Reads the running kernel's BTF. `TCPWAIT_KERNEL_BTF` names another file: the test of
+    /// the no-BTF fallback points it at none, as on a kernel built without BTF.
     pub fn from_sys_fs() -> Result<Self, BtfError> {
-        let path = "/sys/kernel/btf/vmlinux";
-        let bytes = std::fs::read(path).map_err(|e| BtfError::Read(path.into(), e))?;
+        let path = std::env::var("TCPWAIT_KERNEL_BTF")
+            .unwrap_or_else(|_| "/sys/kernel/btf/vmlinux".to_owned());
+        let bytes = std::fs::read(&path).map_err(|e| BtfError::Read(path.clone(), e))?;
         Self::parse(&bytes)
     }
 

@@ -39,8 +39,9 @@ pub struct KernelCounters {
     /// Transitions lost to the kernel's recursion guard: runs of the main program the kernel
     /// skipped because the tracepoint fired while it was running on that CPU
     /// (`recursion_misses` in its fdinfo, kernel ≥ 5.12), less those the raw-tracepoint
-    /// program rescued.
-    pub recursion_misses: u64,
+    /// program rescued. `None` where the kernel keeps no such count (before 5.12): unknown,
+    /// never 0.
+    pub recursion_misses: Option<u64>,
     /// Nested transitions the raw-tracepoint program recorded in the main program's place.
     pub rescued: u64,
     /// Total program run time, when BPF statistics are enabled (`kernel.bpf_stats_enabled`).
@@ -108,6 +109,9 @@ pub struct Probe {
     attachment: Attachment,
     /// Events carry their socket's network namespace (the kernel's BTF gave its offsets).
     reads_netns: bool,
+    /// The kernel counts the main program's recursion misses (see [`Probe::attach`]); if not,
+    /// they are reported as unknown.
+    counts_recursion: bool,
     /// The main program's statistics, kept by [`Probe::stop`] when it closes the program.
     stopped: Option<ProgStats>,
     /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
@@ -220,7 +224,27 @@ impl Probe {
             }
         };
         // The rescue program is optional: without it, nested transitions are counted as lost.
+        // It relies on the kernel's per-program recursion guard, which came in Linux 5.12 with
+        // the per-program `recursion_misses` count: a main program without that count in its
+        // fdinfo runs on a kernel without the guard, where the rescue program's marks would
+        // not tell a nested run from a handled one (it would record duplicates).
+        let has_guard = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}"))
+            .map(|t| parse_fdinfo(&t).contains_key("recursion_misses"))
+            .unwrap_or(false);
+        // The classic tracepoint's guard (`bpf_prog_active` in `trace_call_bpf`) counts what it
+        // skips only from 6.7 (dd8657894c11, "bpf: Count missed stats in trace_call_bpf");
+        // before, its `recursion_misses` reads 0 whatever was skipped.
+        let counts_recursion = has_guard && (attachment.btf || kernel_version() >= (6, 7));
         match offsets {
+            Ok(_) if !has_guard && !compare => {
+                warn!(
+                    "this kernel keeps no per-program recursion count (Linux < 5.12): kernel \
+                     recursion misses are reported as unknown, and the rescue program is not \
+                     attached (it needs the per-program recursion guard that came with the \
+                     count); transitions the kernel skips as nested, if any, are lost uncounted"
+                );
+                attachment.rescue = false;
+            }
             Ok(_) => {
                 let rescue: &mut RawTracePoint = ebpf
                     .program_mut("inet_sock_set_state_nested")
@@ -240,8 +264,12 @@ impl Probe {
                     attachment.rescue = false;
                 }
             }
-            Err(e) => {
+            Err(e) if counts_recursion => {
                 warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
+                attachment.rescue = false;
+            }
+            Err(e) => {
+                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are lost uncounted (before Linux 6.7 the classic tracepoint's recursion misses are not counted)");
                 attachment.rescue = false;
             }
         }
@@ -283,6 +311,7 @@ impl Probe {
             prog_fd,
             attachment,
             reads_netns: netns.is_ok(),
+            counts_recursion,
             stopped: None,
             ebpf: Some(ebpf),
         })
@@ -400,11 +429,14 @@ impl Probe {
             // Every run of the main program the kernel skipped went to the rescue program,
             // which recorded it, failed to reserve ring space for it (counted above), or found
             // it not TCP; what is left was lost to nesting.
-            recursion_misses: prog
-                .recursion_misses
-                .saturating_sub(sum(counter::RESCUED)?)
-                .saturating_sub(sum(counter::RESCUE_RESERVE_FAILED)?)
-                .saturating_sub(sum(counter::NESTED_NOT_TCP)?),
+            recursion_misses: match prog.recursion_misses {
+                Some(m) => Some(
+                    m.saturating_sub(sum(counter::RESCUED)?)
+                        .saturating_sub(sum(counter::RESCUE_RESERVE_FAILED)?)
+                        .saturating_sub(sum(counter::NESTED_NOT_TCP)?),
+                ),
+                None => None,
+            },
             rescued: sum(counter::RESCUED)?,
             run_time_ns: prog.run_time_ns,
             run_count: prog.run_count,
@@ -418,7 +450,11 @@ impl Probe {
         let info = parse_fdinfo(&text);
         let get = |k: &str| info.get(k).copied().unwrap_or(0);
         Ok(ProgStats {
-            recursion_misses: get("recursion_misses"),
+            // Absent before Linux 5.12 (the per-program recursion count came with it).
+            recursion_misses: info
+                .get("recursion_misses")
+                .copied()
+                .filter(|_| self.counts_recursion),
             run_time_ns: get("run_time_ns"),
             run_count: get("run_cnt"),
         })
@@ -429,9 +465,23 @@ impl Probe {
 /// `kernel.bpf_stats_enabled` is on).
 #[derive(Clone, Copy, Debug, Default)]
 struct ProgStats {
-    recursion_misses: u64,
+    recursion_misses: Option<u64>,
     run_time_ns: u64,
     run_count: u64,
+}
+
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease`; (0, 0) if unreadable.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// A count the kernel may not keep, for people: the number, or `unknown`.
+pub fn count_or_unknown(n: Option<u64>) -> String {
+    n.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
 }
 
 /// Parses `/proc/<pid>/fdinfo/<fd>` of a BPF program: `key:\tvalue` lines, numeric ones kept.

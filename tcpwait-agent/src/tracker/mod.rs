@@ -16,6 +16,7 @@
 //! (rules as data), `alerts` (firing state, deadlines), `reconcile` (inet_diag truth),
 //! `snapshot` (status views).
 pub mod alerts;
+mod candidates;
 mod procs;
 pub mod reconcile;
 pub mod rules;
@@ -35,7 +36,7 @@ use self::{
 };
 use crate::{
     event::{SocketId, TcpState, Transition},
-    model::{OwnerQuery, ProcessInfo, ProcessKey},
+    model::{ProcessInfo, ProcessKey},
 };
 
 /// How many peers a process summary or an alert lists.
@@ -304,36 +305,6 @@ impl Tracker {
             s.entered_ns == entered_ns
                 && s.state.is_some_and(|st| self.watched[state_index(st)])
                 && !self.table.has_owner(slot)
-        })
-    }
-
-    /// Listeners come and go in their caller's context (`listen()`, `close()`).
-    fn note_listener(&mut self, t: &Transition) {
-        if t.new == TcpState::Listen {
-            self.listeners.insert((t.netns, t.sport), t.task.pid);
-        } else if t.old == TcpState::Listen {
-            self.listeners.remove(&(t.netns, t.sport));
-        }
-    }
-
-    /// What the owner resolver needs to find the holders of `sock`: its namespace and tuple, and
-    /// the pids to check first — the process that called `connect()` on it, then the one that
-    /// called `listen()` on the listener it came from (same namespace and local port). Neither
-    /// is trusted: the resolver confirms a candidate in its fd table before naming it.
-    pub fn owner_query(&self, sock: SocketId) -> Option<OwnerQuery> {
-        let slot = self.table.slot_of(sock)?;
-        let s = self.table.get(slot);
-        let mut candidates = Vec::with_capacity(2);
-        candidates.extend(self.table.hint(slot));
-        if let Some(&pid) = self.listeners.get(&(s.tuple.netns, s.tuple.local_port()))
-            && !candidates.contains(&pid)
-        {
-            candidates.push(pid);
-        }
-        Some(OwnerQuery {
-            netns: s.tuple.netns,
-            tuple: s.tuple.to_tuple(),
-            candidates,
         })
     }
 

@@ -21,9 +21,15 @@ use std::{
     unused_imports,
     reason = "each test binary uses a different part of this module"
 )]
+pub use kernel::*;
+#[allow(
+    unused_imports,
+    reason = "each test binary uses a different part of this module"
+)]
 pub use netns::{NetNs, netns_inode};
 pub use serde_json::Value;
 
+pub mod kernel;
 pub mod netns;
 
 /// The `tcpwait` binary built by cargo for this test run.
@@ -90,8 +96,14 @@ pub struct Tcpwait {
 impl Tcpwait {
     /// Starts `tcpwait <args>` and waits until it says it is tracing.
     pub fn start(args: &[&str], ready: &str) -> Self {
+        Self::start_with_env(args, &[], ready)
+    }
+
+    /// [`Tcpwait::start`] with environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
         let mut child = Command::new(TCPWAIT)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

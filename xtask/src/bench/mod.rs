@@ -35,14 +35,22 @@ pub struct Settings {
     pub runs: usize,
     pub seconds: u64,
     pub modes: Vec<String>,
+    /// A `tcpwait` binary built from another commit, for the `@base` modes.
+    pub baseline: Option<std::path::PathBuf>,
 }
+
+/// A mode name ending in this (`run@base`, `trace@base`) runs the baseline binary: a change to
+/// a hot path is measured against the code before it in the same rounds, where drift between
+/// two separate benches cannot pass for an effect.
+pub const BASE_SUFFIX: &str = "@base";
 
 /// The modes `--modes` accepts.
 const KNOWN_MODES: [&str; 4] = ["none", "trace", "run", "floor"];
 
 /// The modes to run: those asked for (refusing unknown ones, and `floor` without bpftrace), or
-/// by default all of them, without `floor` if bpftrace is not installed (said on stdout).
-pub fn check_modes(modes: Option<Vec<String>>) -> Result<Vec<String>> {
+/// by default all of them, without `floor` if bpftrace is not installed (said on stdout); with
+/// a baseline, each tcpwait mode also runs as `<mode>@base` just before it.
+pub fn check_modes(modes: Option<Vec<String>>, baseline: bool) -> Result<Vec<String>> {
     let has_bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();
     let Some(modes) = modes else {
         if !has_bpftrace {
@@ -51,10 +59,24 @@ pub fn check_modes(modes: Option<Vec<String>>) -> Result<Vec<String>> {
         return Ok(["none", "floor", "trace", "run"]
             .into_iter()
             .filter(|m| has_bpftrace || *m != "floor")
-            .map(String::from)
+            .flat_map(|m| {
+                let base =
+                    (baseline && matches!(m, "trace" | "run")).then(|| format!("{m}{BASE_SUFFIX}"));
+                base.into_iter().chain([m.to_owned()])
+            })
             .collect());
     };
     for m in &modes {
+        let plain = m.strip_suffix(BASE_SUFFIX);
+        if let Some(p) = plain {
+            if !matches!(p, "trace" | "run") {
+                bail!("mode `{m}`: only trace and run have a baseline form");
+            }
+            if !baseline {
+                bail!("mode `{m}` needs a baseline: --baseline-rev REV");
+            }
+            continue;
+        }
         if !KNOWN_MODES.contains(&m.as_str()) {
             bail!(
                 "unknown bench mode `{m}`: choose from {}",
@@ -95,7 +117,9 @@ struct Sample {
     summary: String,
 }
 
-fn one(bin: &Path, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
+fn one(bins: &Bins, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) -> Result<Sample> {
+    let (bin, mode) = bins.pick(mode);
+    let bin = bin.as_path();
     let tick_us = 1e6 / 100.0; // USER_HZ
     std::fs::write(STATS_PATH, if stats { "1" } else { "0" })
         .context("switch BPF run statistics (needs root)")?;
@@ -260,9 +284,29 @@ pub(super) fn machine() -> String {
     format!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
+/// The binaries a bench compares.
+struct Bins {
+    current: std::path::PathBuf,
+    baseline: Option<std::path::PathBuf>,
+}
+
+impl Bins {
+    /// The binary for `mode`, and the mode without its baseline suffix.
+    fn pick<'m>(&self, mode: &'m str) -> (&std::path::PathBuf, &'m str) {
+        match (mode.strip_suffix(BASE_SUFFIX), &self.baseline) {
+            (Some(m), Some(b)) => (b, m),
+            _ => (&self.current, mode),
+        }
+    }
+}
+
 /// Runs every mode (modes take turns, each tracer mode with BPF statistics off then on) and
 /// prints one row per mode and setting.
 fn rounds(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
+    let bins = Bins {
+        current: bin.to_owned(),
+        baseline: s.baseline.clone(),
+    };
     table::print_header();
     // Modes take turns (none, trace, run, none, ...) so that a drift of the machine over the
     // bench (TIME_WAIT sockets of earlier runs, page cache, a noisy neighbour) weighs on every
@@ -282,9 +326,60 @@ fn rounds(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
     let mut all: Vec<Vec<Sample>> = vec![Vec::new(); entries.len()];
     for run in 0..s.runs {
         for (i, &(mode, stats)) in entries.iter().enumerate() {
-            all[i].push(one(bin, mode, stats, dir, run, s.seconds)?);
+            all[i].push(one(&bins, mode, stats, dir, run, s.seconds)?);
         }
     }
     table::print_rows(&entries, all);
     Ok(())
+}
+
+/// Builds the `tcpwait` binary of commit `rev` in a worktree of its own under `target/bench/`
+/// (reusing this checkout's bpf-linker), and returns its path. A second call for the same
+/// commit only checks that the build is up to date.
+pub fn build_baseline(root: &Path, rev: &str) -> Result<std::path::PathBuf> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")])
+        .current_dir(root)
+        .output()
+        .context("run git")?;
+    if !out.status.success() {
+        bail!("--baseline-rev {rev}: not a commit of this repository");
+    }
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let tree = root.join("target/bench/baseline").join(&commit[..12]);
+    if !tree.join("Cargo.toml").exists() {
+        let _ = std::fs::remove_dir_all(&tree);
+        let status = Command::new("git")
+            .args(["worktree", "add", "--detach", "--force"])
+            .arg(&tree)
+            .arg(&commit)
+            .current_dir(root)
+            .status()
+            .context("run git worktree add")?;
+        if !status.success() {
+            bail!(
+                "git worktree add {} {commit} failed: {status}",
+                tree.display()
+            );
+        }
+    }
+    // The baseline's build finds bpf-linker where its own setup would put it.
+    let build = tree.join(".build");
+    if !build.exists() {
+        std::os::unix::fs::symlink(root.join(".build"), &build).context("link .build")?;
+    }
+    println!(
+        "building the baseline {rev} ({}) in {}",
+        &commit[..12],
+        tree.display()
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--package", "tcpwait-agent"])
+        .current_dir(&tree)
+        .status()
+        .context("build the baseline")?;
+    if !status.success() {
+        bail!("the baseline {rev} does not build: {status}");
+    }
+    Ok(tree.join("target/release/tcpwait"))
 }

@@ -3,12 +3,17 @@
 use super::Sample;
 
 /// How a mode is shown in the table.
-fn label(mode: &str) -> &str {
-    match mode {
+fn label(mode: &str) -> String {
+    let (m, base) = match mode.strip_suffix(super::BASE_SUFFIX) {
+        Some(m) => (m, " (baseline)"),
+        None => (mode, ""),
+    };
+    let name = match m {
         "trace" => "trace --json",
         "floor" => "floor (count)",
         m => m,
-    }
+    };
+    format!("{name}{base}")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

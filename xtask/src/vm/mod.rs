@@ -1,0 +1,362 @@
+//! `cargo xtask vm-test`: the kernel tiers of the test suite on Debian's LTS kernels (5.10,
+//! 6.1, 6.12) under qemu, and on the host's kernel, one result line per kernel.
+//!
+//! Modelled on aya's integration harness (aya-rs/aya `xtask/src/run.rs`: Debian kernel
+//! packages, a small initramfs, the test binaries run inside, results read back). Here the guest
+//! mounts the host's root read-only over 9p instead of receiving copies of the binaries
+//! (DESIGN.md, "Testing tiers", says why), and writes its results to a second, writable 9p
+//! share. KVM where a probe boot shows it works, software emulation (TCG) otherwise: this
+//! machine's `/dev/kvm` is a paravirtual KVM on which these kernels stop in their decompressor
+//! (DESIGN.md).
+mod boot;
+mod initramfs;
+mod kernels;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The test targets whose privileged tests exercise the kernel: every test in them runs, so a
+/// test added there joins the matrix without touching this file.
+const TARGETS: &[&str] = &["trace", "daemon"];
+
+/// Options of `cargo xtask vm-test`.
+pub struct Options {
+    /// Kernel series to boot (`5.10`, `6.1`, `6.12`); empty: all.
+    pub only: Vec<String>,
+    /// Accelerator: KVM, TCG, or KVM where it boots these kernels (probed once).
+    pub accel: Accel,
+    /// Add a row for the host's kernel (the same tiers run directly).
+    pub host: bool,
+}
+
+/// Which qemu accelerator to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM where a probe boot reaches the guest's init, software emulation (TCG) otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// One kernel's result.
+struct Row {
+    kernel: String,
+    programs: String,
+    passed: usize,
+    failed: Vec<String>,
+    secs: f64,
+    /// Warnings and the start-up line of the release binary, shown under the table.
+    notes: Vec<String>,
+    /// Set when the guest never reached or never finished the tests.
+    broken: Option<String>,
+}
+
+/// Runs the matrix; fails when any kernel's tests fail or a guest does not finish. Prints why
+/// and returns Ok when the matrix cannot run at all here (no qemu, no Debian archive).
+pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
+    let started = Instant::now();
+    if !crate::setup::on_path("qemu-system-x86_64") {
+        eprintln!(
+            "xtask vm: SKIPPED the kernel matrix (5.10, 6.1, 6.12): qemu-system-x86_64 is not \
+             installed (Debian package qemu-system-x86; `cargo xtask test` installs it)"
+        );
+        return Ok(());
+    }
+    let vm = root.join(".build/vm");
+    std::fs::create_dir_all(&vm)?;
+    let mut fetched = false;
+    let (kernels, busybox) = match kernels::prepare(&vm, &mut fetched) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!(
+                "xtask vm: SKIPPED the kernel matrix: cannot fetch Debian's kernel packages: {e:#}"
+            );
+            return Ok(());
+        }
+    };
+    eprintln!(
+        "xtask vm: kernels ready in {:.0} s ({})",
+        started.elapsed().as_secs_f64(),
+        if fetched {
+            "downloaded"
+        } else {
+            "cached in .build/vm, nothing downloaded"
+        }
+    );
+    crate::cargo(root, &["build", "--release", "--package", "tcpwait-agent"])?;
+    let bins = test_binaries(root)?;
+    let script = run_script(root, &bins);
+    let kvm = match opts.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => {
+            let (works, why) = boot::kvm_works(&vm, &kernels[0], &busybox)?;
+            eprintln!(
+                "xtask vm: {}: {why}",
+                if works {
+                    "using KVM"
+                } else {
+                    "using software emulation (TCG), not KVM"
+                }
+            );
+            works
+        }
+    };
+    let mut rows = Vec::new();
+    if opts.host {
+        rows.push(host_row(&vm, &script)?);
+    }
+    for k in &kernels {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == k.series) {
+            continue;
+        }
+        rows.push(boot::run(&vm, k, &busybox, &script, kvm)?);
+    }
+    println!("{}", table(&rows));
+    println!(
+        "xtask vm: matrix took {:.0} s in all",
+        started.elapsed().as_secs_f64()
+    );
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.broken.is_some() || !r.failed.is_empty())
+        .map(|r| r.kernel.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!("kernel tiers failed on {}", bad.join(", "));
+    }
+    Ok(())
+}
+
+/// Builds the test binaries of [`TARGETS`] (and the release `tcpwait` they run); returns their
+/// paths.
+fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut args = vec![
+        "test",
+        "--no-run",
+        // Release: the tests then run the release `tcpwait`, the binary users run, and under
+        // software emulation a debug agent's start-up (the BTF parse) takes seconds.
+        "--release",
+        "--message-format=json",
+        "--package",
+        "tcpwait-agent",
+    ];
+    for t in TARGETS {
+        args.extend(["--test", t]);
+    }
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut bins = Vec::new();
+    for t in TARGETS {
+        // cargo's JSON messages: one compiler-artifact line per target; the executable's path
+        // has no quote in it.
+        let line = text
+            .lines()
+            .find(|l| {
+                l.contains("\"reason\":\"compiler-artifact\"")
+                    && l.contains(&format!(
+                        "\"kind\":[\"test\"],\"crate_types\":[\"bin\"],\"name\":\"{t}\""
+                    ))
+            })
+            .with_context(|| format!("no test executable for {t} in cargo's output"))?;
+        let exe = line
+            .split("\"executable\":\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .with_context(|| format!("no executable path for {t}"))?;
+        bins.push(((*t).to_owned(), PathBuf::from(exe)));
+    }
+    Ok(bins)
+}
+
+/// The script the guest (and the host row) runs, with the output directory as `$1`: the
+/// kernel release, the release binary's start-up and summary lines (which programs it attached,
+/// and what it warned about), then every privileged test of [`TARGETS`].
+fn run_script(root: &Path, bins: &[(String, PathBuf)]) -> String {
+    let tcpwait = root.join("target/release/tcpwait");
+    let mut s = format!(
+        "#!/bin/sh\n\
+         OUT=$1\n\
+         cd {root}\n\
+         uname -r > $OUT/kernel\n\
+         {tcpwait} trace > /dev/null 2> $OUT/startup.log &\n\
+         pid=$!\n\
+         i=0\n\
+         while [ $i -lt 150 ] && ! grep -q 'tracing TCP\\|Error\\|error' $OUT/startup.log; do \
+           sleep 0.2; i=$((i+1)); done\n\
+         kill -INT $pid\n\
+         wait $pid\n\
+         echo \"exit status $?\" >> $OUT/startup.log\n",
+        root = root.display(),
+        tcpwait = tcpwait.display(),
+    );
+    for (name, bin) in bins {
+        let _ = writeln!(
+            s,
+            "{} --include-ignored --test-threads=1 --show-output > $OUT/tests-{name}.log 2>&1",
+            bin.display()
+        );
+    }
+    s.push_str("echo finished > $OUT/finished\n");
+    s
+}
+
+/// The host's own kernel, running the same script directly.
+fn host_row(vm: &Path, script: &str) -> Result<Row> {
+    let out = vm.join("run/host");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("run.sh"), script)?;
+    eprintln!("xtask vm: host kernel: running the kernel tiers");
+    let t = Instant::now();
+    let status = Command::new("sh")
+        .arg(out.join("run.sh"))
+        .arg(&out)
+        .status()
+        .context("run the host script")?;
+    let mut row = read_results(&out, t.elapsed().as_secs_f64());
+    if !status.success() && row.broken.is_none() {
+        row.broken = Some(format!("script exited with {status}"));
+    }
+    row.kernel = format!("host {}", row.kernel);
+    Ok(row)
+}
+
+/// Reads what a run left in `out`.
+fn read_results(out: &Path, secs: f64) -> Row {
+    let read = |n: &str| std::fs::read_to_string(out.join(n)).unwrap_or_default();
+    let startup = read("startup.log");
+    let programs = startup
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("tracing TCP state transitions (").nth(1)?;
+            let inner = rest.rsplit_once(')')?.0;
+            Some(inner.split_once(", ").map_or(inner, |x| x.1).to_owned())
+        })
+        // The start-up line names only what is missing; the table says both ways.
+        .map(|p| {
+            let btf = p.starts_with("BTF tracepoint");
+            format!(
+                "{}, {}, {}",
+                if btf {
+                    "BTF tracepoint"
+                } else {
+                    "classic tracepoint"
+                },
+                if btf && !p.contains("unbatched") {
+                    "batched"
+                } else {
+                    "unbatched"
+                },
+                if p.contains("no rescue") {
+                    "no rescue"
+                } else {
+                    "rescue"
+                }
+            )
+        })
+        .unwrap_or_else(|| "did not start".to_owned());
+    let startup = strip_ansi(&startup);
+    let notes = startup
+        .lines()
+        .filter(|l| {
+            l.contains("WARN") || l.contains("transitions seen") || l.contains("exit status")
+        })
+        .filter(|l| !l.ends_with("exit status 0"))
+        .map(|l| l.trim().to_owned())
+        // What the tests print about the kernel (the stress test: nested transitions seen).
+        .chain(TARGETS.iter().flat_map(|t| {
+            read(&format!("tests-{t}.log"))
+                .lines()
+                .filter(|l| l.starts_with("stress: "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }))
+        .collect();
+    let (mut passed, mut failed) = (0, Vec::new());
+    for t in TARGETS {
+        for l in read(&format!("tests-{t}.log")).lines() {
+            let Some(rest) = l.strip_prefix("test ") else {
+                continue;
+            };
+            if rest.ends_with(" ... ok") {
+                passed += 1;
+            } else if rest.ends_with(" ... FAILED") {
+                failed.push(format!("{t}::{}", rest.trim_end_matches(" ... FAILED")));
+            }
+        }
+    }
+    let broken = if read("finished").is_empty() {
+        Some("the tests did not finish".to_owned())
+    } else if passed == 0 && failed.is_empty() {
+        Some("no test ran".to_owned())
+    } else {
+        None
+    };
+    Row {
+        kernel: read("kernel").trim().to_owned(),
+        programs,
+        passed,
+        failed,
+        secs,
+        notes,
+        broken,
+    }
+}
+
+/// Drops terminal colour sequences (`ESC [ … m`) from tracing's output.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = format!(
+        "{:<24} {:<58} {:<22} {:>6}\n",
+        "KERNEL", "PROGRAMS", "TESTS", "TIME"
+    );
+    for r in rows {
+        let tests = match &r.broken {
+            Some(why) => format!("BROKEN: {why}"),
+            None => format!("{} passed, {} failed", r.passed, r.failed.len()),
+        };
+        let _ = writeln!(
+            t,
+            "{:<24} {:<58} {:<22} {:>5.0}s",
+            r.kernel, r.programs, tests, r.secs
+        );
+        for f in &r.failed {
+            let _ = writeln!(t, "    FAILED {f}");
+        }
+        for n in &r.notes {
+            let _ = writeln!(t, "    {n}");
+        }
+    }
+    t
+}
