@@ -190,7 +190,10 @@ fn print_section(
     writeln!(
         out,
         "{:<8} {:<16} {:>6} {:>9}  PEERS / COMMAND",
-        "PID", "COMM", short(state), "OLDEST"
+        "PID",
+        "COMM",
+        short(state),
+        "OLDEST"
     )?;
     for p in procs {
         let peers: Vec<String> = p

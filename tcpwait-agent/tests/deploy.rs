@@ -14,9 +14,11 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 17] = [
+const METRICS: [(&str, Kind); 19] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
+    ("tcpwait_process_sockets", Kind::Gauge),
+    ("tcpwait_process_oldest_age_seconds", Kind::Gauge),
     ("tcpwait_process_close_wait_sockets", Kind::Gauge),
     ("tcpwait_process_oldest_close_wait_age_seconds", Kind::Gauge),
     ("tcpwait_alerts_firing", Kind::Gauge),

@@ -194,7 +194,16 @@ fn print_default_is_a_valid_config() {
         .expect("run");
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(text.contains("close_wait_age = \"60s\""));
+    for line in [
+        "[[rules]]",
+        "name = \"close_wait_leak\"",
+        "state = \"CLOSE_WAIT\"",
+        "age = \"60s\"",
+        "count = 100",
+        "alertname = \"TcpCloseWaitLeak\"",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}");
+    }
     // The printed file is accepted as is.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tcpwait.toml");

@@ -8,10 +8,7 @@
 //! answers and no ARP failure turns into an ICMP error (which would abort the connect).
 mod common;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -19,20 +16,6 @@ use common::*;
 #[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
 fn common_role_entry() {
     role_main();
-}
-
-/// Runs `ip -n <ns> <args>`.
-fn ip_in(ns: &NetNs, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["-n", &ns.name])
-        .args(args)
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 const CONFIG: &str = r#"
@@ -56,35 +39,55 @@ remedy = "nothing answers the SYNs: check the route and firewalls toward the pee
 fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
     require_root();
     let ns = NetNs::new("synsent");
-    ip_in(&ns, &["link", "add", "tw0", "type", "veth", "peer", "name", "tw1"]);
-    ip_in(&ns, &["addr", "add", "192.0.2.1/24", "dev", "tw0"]);
-    ip_in(&ns, &["link", "set", "tw0", "up"]);
-    ip_in(
-        &ns,
-        &[
-            "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "tw0", "nud",
-            "permanent",
-        ],
-    );
+    ns.ip(&["link", "add", "tw0", "type", "veth", "peer", "name", "tw1"]);
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "tw0"]);
+    ns.ip(&["link", "set", "tw0", "up"]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "192.0.2.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        "tw0",
+        "nud",
+        "permanent",
+    ]);
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("tcpwait.toml");
     std::fs::write(&config, CONFIG).expect("write config");
     let sock = api_socket("rules");
     let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
 
-    let mut cli = ns.spawn("connect_pending", "tw-connect", &["192.0.2.2:80".into(), "2".into()]);
+    let mut cli = ns.spawn(
+        "connect_pending",
+        "tw-connect",
+        &["192.0.2.2:80".into(), "2".into()],
+    );
     cli.expect_line("connecting");
     let connected_at = Instant::now();
     let fired = wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty());
     let fired_after = connected_at.elapsed();
-    assert!(fired, "no alert; stdout {:?} stderr {:?}", tw.stdout.snapshot(), tw.stderr.snapshot());
+    assert!(
+        fired,
+        "no alert; stdout {:?} stderr {:?}",
+        tw.stdout.snapshot(),
+        tw.stderr.snapshot()
+    );
     assert!(
         fired_after >= Duration::from_secs(1) && fired_after <= Duration::from_millis(1800),
         "fired {fired_after:?} after connect()"
     );
     let a = &alerts(&tw)[0];
     assert_eq!(
-        (&a["alert"], &a["rule"], &a["state"], &a["pid"], &a["comm"], &a["count"]),
+        (
+            &a["alert"],
+            &a["rule"],
+            &a["state"],
+            &a["pid"],
+            &a["comm"],
+            &a["count"]
+        ),
         (
             &"firing".into(),
             &"connect_stuck".into(),
@@ -102,11 +105,17 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
             &"nothing answers the SYNs: check the route and firewalls toward the peer".into()
         )
     );
-    assert_eq!(a["peers"], serde_json::json!([{"addr": "192.0.2.2", "count": 2}]));
+    assert_eq!(
+        a["peers"],
+        serde_json::json!([{"addr": "192.0.2.2", "count": 2}])
+    );
     assert_eq!(a["netns"], ns.inode());
 
     let st = status(&sock);
-    assert_eq!(st["watched_states"], serde_json::json!(["SYN_SENT", "CLOSE_WAIT"]));
+    assert_eq!(
+        st["watched_states"],
+        serde_json::json!(["SYN_SENT", "CLOSE_WAIT"])
+    );
     let p = process_in(&st, cli.pid()).expect("client listed");
     assert_eq!((&p["state"], &p["count"]), (&"SYN_SENT".into(), &2.into()));
     let remotes: Vec<&Value> = p["sockets"]
@@ -115,7 +124,10 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
         .iter()
         .map(|s| &s["remote"])
         .collect();
-    assert_eq!(remotes, [&Value::from("192.0.2.2:80"), &"192.0.2.2:80".into()]);
+    assert_eq!(
+        remotes,
+        [&Value::from("192.0.2.2:80"), &"192.0.2.2:80".into()]
+    );
     let mine: Vec<&Value> = st["alerts"]
         .as_array()
         .expect("alerts")
@@ -135,7 +147,11 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
     let r = &alerts(&tw)[1];
     assert_eq!(
         (&r["alert"], &r["rule"], &r["pid"]),
-        (&"resolved".into(), &"connect_stuck".into(), &cli.pid().into())
+        (
+            &"resolved".into(),
+            &"connect_stuck".into(),
+            &cli.pid().into()
+        )
     );
     assert!(process_in(&status(&sock), cli.pid()).is_none());
 }

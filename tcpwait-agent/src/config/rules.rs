@@ -172,10 +172,7 @@ impl RuleConfig {
             ));
         }
         if self.age.is_none() && self.count.is_none() {
-            return Err((
-                "",
-                "has no threshold: set age, count or both".to_owned(),
-            ));
+            return Err(("", "has no threshold: set age, count or both".to_owned()));
         }
         if self.severity.is_empty() {
             return Err((
@@ -243,7 +240,9 @@ impl<'de> Deserialize<'de> for RuleSet {
             type Value = RuleSet;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("[[rules]] tables, or a [rules] table with close_wait_age / close_wait_count")
+                f.write_str(
+                    "[[rules]] tables, or a [rules] table with close_wait_age / close_wait_count",
+                )
             }
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RuleSet, A::Error> {

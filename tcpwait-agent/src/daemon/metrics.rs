@@ -401,18 +401,37 @@ mod render_tests {
             .filter(|l| l.starts_with("tcpwait_process_") || l.starts_with("tcpwait_alerts_firing"))
             .collect();
         lines.sort_unstable();
-        let labels = |pid: u32| format!("pid=\"{pid}\",comm=\"p{pid}\",container=\"\",pod_uid=\"\",netns=\"4026531840\"");
+        let labels = |pid: u32| {
+            format!(
+                "pid=\"{pid}\",comm=\"p{pid}\",container=\"\",pod_uid=\"\",netns=\"4026531840\""
+            )
+        };
         assert_eq!(
             lines,
             [
                 "tcpwait_alerts_firing{rule=\"close_wait_leak\"} 0".to_owned(),
                 "tcpwait_alerts_firing{rule=\"syn_sent_stuck\"} 1".to_owned(),
                 format!("tcpwait_process_close_wait_sockets{{{}}} 1", labels(10)),
-                format!("tcpwait_process_oldest_age_seconds{{state=\"CLOSE_WAIT\",{}}} 2.0", labels(10)),
-                format!("tcpwait_process_oldest_age_seconds{{state=\"SYN_SENT\",{}}} 2.0", labels(20)),
-                format!("tcpwait_process_oldest_close_wait_age_seconds{{{}}} 2.0", labels(10)),
-                format!("tcpwait_process_sockets{{state=\"CLOSE_WAIT\",{}}} 1", labels(10)),
-                format!("tcpwait_process_sockets{{state=\"SYN_SENT\",{}}} 1", labels(20)),
+                format!(
+                    "tcpwait_process_oldest_age_seconds{{state=\"CLOSE_WAIT\",{}}} 2.0",
+                    labels(10)
+                ),
+                format!(
+                    "tcpwait_process_oldest_age_seconds{{state=\"SYN_SENT\",{}}} 2.0",
+                    labels(20)
+                ),
+                format!(
+                    "tcpwait_process_oldest_close_wait_age_seconds{{{}}} 2.0",
+                    labels(10)
+                ),
+                format!(
+                    "tcpwait_process_sockets{{state=\"CLOSE_WAIT\",{}}} 1",
+                    labels(10)
+                ),
+                format!(
+                    "tcpwait_process_sockets{{state=\"SYN_SENT\",{}}} 1",
+                    labels(20)
+                ),
             ]
         );
         assert!(text.contains("tcpwait_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 1\n"));

@@ -162,16 +162,29 @@ pub(super) fn alert_message(
         labels.insert("netns".into(), ns.to_string());
     }
     let mut annotations = BTreeMap::from([
-        ("summary".to_owned(), format!(
-            "{} (pid {}) holds {} {} sockets, oldest {}{:.0}s",
-            a.process.comm, a.process.key.pid, a.count, a.state.name(),
-            if a.oldest_is_lower_bound { ">=" } else { "" }, secs(a.oldest_age_ns)
-        )),
+        (
+            "summary".to_owned(),
+            format!(
+                "{} (pid {}) holds {} {} sockets, oldest {}{:.0}s",
+                a.process.comm,
+                a.process.key.pid,
+                a.count,
+                a.state.name(),
+                if a.oldest_is_lower_bound { ">=" } else { "" },
+                secs(a.oldest_age_ns)
+            ),
+        ),
         ("count".to_owned(), a.count.to_string()),
-        ("oldest_age_seconds".to_owned(), format!("{:.1}", secs(a.oldest_age_ns))),
+        (
+            "oldest_age_seconds".to_owned(),
+            format!("{:.1}", secs(a.oldest_age_ns)),
+        ),
         ("peers".to_owned(), peers.join(", ")),
         ("cmdline".to_owned(), a.process.cmdline.clone()),
-        ("cgroup".to_owned(), a.process.cgroup.clone().unwrap_or_default()),
+        (
+            "cgroup".to_owned(),
+            a.process.cgroup.clone().unwrap_or_default(),
+        ),
     ]);
     if !rule.remedy.is_empty() {
         annotations.insert("remedy".to_owned(), rule.remedy.clone());
@@ -310,7 +323,10 @@ pub(super) mod tests {
             .iter()
             .map(|p| (p.state.as_str(), p.pid, p.count, p.oldest_age_s))
             .collect();
-        assert_eq!(procs, [("SYN_SENT", 20, 1, 2.0), ("CLOSE_WAIT", 10, 1, 2.0)]);
+        assert_eq!(
+            procs,
+            [("SYN_SENT", 20, 1, 2.0), ("CLOSE_WAIT", 10, 1, 2.0)]
+        );
         let unowned: Vec<(&str, &str, f64)> = r
             .unowned
             .iter()
@@ -331,7 +347,12 @@ pub(super) mod tests {
         let m = alert_message(&changes[0], rule, SEC, "h1");
         let label = |k: &str| m.labels.get(k).map(String::as_str);
         assert_eq!(
-            [label("alertname"), label("rule"), label("severity"), label("pid")],
+            [
+                label("alertname"),
+                label("rule"),
+                label("severity"),
+                label("pid")
+            ],
             [
                 Some("TcpConnectStuck"),
                 Some("syn_sent_stuck"),

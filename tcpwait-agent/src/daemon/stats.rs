@@ -57,8 +57,14 @@ impl Daemon {
             sinks: self.sinks.counts(),
             http_rejected: [
                 ("limit", super::http::REJECTED_LIMIT.load(Ordering::Relaxed)),
-                ("timeout", super::http::REJECTED_TIMEOUT.load(Ordering::Relaxed)),
-                ("too_large", super::http::REJECTED_TOO_LARGE.load(Ordering::Relaxed)),
+                (
+                    "timeout",
+                    super::http::REJECTED_TIMEOUT.load(Ordering::Relaxed),
+                ),
+                (
+                    "too_large",
+                    super::http::REJECTED_TOO_LARGE.load(Ordering::Relaxed),
+                ),
             ],
             top_processes: self.config.metrics.top_processes as usize,
         }

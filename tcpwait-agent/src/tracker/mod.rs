@@ -358,30 +358,6 @@ impl Tracker {
         self.engine.firing()
     }
 
-    /// The states some rule watches, in kernel order: the states owner snapshots dump and
-    /// reconcile.
-    pub fn watched_states(&self) -> Vec<TcpState> {
-        TcpState::ALL
-            .into_iter()
-            .filter(|&s| self.watched[state_index(s)])
-            .collect()
-    }
-
-    /// True when some rule watches `state`.
-    pub fn watches(&self, state: TcpState) -> bool {
-        self.watched[state_index(state)]
-    }
-
-    /// The rule named `name`.
-    pub fn rule(&self, name: &str) -> Option<&Rule> {
-        self.rules().iter().find(|r| r.name == name)
-    }
-
-    /// The configured rules.
-    pub fn rules(&self) -> &[Rule] {
-        self.engine.rules()
-    }
-
     /// Sockets tracked.
     pub fn len(&self) -> usize {
         self.table.len()

@@ -212,7 +212,13 @@ impl Tracker {
         });
         let slot = index.get_mut(&tuple.portless())?.pop()?;
         let s = *self.table.get(slot);
-        self.move_slot(slot, TcpState::SynSent, s.entered_ns, s.lower_bound(), tuple);
+        self.move_slot(
+            slot,
+            TcpState::SynSent,
+            s.entered_ns,
+            s.lower_bound(),
+            tuple,
+        );
         Some(slot)
     }
 

@@ -12,6 +12,7 @@
 //! keeps an orphan or a timewait socket), so a rule on them only sees sockets still held
 //! through an fd (e.g. after `shutdown(SHUT_WR)`). Per-peer and host scopes are not built yet:
 //! the configuration refuses them rather than evaluating them per process.
+use super::{Tracker, table::state_index};
 use crate::event::TcpState;
 
 /// Default age threshold of [`Rule::close_wait_leak`]: 60 s.
@@ -99,7 +100,12 @@ impl Rule {
 
     /// A per-process rule with default labels, for tests and as a starting point.
     #[cfg(test)]
-    pub fn new(name: &str, state: TcpState, max_age_ns: Option<u64>, max_count: Option<u32>) -> Self {
+    pub fn new(
+        name: &str,
+        state: TcpState,
+        max_age_ns: Option<u64>,
+        max_count: Option<u32>,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             state,
@@ -131,6 +137,33 @@ impl Rule {
             .and_then(|e| self.age_deadline(e))
             .is_some_and(|deadline| now_ns >= deadline);
         by_count || by_age
+    }
+}
+
+/// The rule set as the tracker holds it.
+impl Tracker {
+    /// The states some rule watches, in kernel order: the states owner snapshots dump and
+    /// reconcile.
+    pub fn watched_states(&self) -> Vec<TcpState> {
+        TcpState::ALL
+            .into_iter()
+            .filter(|&s| self.watched[state_index(s)])
+            .collect()
+    }
+
+    /// True when some rule watches `state`.
+    pub fn watches(&self, state: TcpState) -> bool {
+        self.watched[state_index(state)]
+    }
+
+    /// The rule named `name`.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules().iter().find(|r| r.name == name)
+    }
+
+    /// The configured rules.
+    pub fn rules(&self) -> &[Rule] {
+        self.engine.rules()
     }
 }
 
@@ -169,6 +202,9 @@ mod tests {
         assert_eq!(default_alertname("close_wait_leak"), "TcpCloseWaitLeak");
         assert_eq!(default_alertname("syn_sent_stuck"), "TcpSynSentStuck");
         assert_eq!(default_alertname("fin-wait2"), "TcpFinWait2");
-        assert_eq!(Rule::close_wait_leak().alertname, default_alertname("close_wait_leak"));
+        assert_eq!(
+            Rule::close_wait_leak().alertname,
+            default_alertname("close_wait_leak")
+        );
     }
 }

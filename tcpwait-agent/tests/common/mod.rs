@@ -31,6 +31,7 @@ pub use serde_json::Value;
 
 pub mod kernel;
 pub mod netns;
+mod pending;
 
 /// The `tcpwait` binary built by cargo for this test run.
 pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
@@ -353,7 +354,7 @@ pub fn role_main() {
         "client" => {
             let addr: SocketAddr = args[0].parse().expect("addr");
             let n: usize = args[1].parse().expect("count");
-            let mut socks: Vec<TcpStream> = (0..n)
+            let socks: Vec<TcpStream> = (0..n)
                 .map(|_| TcpStream::connect(addr).expect("connect"))
                 .collect();
             let ports: Vec<String> = socks
@@ -362,17 +363,7 @@ pub fn role_main() {
                 .collect();
             writeln!(out, "connected {}", ports.join(" ")).expect("out");
             out.flush().expect("flush");
-            for line in stdin.lock().lines() {
-                match line.as_deref() {
-                    Ok("close") => {
-                        socks.clear();
-                        writeln!(out, "closed").expect("out");
-                        out.flush().expect("flush");
-                    }
-                    Ok("exit") | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            hold(socks, &mut out);
         }
         "client_bound" => {
             // Like "client", each socket bound to local port `lport + i` first, so two
@@ -380,42 +371,22 @@ pub fn role_main() {
             let addr: SocketAddr = args[0].parse().expect("addr");
             let n: usize = args[1].parse().expect("count");
             let lport: u16 = args[2].parse().expect("local port");
-            let mut socks: Vec<TcpStream> = (0..n)
+            let socks: Vec<TcpStream> = (0..n)
                 .map(|i| bound_connect(lport + i as u16, addr))
                 .collect();
             writeln!(out, "connected {n}").expect("out");
             out.flush().expect("flush");
-            for line in stdin.lock().lines() {
-                match line.as_deref() {
-                    Ok("close") => {
-                        socks.clear();
-                        writeln!(out, "closed").expect("out");
-                        out.flush().expect("flush");
-                    }
-                    Ok("exit") | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            hold(socks, &mut out);
         }
         "connect_pending" => {
             // `n` non-blocking connects to `addr`, whose SYNs go unanswered: the sockets stay in
             // SYN_SENT (retransmitting) until told `close`.
             let addr: SocketAddr = args[0].parse().expect("addr");
             let n: usize = args[1].parse().expect("count");
-            let mut socks: Vec<std::os::fd::OwnedFd> = (0..n).map(|_| pending_connect(addr)).collect();
+            let socks: Vec<std::os::fd::OwnedFd> = (0..n).map(|_| pending::connect(addr)).collect();
             writeln!(out, "connecting {n}").expect("out");
             out.flush().expect("flush");
-            for line in stdin.lock().lines() {
-                match line.as_deref() {
-                    Ok("close") => {
-                        socks.clear();
-                        writeln!(out, "closed").expect("out");
-                        out.flush().expect("flush");
-                    }
-                    Ok("exit") | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            hold(socks, &mut out);
         }
         "forker" => {
             // One socket, then fork: parent and child both hold it.
@@ -447,36 +418,18 @@ pub fn role_main() {
     std::process::exit(0);
 }
 
-/// An IPv4 TCP socket whose non-blocking connect() to `addr` is under way (EINPROGRESS).
-fn pending_connect(addr: SocketAddr) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd as _;
-    let SocketAddr::V4(v4) = addr else {
-        panic!("IPv4 only")
-    };
-    // SAFETY: plain socket calls on an fd this function owns until it is wrapped.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        );
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let remote = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let r = libc::connect(fd, (&raw const remote).cast(), len);
-        let err = std::io::Error::last_os_error();
-        assert!(
-            r == -1 && err.raw_os_error() == Some(libc::EINPROGRESS),
-            "connect {addr}: expected EINPROGRESS, got {r} ({err})"
-        );
-        std::os::fd::OwnedFd::from_raw_fd(fd)
+/// Holds `socks` until stdin says `close` (then closes them and prints `closed`) or `exit`.
+fn hold<T>(mut socks: Vec<T>, out: &mut std::io::Stdout) {
+    for line in std::io::stdin().lock().lines() {
+        match line.as_deref() {
+            Ok("close") => {
+                socks.clear();
+                writeln!(out, "closed").expect("out");
+                out.flush().expect("flush");
+            }
+            Ok("exit") | Err(_) => break,
+            Ok(_) => {}
+        }
     }
 }
 

@@ -26,8 +26,23 @@ impl NetNs {
         };
         ip(&["netns", "add", &name]);
         let me = Self { name };
-        ip(&["-n", &me.name, "link", "set", "lo", "up"]);
+        me.ip(&["link", "set", "lo", "up"]);
         me
+    }
+
+    /// Runs `ip -n <name> <args>` (e.g. to add a link or a neighbour inside).
+    pub fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run ip {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `/run/netns/<name>`, the namespace's file.
