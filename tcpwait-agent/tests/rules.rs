@@ -155,3 +155,92 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
     );
     assert!(process_in(&status(&sock), cli.pid()).is_none());
 }
+
+/// The default rules, with fin_wait2_held at 2 s.
+const FIN_WAIT2_CONFIG: &str = r#"
+[[rules]]
+name = "close_wait_leak"
+state = "CLOSE_WAIT"
+age = "60s"
+count = 100
+
+[[rules]]
+name = "fin_wait2_held"
+state = "FIN_WAIT2"
+age = "2s"
+alertname = "TcpFinWait2Held"
+remedy = "the peer is the one leaking"
+"#;
+
+/// Kernel behaviour: `shutdown(SHUT_WR)` sends our FIN (ESTABLISHED → FIN_WAIT1, in the
+/// caller's context); the peer's ACK moves us to FIN_WAIT2 and the peer to CLOSE_WAIT. While
+/// we hold the fd, FIN_WAIT2 has no timeout (`tcp_fin_timeout` is for orphans); it ends when
+/// the peer closes (its FIN: we go to TIME_WAIT, the full socket to CLOSE).
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_held_fin_wait2_names_the_local_peer_that_never_closes() {
+    require_root();
+    let ns = NetNs::new("finwait2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tcpwait.toml");
+    std::fs::write(&config, FIN_WAIT2_CONFIG).expect("write config");
+    let sock = api_socket("finwait2");
+    let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
+
+    let mut srv = ns.spawn(
+        "server_hold",
+        "tw-hold",
+        &["127.0.0.1:0".into(), "3".into()],
+    );
+    let port: u16 = srv.expect_line("port").parse().expect("port");
+    let mut cli = ns.spawn(
+        "half_close",
+        "tw-halfclose",
+        &[format!("127.0.0.1:{port}"), "3".into()],
+    );
+    cli.expect_line("half-closed");
+    srv.expect_line("accepted");
+    let fired = wait_until(Duration::from_secs(5), || !alerts(&tw).is_empty());
+    assert!(fired, "no alert; stdout {:?}", tw.stdout.snapshot());
+    // Past the firing, nothing else of ours fires (close_wait_leak is at 60 s).
+    std::thread::sleep(Duration::from_millis(300));
+    let all = alerts(&tw);
+    assert_eq!(all.len(), 1, "{all:?}");
+    let a = &all[0];
+    assert_eq!(
+        (&a["alert"], &a["rule"], &a["state"], &a["pid"], &a["count"]),
+        (
+            &"firing".into(),
+            &"fin_wait2_held".into(),
+            &"FIN_WAIT2".into(),
+            &cli.pid().into(),
+            &3.into()
+        )
+    );
+    assert_eq!(a["alertname"], "TcpFinWait2Held");
+    assert_eq!(
+        a["peers"],
+        serde_json::json!([{"addr": "127.0.0.1", "count": 3}])
+    );
+    assert_eq!(
+        a["peer_processes"],
+        serde_json::json!([{"pid": srv.pid(), "comm": "tw-hold", "state": "CLOSE_WAIT", "sockets": 3}])
+    );
+
+    srv.send("close");
+    srv.expect_line("closed");
+    assert!(
+        wait_until(Duration::from_secs(2), || alerts(&tw).len() == 2),
+        "no resolution: {:?}",
+        tw.stdout.snapshot()
+    );
+    let r = &alerts(&tw)[1];
+    assert_eq!(
+        (&r["alert"], &r["rule"], &r["pid"]),
+        (
+            &"resolved".into(),
+            &"fin_wait2_held".into(),
+            &cli.pid().into()
+        )
+    );
+}

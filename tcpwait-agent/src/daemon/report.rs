@@ -189,6 +189,22 @@ pub(super) fn alert_message(
     if !rule.remedy.is_empty() {
         annotations.insert("remedy".to_owned(), rule.remedy.clone());
     }
+    if !a.peer_holders.is_empty() {
+        let holders: Vec<String> = a
+            .peer_holders
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} (pid {}) holds {} {}",
+                    h.process.comm,
+                    h.process.key.pid,
+                    h.count,
+                    h.state.name()
+                )
+            })
+            .collect();
+        annotations.insert("peer_processes".to_owned(), holders.join(", "));
+    }
     AlertMessage {
         key: format!(
             "{}/{}/{}",
@@ -233,6 +249,12 @@ pub(super) fn alert_line(change: &AlertChange, rule: &Rule, now: u64, as_json: b
             "resolved_at_ns": a.resolved_at_ns,
             "now_ns": now,
             "peers": peers(&a.top_peers),
+            "peer_processes": a.peer_holders.iter().map(|h| json!({
+                "pid": h.process.key.pid,
+                "comm": h.process.comm,
+                "state": h.state.name(),
+                "sockets": h.count,
+            })).collect::<Vec<_>>(),
         })
         .to_string();
     }

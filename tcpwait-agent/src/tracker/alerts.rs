@@ -42,6 +42,10 @@ pub struct Alert {
     pub oldest_is_lower_bound: bool,
     /// Remote addresses with the most sockets (at most [`super::TOP_PEERS`]), most first.
     pub top_peers: Vec<(IpAddr, u32)>,
+    /// The local processes holding the other end of these sockets (the reverse tuple in the
+    /// same network namespace), most sockets first: for a FIN_WAIT2 alert, the peer that
+    /// never closes and the CLOSE_WAIT sockets it holds. Empty when the peers are remote.
+    pub peer_holders: Vec<PeerHolder>,
     /// When `count`, the ages and `top_peers` were measured (the last `evaluate` that saw a
     /// change to this process while the alert fired).
     pub as_of_ns: u64,
@@ -51,6 +55,21 @@ pub struct Alert {
     /// figures last measured while it fired.
     pub resolved_at_ns: Option<u64>,
 }
+
+/// A local process holding the other end of some of an alert's sockets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerHolder {
+    /// The process as last known.
+    pub process: ProcessInfo,
+    /// The state of its ends (the state of the first one found).
+    pub state: TcpState,
+    /// How many of the alert's sockets it holds the other end of.
+    pub count: u32,
+}
+
+/// An alert's sockets whose other end is looked up, at most (the oldest first): bounds the
+/// cost of measuring a process that holds very many.
+const PEER_LOOKUPS: usize = 256;
 
 impl Alert {
     /// Age of the oldest socket at `now_ns`.
@@ -150,7 +169,7 @@ impl Engine {
         for key in candidates {
             let rec = procs.by_key(&key);
             for i in 0..self.rules.len() {
-                if let Some(change) = self.evaluate_pair(key, i, rec, table, now_ns) {
+                if let Some(change) = self.evaluate_pair(key, i, (rec, procs), table, now_ns) {
                     changes.push(change);
                 }
                 self.refresh_deadline(key, i, rec);
@@ -163,7 +182,7 @@ impl Engine {
         &mut self,
         key: ProcessKey,
         i: usize,
-        rec: Option<&ProcRecord>,
+        (rec, procs): (Option<&ProcRecord>, &Registry),
         table: &Table,
         now_ns: u64,
     ) -> Option<AlertChange> {
@@ -176,7 +195,7 @@ impl Engine {
             (true, Some(alert)) => {
                 // Still firing: refresh the figures (this pair is dirty or due).
                 if let (Some(rec), Some(o)) = (rec, oldest) {
-                    measure(alert, rec, o, table, now_ns);
+                    measure(alert, rec, o, table, procs, now_ns);
                 }
                 None
             }
@@ -191,11 +210,12 @@ impl Engine {
                     oldest_age_ns: 0,
                     oldest_is_lower_bound: false,
                     top_peers: Vec::new(),
+                    peer_holders: Vec::new(),
                     as_of_ns: now_ns,
                     fired_at_ns: now_ns,
                     resolved_at_ns: None,
                 };
-                measure(&mut alert, rec, o, table, now_ns);
+                measure(&mut alert, rec, o, table, procs, now_ns);
                 self.firing.insert((key, i), alert.clone());
                 Some(AlertChange::Firing(alert))
             }
@@ -210,7 +230,14 @@ impl Engine {
 }
 
 /// Fills an alert's figures from a process's index for the alert's state.
-fn measure(alert: &mut Alert, rec: &ProcRecord, oldest: (u64, u32), table: &Table, now_ns: u64) {
+fn measure(
+    alert: &mut Alert,
+    rec: &ProcRecord,
+    oldest: (u64, u32),
+    table: &Table,
+    procs: &Registry,
+    now_ns: u64,
+) {
     let idx = rec.state(alert.state);
     alert.process = rec.info.clone();
     alert.count = u32::try_from(idx.len()).unwrap_or(u32::MAX);
@@ -218,5 +245,45 @@ fn measure(alert: &mut Alert, rec: &ProcRecord, oldest: (u64, u32), table: &Tabl
     alert.oldest_age_ns = now_ns.saturating_sub(oldest.0);
     alert.oldest_is_lower_bound = table.get(oldest.1).lower_bound();
     alert.top_peers = idx.top_peers();
+    alert.peer_holders = peer_holders(idx.by_age.iter().map(|&(_, slot)| slot), table, procs);
     alert.as_of_ns = now_ns;
+}
+
+/// The local holders of the other ends of `slots` (at most [`PEER_LOOKUPS`] of them).
+fn peer_holders(
+    slots: impl Iterator<Item = u32>,
+    table: &Table,
+    procs: &Registry,
+) -> Vec<PeerHolder> {
+    let mut by_proc: BTreeMap<ProcessKey, PeerHolder> = BTreeMap::new();
+    for slot in slots.take(PEER_LOOKUPS) {
+        let t = table.get(slot).tuple;
+        if !t.indexable() {
+            continue;
+        }
+        let Some(other) = table.find_tuple(&t.reversed()) else {
+            continue;
+        };
+        let state = table.get(other).state;
+        for p in table.owners(other) {
+            let (Some(rec), Some(state)) = (procs.get(p), state) else {
+                continue;
+            };
+            by_proc
+                .entry(rec.info.key)
+                .or_insert_with(|| PeerHolder {
+                    process: rec.info.clone(),
+                    state,
+                    count: 0,
+                })
+                .count += 1;
+        }
+    }
+    let mut out: Vec<PeerHolder> = by_proc.into_values().collect();
+    out.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.process.key.cmp(&b.process.key))
+    });
+    out
 }

@@ -54,7 +54,7 @@ pub struct TrackerConfig {
     /// updated and removed, so space comes back as sockets close. A refused socket that later
     /// shows up in an inet_diag snapshot is added by `reconcile` if there is room.
     pub max_sockets: usize,
-    /// Alerting rules (default: [`Rule::close_wait_leak`]). Their states are the *watched*
+    /// Alerting rules (default: [`Rule::defaults`]). Their states are the *watched*
     /// states: a socket entering one without a known owner asks for owner resolution.
     pub rules: Vec<Rule>,
 }
@@ -63,7 +63,7 @@ impl Default for TrackerConfig {
     fn default() -> Self {
         Self {
             max_sockets: DEFAULT_MAX_SOCKETS,
-            rules: vec![Rule::close_wait_leak()],
+            rules: Rule::defaults(),
         }
     }
 }

@@ -78,7 +78,7 @@ pub struct Rule {
 impl Rule {
     /// The rules in force when the configuration names none.
     pub fn defaults() -> Vec<Self> {
-        vec![Self::close_wait_leak()]
+        vec![Self::close_wait_leak(), Self::fin_wait2_held()]
     }
 
     /// The default rule: CLOSE_WAIT for 60 s or more, or more than 100 CLOSE_WAIT sockets.
@@ -94,6 +94,27 @@ impl Rule {
             remedy: "the peer closed these connections and the process never called close(): \
                      find the code path that drops a connection after read() returns 0 or an \
                      error without closing it"
+                .to_owned(),
+        }
+    }
+
+    /// The default FIN_WAIT2 rule: a process holds a socket in FIN_WAIT2 for 60 s or more. It
+    /// shut down its write side (`shutdown(SHUT_WR)`) and keeps the fd, and the peer never
+    /// sent its FIN: the peer is the one leaking (its end sits in CLOSE_WAIT). An orphaned
+    /// FIN_WAIT2 (after `close()`, bounded by `tcp_fin_timeout`) has no holder and never
+    /// matches a per-process rule.
+    pub fn fin_wait2_held() -> Self {
+        Self {
+            name: "fin_wait2_held".to_owned(),
+            state: TcpState::FinWait2,
+            scope: Scope::Process,
+            max_age_ns: Some(DEFAULT_CLOSE_WAIT_MAX_AGE_NS),
+            max_count: None,
+            alertname: "TcpFinWait2Held".to_owned(),
+            severity: "warning".to_owned(),
+            remedy: "this process shut down its side and waits for the peer's FIN, which never \
+                     comes: the peer is the one leaking (its end sits in CLOSE_WAIT); fix the \
+                     peer process named in peer_processes, or the one on the peer host"
                 .to_owned(),
         }
     }

@@ -109,6 +109,18 @@ impl CompactTuple {
         }
     }
 
+    /// The same connection seen from the other end, in the same namespace: the peer's socket
+    /// when both ends are on this host (loopback, or two local addresses).
+    pub(super) fn reversed(self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            ..self
+        }
+    }
+
     /// The tuple with local port 0: what a connecting socket's CLOSE→SYN_SENT transition
     /// carries, before `inet_hash_connect` picks its port.
     pub(super) fn portless(self) -> Self {

@@ -413,6 +413,7 @@ pub fn role_main() {
             // SAFETY: kill the forked child we own.
             unsafe { libc::kill(child, libc::SIGKILL) };
         }
+        other if pending::role(other, &args, &mut out) => {}
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);

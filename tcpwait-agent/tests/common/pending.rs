@@ -34,3 +34,46 @@ pub fn connect(addr: SocketAddr) -> std::os::fd::OwnedFd {
         std::os::fd::OwnedFd::from_raw_fd(fd)
     }
 }
+
+/// Roles for FIN_WAIT2 held by its owner: `server_hold ADDR N` accepts `N` connections and
+/// holds them, never reading or closing (its ends go to CLOSE_WAIT); `half_close ADDR N`
+/// connects `N` sockets and shuts down their write side (`shutdown(SHUT_WR)`), holding the fds
+/// (FIN_WAIT2 that never ends). Both close on `close`. Returns false for another role.
+pub fn role(role: &str, args: &[String], out: &mut std::io::Stdout) -> bool {
+    use std::{
+        io::Write as _,
+        net::{Shutdown, TcpListener, TcpStream},
+    };
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let socks: Vec<TcpStream> = match role {
+        "server_hold" => {
+            let listener = TcpListener::bind(args[0].as_str()).expect("bind");
+            writeln!(out, "port {}", listener.local_addr().expect("addr").port()).expect("out");
+            out.flush().expect("flush");
+            let socks = (0..n)
+                .map(|_| listener.accept().expect("accept").0)
+                .collect();
+            writeln!(out, "accepted {n}").expect("out");
+            socks
+        }
+        "half_close" => {
+            let addr: SocketAddr = args[0].parse().expect("addr");
+            let socks: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
+            for s in &socks {
+                s.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+            }
+            let ports: Vec<String> = socks
+                .iter()
+                .map(|s| s.local_addr().expect("addr").port().to_string())
+                .collect();
+            writeln!(out, "half-closed {}", ports.join(" ")).expect("out");
+            socks
+        }
+        _ => return false,
+    };
+    out.flush().expect("flush");
+    super::hold(socks, out);
+    true
+}

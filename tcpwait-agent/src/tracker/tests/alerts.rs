@@ -243,3 +243,46 @@ fn status_lists_processes_by_count_then_age_and_unowned_apart() {
     );
     assert_eq!(t.processes(TcpState::Established, 100 * SEC), vec![]);
 }
+
+#[test]
+fn a_fin_wait2_alert_names_the_local_process_holding_the_other_ends() {
+    let mut t = Tracker::new(TrackerConfig::default());
+    for n in 1..=3 {
+        // Our end (pid 20) shut down its write side: FIN_WAIT2 once the peer ACKs the FIN.
+        t.apply(&tr(n, TcpState::Established, TcpState::FinWait1, SEC));
+        t.apply(&tr(n, TcpState::FinWait1, TcpState::FinWait2, SEC));
+        t.set_owners(sock(n), vec![info(20)]);
+        // The other end, same namespace, reversed tuple (pid 30): CLOSE_WAIT, never closed.
+        let mut peer = tr(n, TcpState::Established, TcpState::CloseWait, SEC);
+        peer.sock = sock(100 + n);
+        (peer.saddr, peer.daddr) = (peer.daddr, peer.saddr);
+        (peer.sport, peer.dport) = (peer.dport, peer.sport);
+        t.apply(&peer);
+        t.set_owners(sock(100 + n), vec![info(30)]);
+    }
+    // An orphaned FIN_WAIT2 (its holder called close()) matches no per-process rule.
+    t.apply(&tr(4, TcpState::Established, TcpState::FinWait1, SEC));
+    t.apply(&tr(4, TcpState::FinWait1, TcpState::FinWait2, SEC));
+    let changes = t.evaluate(61 * SEC);
+    let fired: Vec<(&str, u32, u32)> = changes
+        .iter()
+        .map(|c| match c {
+            AlertChange::Firing(a) | AlertChange::Resolved(a) => {
+                (a.rule.as_str(), a.process.key.pid, a.count)
+            }
+        })
+        .collect();
+    assert_eq!(
+        fired,
+        [("fin_wait2_held", 20, 3), ("close_wait_leak", 30, 3)]
+    );
+    let AlertChange::Firing(a) = &changes[0] else {
+        panic!("firing");
+    };
+    let holders: Vec<(u32, TcpState, u32)> = a
+        .peer_holders
+        .iter()
+        .map(|h| (h.process.key.pid, h.state, h.count))
+        .collect();
+    assert_eq!(holders, [(30, TcpState::CloseWait, 3)]);
+}
