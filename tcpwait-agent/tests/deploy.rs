@@ -221,6 +221,7 @@ fn alertmanager_config_passes_amtool_and_routes_the_leak_alerts() {
     // The agent's own alert, and the Prometheus rules' CLOSE_WAIT alerts, reach the team.
     for alertname in [
         "TcpCloseWaitLeak",
+        "TcpFinWait2Held",
         "TcpwaitCloseWaitLeak",
         "TcpwaitCloseWaitPileUp",
     ] {
