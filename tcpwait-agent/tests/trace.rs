@@ -24,8 +24,11 @@ const READY: &str = "tracing TCP state transitions";
 fn records_of_sock(all: &[Value], r: &Value) -> Vec<Value> {
     all.iter()
         .filter(|o| {
+            // A reused socket address is another socket, unless the record is the one with
+            // a port not set yet: a client's before connect() picks its port, and an accepted
+            // socket's LISTEN -> SYN_RECV before Linux 6.15 (no peer yet).
             o["skaddr"] == r["skaddr"]
-                && o["dport"] == r["dport"]
+                && (o["dport"] == r["dport"] || o["dport"] == 0)
                 && (o["sport"] == r["sport"] || o["sport"] == 0)
         })
         .cloned()
