@@ -271,7 +271,8 @@ fn reconciliation_repairs_a_table_that_missed_every_event() {
             .iter()
             .flat_map(|p| p["sockets"].as_array().expect("sockets").clone())
             .chain(st["unowned"].as_array().expect("unowned").iter().cloned())
-            .filter(|s| s["netns"] == host)
+            // The default rules also watch FIN_WAIT2: the server's closed ends are listed.
+            .filter(|s| s["netns"] == host && s["state"] == "CLOSE_WAIT")
             .map(|s| {
                 (
                     s["local"].as_str().expect("local").to_owned(),

@@ -18,6 +18,20 @@ fn common_role_entry() {
     role_main();
 }
 
+/// Waits (2 s at most) for the second alert line of ours, which resolves `rule` for `pid`.
+fn expect_resolved(tw: &Tcpwait, rule: &str, pid: u32) {
+    assert!(
+        wait_until(Duration::from_secs(2), || alerts(tw).len() == 2),
+        "no resolution: {:?}",
+        tw.stdout.snapshot()
+    );
+    let r = &alerts(tw)[1];
+    assert_eq!(
+        (&r["alert"], &r["rule"], &r["pid"]),
+        (&"resolved".into(), &rule.into(), &pid.into())
+    );
+}
+
 const CONFIG: &str = r#"
 [[rules]]
 name = "close_wait_leak"
@@ -139,20 +153,7 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
 
     cli.send("close");
     cli.expect_line("closed");
-    assert!(
-        wait_until(Duration::from_secs(2), || alerts(&tw).len() == 2),
-        "no resolution: {:?}",
-        tw.stdout.snapshot()
-    );
-    let r = &alerts(&tw)[1];
-    assert_eq!(
-        (&r["alert"], &r["rule"], &r["pid"]),
-        (
-            &"resolved".into(),
-            &"connect_stuck".into(),
-            &cli.pid().into()
-        )
-    );
+    expect_resolved(&tw, "connect_stuck", cli.pid());
     assert!(process_in(&status(&sock), cli.pid()).is_none());
 }
 
@@ -229,18 +230,5 @@ fn a_held_fin_wait2_names_the_local_peer_that_never_closes() {
 
     srv.send("close");
     srv.expect_line("closed");
-    assert!(
-        wait_until(Duration::from_secs(2), || alerts(&tw).len() == 2),
-        "no resolution: {:?}",
-        tw.stdout.snapshot()
-    );
-    let r = &alerts(&tw)[1];
-    assert_eq!(
-        (&r["alert"], &r["rule"], &r["pid"]),
-        (
-            &"resolved".into(),
-            &"fin_wait2_held".into(),
-            &cli.pid().into()
-        )
-    );
+    expect_resolved(&tw, "fin_wait2_held", cli.pid());
 }
