@@ -78,7 +78,9 @@ fn init_logging(verbose: u8) {
         EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
     };
     let default = match verbose {
-        0 => "warn",
+        // aya warns when it cannot raise RLIMIT_MEMLOCK after a refused map (kernels before
+        // 5.11, unprivileged): the load error that follows names the cause in one line.
+        0 => "warn,aya::sys::bpf=error",
         1 => "tcpwait=debug,info",
         _ => "trace",
     };

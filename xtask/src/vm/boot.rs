@@ -118,7 +118,10 @@ pub(super) fn kvm_works(vm: &Path, k: &Kernel, busybox: &Path) -> Result<(bool, 
     {
         return Ok((
             answer == "works",
-            format!("{answer} here (cached in {}; delete it to probe again)", cache.display()),
+            format!(
+                "{answer} here (cached in {}; delete it to probe again)",
+                cache.display()
+            ),
         ));
     }
     let dir = vm.join("run/kvm-probe");
@@ -129,7 +132,14 @@ pub(super) fn kvm_works(vm: &Path, k: &Kernel, busybox: &Path) -> Result<(bool, 
     let console = dir.join("console.log");
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512"])
-        .args(["-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .args([
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
