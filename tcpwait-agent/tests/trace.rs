@@ -221,8 +221,10 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
     require_root();
     const N: usize = 20;
     let mut tw = Tcpwait::start(&["trace", "--json", "--test-compare"], READY);
+    let mut ports = Vec::new();
     for ip in ["127.0.0.1", "::1"] {
         let (mut srv, port) = server("tw-server", &format!("{ip}:0"), N);
+        ports.push(serde_json::Value::from(port));
         let addr: SocketAddr = format!("{ip}:{port}")
             .replace("::1:", "[::1]:")
             .parse()
@@ -247,7 +249,9 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
     };
     let mut counts = std::collections::HashMap::<String, usize>::new();
     for r in tw.json() {
-        if r["comm"] == "tw-client" || r["comm"] == "tw-server" || r["sport"] != 0 {
+        // This test's connections only: on a shared host, others' transitions in flight when
+        // the trace stops reach one program and not the others.
+        if ports.contains(&r["sport"]) || ports.contains(&r["dport"]) {
             *counts.entry(key(&r)).or_default() += 1;
         }
     }
