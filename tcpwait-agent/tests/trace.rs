@@ -234,11 +234,11 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         cli.send("close");
         cli.expect_line("closed");
     }
-    assert!(wait_until(Duration::from_secs(5), || tw
-        .stdout
-        .snapshot()
-        .len()
-        >= 3 * 2 * 10 * N));
+    // Not asserted: a nested transition reaches only the rescue program, so one short of
+    // three copies each is legitimate (the counts below decide); it only costs the wait.
+    let _ = wait_until(Duration::from_secs(5), || {
+        tw.stdout.snapshot().len() >= 3 * 2 * 10 * N
+    });
     assert_eq!(tw.stop(libc::SIGINT), 0);
     let key = |r: &Value| {
         let mut r = r.clone();
