@@ -30,7 +30,9 @@ static QUEUE: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
 /// Sets up logging; `verbose` is the number of `-v` flags.
 pub fn init(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // aya warns when it cannot raise RLIMIT_MEMLOCK after a refused map (kernels before
+        // 5.11, unprivileged): the load error that follows names the cause in one line.
+        0 => "warn,aya::sys::bpf=error",
         1 => "tcpwait=debug,info",
         _ => "trace",
     };

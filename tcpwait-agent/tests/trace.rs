@@ -234,7 +234,7 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
     let mut ports = Vec::new();
     for ip in ["127.0.0.1", "::1"] {
         let (mut srv, port) = server("tw-server", &format!("{ip}:0"), N);
-        ports.push(port);
+        ports.push(serde_json::Value::from(port));
         let addr: SocketAddr = format!("{ip}:{port}")
             .replace("::1:", "[::1]:")
             .parse()
@@ -244,11 +244,11 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         cli.send("close");
         cli.expect_line("closed");
     }
-    assert!(wait_until(Duration::from_secs(5), || tw
-        .stdout
-        .snapshot()
-        .len()
-        >= 3 * 2 * 10 * N));
+    // Not asserted: a nested transition reaches only the rescue program, so one short of
+    // three copies each is legitimate (the counts below decide); it only costs the wait.
+    let _ = wait_until(Duration::from_secs(5), || {
+        tw.stdout.snapshot().len() >= 3 * 2 * 10 * N
+    });
     assert_eq!(tw.stop(libc::SIGINT), 0);
     let key = |r: &Value| {
         let mut r = r.clone();
@@ -264,15 +264,17 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
     let all = tw.json();
     let of_ours: Vec<&Value> = all
         .iter()
-        .filter(|r| ports.iter().any(|&p| r["sport"] == p || r["dport"] == p))
+        .filter(|r| ports.contains(&r["sport"]) || ports.contains(&r["dport"]))
         .collect();
     assert!(of_ours.len() >= 3 * 2 * 10 * N, "{}", of_ours.len());
     for r in of_ours {
         assert_eq!(r["netns"], host, "{r}");
     }
     let mut counts = std::collections::HashMap::<String, usize>::new();
-    for r in all {
-        if r["comm"] == "tw-client" || r["comm"] == "tw-server" || r["sport"] != 0 {
+    for r in tw.json() {
+        // This test's connections only: on a shared host, others' transitions in flight when
+        // the trace stops reach one program and not the others.
+        if ports.contains(&r["sport"]) || ports.contains(&r["dport"]) {
             *counts.entry(key(&r)).or_default() += 1;
         }
     }
@@ -321,7 +323,7 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
 
 #[test]
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
-fn a_loopback_stress_loses_and_duplicates_nothing() {
+fn a_loopback_stress_loses_nothing_and_duplicates_at_most_what_it_rescued() {
     // Four client threads connect and close as fast as they can against one listener that
     // closes first, so transitions run in softirq while the program already runs on the same
     // CPU (nested transitions: the main program skipped for them and the rescue program
@@ -369,10 +371,33 @@ fn a_loopback_stress_loses_and_duplicates_nothing() {
     let summary = tw.stderr.snapshot().join("\n");
     assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
     let all = tw.json();
-    // Exactly n of each edge: a duplicate makes one edge's count too high, a loss too low (a
-    // freed socket's address and a client port are reused within the run, so no per-socket
-    // key identifies a transition).
+    // n of each edge, none lost: a loss makes an edge's count too low (a freed socket's
+    // address and a client port are reused within the run, so no per-socket key identifies a
+    // transition). An edge's count may be higher only by the rescue program's known duplicate
+    // (tcpwait-ebpf handled.rs, "What is left": a transition of another socket in the same
+    // slot, nested between the main program's mark and the rescue program's check): each
+    // extra record must be an exact copy of another, and there are at most as many as the
+    // transitions rescued. Kernels without the rescue program must be exact.
+    let rescued: usize = summary
+        .rsplit(" nested transitions rescued")
+        .nth(1)
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary says how many were rescued");
     let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
+    let key = |r: &Value| {
+        let mut r = r.clone();
+        let obj = r.as_object_mut().expect("object");
+        obj.remove("ts_ns");
+        obj.remove("ms_in_old");
+        r.to_string()
+    };
+    let mut copies = std::collections::HashMap::<String, usize>::new();
+    for r in &all {
+        *copies.entry(key(r)).or_default() += 1;
+    }
+    let doubled: usize = copies.values().map(|c| c - 1).sum();
+    let mut extra = 0;
     for edge in [
         "CLOSE>SYN_SENT",
         "SYN_SENT>ESTABLISHED",
@@ -385,14 +410,27 @@ fn a_loopback_stress_loses_and_duplicates_nothing() {
         "FIN_WAIT1>FIN_WAIT2",
         "FIN_WAIT2>CLOSE",
     ] {
-        assert_eq!(count(edge), n, "{edge}; {summary}");
+        let c = count(edge);
+        assert!(c >= n, "{edge}: {c} of {n}; {summary}");
+        extra += c - n;
     }
-    assert_eq!(all.len(), expected, "{summary}");
+    assert_eq!(all.len(), expected + extra, "{summary}");
     assert!(
-        summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
+        extra <= rescued && extra <= doubled,
+        "{extra} extra records, {rescued} rescued, {doubled} exact copies; {summary}"
+    );
+    if !kernel_counts_recursion() {
+        assert_eq!(extra, 0, "no rescue program here: exact; {summary}");
+    }
+    let printed = expected + extra;
+    assert!(
+        summary.contains(&format!(", {printed} printed,{}", no_loss_summary())),
         "{summary}"
     );
-    eprintln!("stress: {}", summary.lines().last().unwrap_or_default());
+    eprintln!(
+        "stress: {extra} duplicates; {}",
+        summary.lines().last().unwrap_or_default()
+    );
 }
 
 #[test]

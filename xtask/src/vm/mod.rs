@@ -21,9 +21,52 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// The test targets whose privileged tests exercise the kernel: every test in them runs, so a
-/// test added there joins the matrix without touching this file.
-const TARGETS: &[&str] = &["trace", "daemon"];
+/// What marks a test that exercises the kernel (its `#[ignore]` reason). Every test target of
+/// `tcpwait-agent/tests/` with such a test runs in the matrix, all its tests: a test or a file
+/// added there joins without touching this file.
+const KERNEL_MARK: &str = "needs root and the real kernel";
+
+/// Test targets with kernel tests that stay on the host, and why. The last two failed in the
+/// guests on 2026-12-05 on deadlines that software emulation on two busy cores does not meet;
+/// they join once their deadlines allow for it.
+const HOST_ONLY: &[(&str, &str)] = &[
+    (
+        "monitoring",
+        "tier 3, starts Prometheus and Alertmanager; the daemon tier covers its kernel side",
+    ),
+    (
+        "files",
+        "SIGTERM must exit within 2 s, too tight under emulation",
+    ),
+    (
+        "tail",
+        "a stuck client's delay is timed, too tight under emulation",
+    ),
+];
+
+/// The test targets the guests run (see [`KERNEL_MARK`]), sorted.
+fn targets(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("tcpwait-agent/tests");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = e?.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".rs"))
+        else {
+            continue;
+        };
+        if HOST_ONLY.iter().any(|(t, _)| *t == name) {
+            continue;
+        }
+        if std::fs::read_to_string(&path)?.contains(KERNEL_MARK) {
+            out.push(name.to_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// Options of `cargo xtask vm-test`.
 pub struct Options {
@@ -90,7 +133,17 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         }
     );
     crate::cargo(root, &["build", "--release", "--package", "tcpwait-agent"])?;
-    let bins = test_binaries(root)?;
+    let targets = targets(root)?;
+    eprintln!(
+        "xtask vm: test targets in the guests: {} (on the host only: {})",
+        targets.join(", "),
+        HOST_ONLY
+            .iter()
+            .map(|(t, why)| format!("{t}, {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let bins = test_binaries(root, &targets)?;
     let script = run_script(root, &bins);
     let kvm = match opts.accel {
         Accel::Kvm => true,
@@ -134,9 +187,9 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Builds the test binaries of [`TARGETS`] (and the release `tcpwait` they run); returns their
+/// Builds the test binaries of `targets` (and the release `tcpwait` they run); returns their
 /// paths.
-fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+fn test_binaries(root: &Path, targets: &[String]) -> Result<Vec<(String, PathBuf)>> {
     let mut args = vec![
         "test",
         "--no-run",
@@ -147,8 +200,8 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
         "--package",
         "tcpwait-agent",
     ];
-    for t in TARGETS {
-        args.extend(["--test", t]);
+    for t in targets {
+        args.extend(["--test", t.as_str()]);
     }
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(&args)
@@ -161,7 +214,7 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut bins = Vec::new();
-    for t in TARGETS {
+    for t in targets {
         // cargo's JSON messages: one compiler-artifact line per target; the executable's path
         // has no quote in it.
         let line = text
@@ -178,14 +231,14 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             .nth(1)
             .and_then(|s| s.split('"').next())
             .with_context(|| format!("no executable path for {t}"))?;
-        bins.push(((*t).to_owned(), PathBuf::from(exe)));
+        bins.push((t.clone(), PathBuf::from(exe)));
     }
     Ok(bins)
 }
 
 /// The script the guest (and the host row) runs, with the output directory as `$1`: the
 /// kernel release, the release binary's start-up and summary lines (which programs it attached,
-/// and what it warned about), then every privileged test of [`TARGETS`].
+/// and what it warned about), then every test of the given targets.
 fn run_script(root: &Path, bins: &[(String, PathBuf)]) -> String {
     let tcpwait = root.join("target/release/tcpwait");
     let mut s = format!(
@@ -239,6 +292,15 @@ fn host_row(vm: &Path, script: &str) -> Result<Row> {
 /// Reads what a run left in `out`.
 fn read_results(out: &Path, secs: f64) -> Row {
     let read = |n: &str| std::fs::read_to_string(out.join(n)).unwrap_or_default();
+    let mut logs: Vec<String> = std::fs::read_dir(out)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("tests-") && n.ends_with(".log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
     let startup = read("startup.log");
     let programs = startup
         .lines()
@@ -279,8 +341,8 @@ fn read_results(out: &Path, secs: f64) -> Row {
         .filter(|l| !l.ends_with("exit status 0"))
         .map(|l| l.trim().to_owned())
         // What the tests print about the kernel (the stress test: nested transitions seen).
-        .chain(TARGETS.iter().flat_map(|t| {
-            read(&format!("tests-{t}.log"))
+        .chain(logs.iter().flat_map(|log| {
+            read(log)
                 .lines()
                 .filter(|l| l.starts_with("stress: "))
                 .map(str::to_owned)
@@ -288,8 +350,9 @@ fn read_results(out: &Path, secs: f64) -> Row {
         }))
         .collect();
     let (mut passed, mut failed) = (0, Vec::new());
-    for t in TARGETS {
-        for l in read(&format!("tests-{t}.log")).lines() {
+    for log in &logs {
+        let t = log.trim_start_matches("tests-").trim_end_matches(".log");
+        for l in read(log).lines() {
             let Some(rest) = l.strip_prefix("test ") else {
                 continue;
             };
