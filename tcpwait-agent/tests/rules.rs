@@ -18,6 +18,17 @@ fn common_role_entry() {
     role_main();
 }
 
+/// `tcpwait run` with the configuration file `text` (kept in the returned directory), serving
+/// its API on a socket of its own.
+fn daemon_with_config(name: &str, text: &str) -> (tempfile::TempDir, String, Tcpwait) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tcpwait.toml");
+    std::fs::write(&config, text).expect("write config");
+    let sock = api_socket(name);
+    let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
+    (dir, sock, tw)
+}
+
 /// Waits (2 s at most) for the second alert line of ours, which resolves `rule` for `pid`.
 fn expect_resolved(tw: &Tcpwait, rule: &str, pid: u32) {
     assert!(
@@ -67,11 +78,7 @@ fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
         "nud",
         "permanent",
     ]);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("tcpwait.toml");
-    std::fs::write(&config, CONFIG).expect("write config");
-    let sock = api_socket("rules");
-    let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
+    let (_dir, sock, tw) = daemon_with_config("rules", CONFIG);
 
     let mut cli = ns.spawn(
         "connect_pending",
@@ -182,11 +189,7 @@ remedy = "the peer is the one leaking"
 fn a_held_fin_wait2_names_the_local_peer_that_never_closes() {
     require_root();
     let ns = NetNs::new("finwait2");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("tcpwait.toml");
-    std::fs::write(&config, FIN_WAIT2_CONFIG).expect("write config");
-    let sock = api_socket("finwait2");
-    let tw = daemon(&sock, &["--config", config.to_str().expect("utf-8")]);
+    let (_dir, sock, tw) = daemon_with_config("finwait2", FIN_WAIT2_CONFIG);
 
     let mut srv = ns.spawn(
         "server_hold",
@@ -227,6 +230,15 @@ fn a_held_fin_wait2_names_the_local_peer_that_never_closes() {
         a["peer_processes"],
         serde_json::json!([{"pid": srv.pid(), "comm": "tw-hold", "state": "CLOSE_WAIT", "sockets": 3}])
     );
+
+    // status: one section per watched state, each end under its own.
+    let st = status(&sock);
+    let state_count = |pid: u32| {
+        let p = process_in(&st, pid).expect("listed");
+        (p["state"].clone(), p["count"].clone())
+    };
+    assert_eq!(state_count(cli.pid()), ("FIN_WAIT2".into(), 3.into()));
+    assert_eq!(state_count(srv.pid()), ("CLOSE_WAIT".into(), 3.into()));
 
     srv.send("close");
     srv.expect_line("closed");
