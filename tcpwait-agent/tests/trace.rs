@@ -192,26 +192,10 @@ fn every_transition_of_n_connections_is_captured() {
     );
 
     let all = tw.json();
-    assert_eq!(
-        all.len(),
-        expected,
-        "exactly 10 per connection + 2 for the listener"
-    );
+    // Exactly 10 per connection + 2 for the listener, but for the rescue program's known
+    // duplicate (an exact copy, counted in the summary's rescues).
+    edges_exact_but_rescued_copies(&all, N, expected, &summary);
     let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
-    for edge in [
-        "CLOSE>SYN_SENT",
-        "SYN_SENT>ESTABLISHED",
-        "ESTABLISHED>CLOSE_WAIT",
-        "CLOSE_WAIT>LAST_ACK",
-        "LAST_ACK>CLOSE",
-        "LISTEN>SYN_RECV",
-        "SYN_RECV>ESTABLISHED",
-        "ESTABLISHED>FIN_WAIT1",
-        "FIN_WAIT1>FIN_WAIT2",
-        "FIN_WAIT2>CLOSE",
-    ] {
-        assert_eq!(count(edge), N, "{edge}");
-    }
     assert_eq!((count("CLOSE>LISTEN"), count("LISTEN>CLOSE")), (1, 1));
     assert!(
         summary.contains(&format!(", {expected} printed,{}", no_loss_summary())),
@@ -266,7 +250,8 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         .iter()
         .filter(|r| ports.contains(&r["sport"]) || ports.contains(&r["dport"]))
         .collect();
-    assert!(of_ours.len() >= 3 * 2 * 10 * N, "{}", of_ours.len());
+    // At least one copy of each transition (the triples are counted below).
+    assert!(of_ours.len() >= 2 * 10 * N, "{}", of_ours.len());
     for r in of_ours {
         assert_eq!(r["netns"], host, "{r}");
     }
@@ -378,50 +363,7 @@ fn a_loopback_stress_loses_nothing_and_duplicates_at_most_what_it_rescued() {
     // slot, nested between the main program's mark and the rescue program's check): each
     // extra record must be an exact copy of another, and there are at most as many as the
     // transitions rescued. Kernels without the rescue program must be exact.
-    let rescued: usize = summary
-        .rsplit(" nested transitions rescued")
-        .nth(1)
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the summary says how many were rescued");
-    let count = |edge: &str| edges(&all).iter().filter(|e| *e == edge).count();
-    let key = |r: &Value| {
-        let mut r = r.clone();
-        let obj = r.as_object_mut().expect("object");
-        obj.remove("ts_ns");
-        obj.remove("ms_in_old");
-        r.to_string()
-    };
-    let mut copies = std::collections::HashMap::<String, usize>::new();
-    for r in &all {
-        *copies.entry(key(r)).or_default() += 1;
-    }
-    let doubled: usize = copies.values().map(|c| c - 1).sum();
-    let mut extra = 0;
-    for edge in [
-        "CLOSE>SYN_SENT",
-        "SYN_SENT>ESTABLISHED",
-        "ESTABLISHED>CLOSE_WAIT",
-        "CLOSE_WAIT>LAST_ACK",
-        "LAST_ACK>CLOSE",
-        "LISTEN>SYN_RECV",
-        "SYN_RECV>ESTABLISHED",
-        "ESTABLISHED>FIN_WAIT1",
-        "FIN_WAIT1>FIN_WAIT2",
-        "FIN_WAIT2>CLOSE",
-    ] {
-        let c = count(edge);
-        assert!(c >= n, "{edge}: {c} of {n}; {summary}");
-        extra += c - n;
-    }
-    assert_eq!(all.len(), expected + extra, "{summary}");
-    assert!(
-        extra <= rescued && extra <= doubled,
-        "{extra} extra records, {rescued} rescued, {doubled} exact copies; {summary}"
-    );
-    if !kernel_counts_recursion() {
-        assert_eq!(extra, 0, "no rescue program here: exact; {summary}");
-    }
+    let extra = edges_exact_but_rescued_copies(&all, n, expected, &summary);
     let printed = expected + extra;
     assert!(
         summary.contains(&format!(", {printed} printed,{}", no_loss_summary())),
@@ -629,4 +571,64 @@ fn without_namespace_offsets_every_netns_is_null_and_the_start_says_so() {
         .position(|l| l.contains(READY))
         .expect("ready line");
     assert!(said.len() == 1 && said[0] < ready, "{stderr:?}");
+}
+
+/// Checks `all`, the records of `n` loopback connections and one listener (`expected` in all):
+/// n of each connection edge, none lost (a loss makes an edge's count too low; a freed
+/// socket's address and a client port are reused within a run, so no per-socket key
+/// identifies a transition). An edge's count may be higher only by the rescue program's known
+/// duplicate (tcpwait-ebpf handled.rs, "What is left"): each extra record must be an exact copy
+/// of another, and there are at most as many as the transitions rescued; kernels without the
+/// rescue program must be exact. Returns the extra records.
+fn edges_exact_but_rescued_copies(
+    all: &[Value],
+    n: usize,
+    expected: usize,
+    summary: &str,
+) -> usize {
+    let rescued: usize = summary
+        .rsplit(" nested transitions rescued")
+        .nth(1)
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary says how many were rescued");
+    let count = |edge: &str| edges(all).iter().filter(|e| *e == edge).count();
+    let key = |r: &Value| {
+        let mut r = r.clone();
+        let obj = r.as_object_mut().expect("object");
+        obj.remove("ts_ns");
+        obj.remove("ms_in_old");
+        r.to_string()
+    };
+    let mut copies = std::collections::HashMap::<String, usize>::new();
+    for r in all {
+        *copies.entry(key(r)).or_default() += 1;
+    }
+    let doubled: usize = copies.values().map(|c| c - 1).sum();
+    let mut extra = 0;
+    for edge in [
+        "CLOSE>SYN_SENT",
+        "SYN_SENT>ESTABLISHED",
+        "ESTABLISHED>CLOSE_WAIT",
+        "CLOSE_WAIT>LAST_ACK",
+        "LAST_ACK>CLOSE",
+        "LISTEN>SYN_RECV",
+        "SYN_RECV>ESTABLISHED",
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
+    ] {
+        let c = count(edge);
+        assert!(c >= n, "{edge}: {c} of {n}; {summary}");
+        extra += c - n;
+    }
+    assert_eq!(all.len(), expected + extra, "{summary}");
+    assert!(
+        extra <= rescued && extra <= doubled,
+        "{extra} extra records, {rescued} rescued, {doubled} exact copies; {summary}"
+    );
+    if !kernel_counts_recursion() {
+        assert_eq!(extra, 0, "no rescue program here: exact; {summary}");
+    }
+    extra
 }
