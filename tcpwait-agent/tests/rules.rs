@@ -64,7 +64,11 @@ remedy = "nothing answers the SYNs: check the route and firewalls toward the pee
 fn a_syn_sent_rule_given_only_in_config_fires_and_resolves() {
     require_root();
     let ns = NetNs::new("synsent");
-    ns.ip(&["link", "add", "tw0", "type", "veth", "peer", "name", "tw1"]);
+    if let Err(e) = ns.try_ip(&["link", "add", "tw0", "type", "veth", "peer", "name", "tw1"]) {
+        // The kernel-matrix VMs boot without the veth module.
+        eprintln!("SKIPPED: this kernel has no veth links ({e})");
+        return;
+    }
     ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "tw0"]);
     ns.ip(&["link", "set", "tw0", "up"]);
     ns.ip(&[

@@ -32,17 +32,26 @@ impl NetNs {
 
     /// Runs `ip -n <name> <args>` (e.g. to add a link or a neighbour inside).
     pub fn ip(&self, args: &[&str]) {
+        if let Err(e) = self.try_ip(args) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`NetNs::ip`], returning its error (e.g. a link type this kernel lacks).
+    pub fn try_ip(&self, args: &[&str]) -> Result<(), String> {
         let out = Command::new("ip")
             .args(["-n", &self.name])
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("run ip {args:?}: {e}"));
-        assert!(
-            out.status.success(),
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "ip -n {} {args:?}: {}",
             self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 
     /// `/run/netns/<name>`, the namespace's file.
