@@ -418,18 +418,45 @@ fn without_kernel_btf_the_classic_tracepoint_captures_every_transition() {
         summary.contains("no kernel BTF: transitions the kernel skips as nested are "),
         "{summary}"
     );
-    assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
-    assert_eq!(tw.json().len(), expected, "{summary}");
     // The classic tracepoint's guard counts what it skips from Linux 6.7 (dd8657894c11):
-    // before, the count is unknown, not 0.
+    // before, the count is unknown, not 0. Without the rescue program a transition nested in
+    // the program on its CPU is skipped (rarely on the host, more under emulation): counted,
+    // printed + counted == expected exactly; where it cannot be counted, nothing may be missed.
     let counted = kernel_version() >= (6, 7);
+    let printed = tw.json().len();
+    let misses: usize = if counted {
+        summary
+            .split("kernel recursion misses: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the summary counts recursion misses")
+    } else {
+        0
+    };
     assert!(
-        summary.contains(&format!(
-            ", {expected} printed,{}",
-            no_loss_summary_counted(counted)
-        )),
-        "{summary}"
+        all_seen || misses > 0,
+        "saw {}; {summary}",
+        tw.stdout.snapshot().len()
     );
+    assert_eq!(printed + misses, expected, "{summary}");
+    if misses == 0 {
+        assert!(
+            summary.contains(&format!(
+                ", {expected} printed,{}",
+                no_loss_summary_counted(counted)
+            )),
+            "{summary}"
+        );
+    } else {
+        assert!(
+            summary.contains(&format!(
+                ", {printed} printed, {misses} lost (ring buffer full: 0, kernel recursion \
+                 misses: {misses}, malformed: 0)"
+            )),
+            "{summary}"
+        );
+    }
 }
 
 /// Records of one connection to a server on `port`: the listener's (remote port 0), the

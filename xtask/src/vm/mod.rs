@@ -47,6 +47,22 @@ const HOST_ONLY: &[(&str, &str)] = &[
         "100,000 connections and status answers timed within 1 s: minutes and too tight under \
          emulation; the daemon tier covers its kernel side",
     ),
+    (
+        "budget",
+        "1,100 connections to the metrics port, timed: the agent's own limits, not the kernel's",
+    ),
+    (
+        "delivery",
+        "retry and shutdown timing of alert delivery: nothing kernel-specific",
+    ),
+    (
+        "inputs",
+        "bounded inputs (config, API, clients): nothing kernel-specific",
+    ),
+    (
+        "escaping",
+        "text escaping of process names: nothing kernel-specific",
+    ),
 ];
 
 /// The test targets the guests run (see [`KERNEL_MARK`]), sorted.
