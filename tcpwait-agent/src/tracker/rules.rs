@@ -76,9 +76,12 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// The rules in force when the configuration names none.
+    /// The rules in force when the configuration names none. [`Rule::fin_wait2_held`] is not
+    /// among them yet: watching FIN_WAIT2 puts every active close of the host through owner
+    /// settling and reconciliation, whose cost the default benchmark has not measured yet; it
+    /// is one `[[rules]]` entry away (`config --print-default` shows it, commented out).
     pub fn defaults() -> Vec<Self> {
-        vec![Self::close_wait_leak(), Self::fin_wait2_held()]
+        vec![Self::close_wait_leak()]
     }
 
     /// The default rule: CLOSE_WAIT for 60 s or more, or more than 100 CLOSE_WAIT sockets.

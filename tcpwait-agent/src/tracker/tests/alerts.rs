@@ -246,7 +246,10 @@ fn status_lists_processes_by_count_then_age_and_unowned_apart() {
 
 #[test]
 fn a_fin_wait2_alert_names_the_local_process_holding_the_other_ends() {
-    let mut t = Tracker::new(TrackerConfig::default());
+    let mut t = Tracker::new(TrackerConfig {
+        rules: vec![Rule::close_wait_leak(), Rule::fin_wait2_held()],
+        ..TrackerConfig::default()
+    });
     for n in 1..=3 {
         // Our end (pid 20) shut down its write side: FIN_WAIT2 once the peer ACKs the FIN.
         t.apply(&tr(n, TcpState::Established, TcpState::FinWait1, SEC));
