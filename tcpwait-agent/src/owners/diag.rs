@@ -155,12 +155,10 @@ pub fn lookup_on(
     } else {
         AF_INET6
     };
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    header.sequence_number = 3;
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
+    let bytes = encode(
+        NLM_F_REQUEST,
+        3,
+        InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
@@ -174,12 +172,8 @@ pub fn lookup_on(
                 // INET_DIAG_NOCOOKIE: match by tuple alone.
                 cookie: [0xff; 8],
             },
-        })
-        .into(),
+        },
     );
-    packet.finalize();
-    let mut bytes = vec![0u8; packet.buffer_len()];
-    packet.serialize(&mut bytes);
     socket.send(&bytes, 0).map_err(DiagError::Send)?;
     let mut buf = vec![0u8; RECV_BUF];
     let len = recv_datagram(socket, &mut buf)?;
@@ -225,12 +219,10 @@ fn state_mask(states: &[TcpState]) -> u32 {
 
 /// One `SOCK_DIAG_BY_FAMILY` dump request (`struct inet_diag_req_v2`) for TCP in `family`.
 fn request(family: u8, states: &[TcpState], seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
+    encode(
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
@@ -241,9 +233,16 @@ fn request(family: u8, states: &[TcpState], seq: u32) -> Vec<u8> {
             } else {
                 SocketId::new_v6()
             },
-        })
-        .into(),
-    );
+        },
+    )
+}
+
+/// A request as netlink bytes, with header `flags` and sequence number `seq`.
+fn encode(flags: u16, seq: u32, request: InetRequest) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
     packet.finalize();
     let mut bytes = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut bytes);
