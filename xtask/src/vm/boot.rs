@@ -15,6 +15,13 @@ use super::{
     read_results,
 };
 
+/// The checkout: `vm` is its `.build/vm`.
+fn workspace(vm: &Path) -> &Path {
+    vm.parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| Path::new("/"))
+}
+
 /// A guest that has not powered off by then is killed and reported broken. Under TCG on two
 /// shared cores a kernel's tiers take 1–2 minutes.
 const DEADLINE: Duration = Duration::from_secs(420);
@@ -25,7 +32,7 @@ pub(super) fn run(vm: &Path, k: &Kernel, busybox: &Path, script: &str, kvm: bool
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("run.sh"), script)?;
     let initrd = vm.join("kernels").join(k.series).join("initramfs.cpio");
-    initramfs::build(busybox, &k.modules, &initrd)?;
+    initramfs::build(busybox, &k.modules, workspace(vm), &initrd)?;
     let console = out.join("console.log");
     eprintln!(
         "xtask vm: booting Debian {} ({}), console in {}",
@@ -128,7 +135,7 @@ pub(super) fn kvm_works(vm: &Path, k: &Kernel, busybox: &Path) -> Result<(bool, 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("initramfs.cpio");
-    initramfs::build(busybox, &k.modules, &initrd)?;
+    initramfs::build(busybox, &k.modules, workspace(vm), &initrd)?;
     let console = dir.join("console.log");
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512"])

@@ -18,7 +18,7 @@ pub const GUEST_OUT: &str = "/tmp/vmout";
 /// share, bring up loopback, chroot and run `run.sh` from the output share, power off.
 /// Markers on the console (`TCPWAIT-VM …`) let the host tell a boot that never reached the
 /// tests from a test failure.
-fn init_script(modules: &[String]) -> String {
+fn init_script(modules: &[String], workspace: &Path) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -37,11 +37,14 @@ fn init_script(modules: &[String]) -> String {
         "mkdir -p /host\n\
          mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 {ROOT_TAG} /host \
            || {{ echo TCPWAIT-VM cannot mount the host root; poweroff -f; }}\n\
+         mkdir -p /ws && mount -o bind /host{ws} /ws\n\
          mount -t proc proc /host/proc\n\
          mount -t sysfs sysfs /host/sys\n\
          mount -t devtmpfs dev /host/dev\n\
          mount -t tmpfs tmp /host/tmp\n\
          mount -t tmpfs run /host/run\n\
+         mkdir -p /host{ws} 2>/dev/null; mount -o bind /ws /host{ws} \
+           || {{ echo TCPWAIT-VM cannot show the workspace {ws}; poweroff -f; }}\n\
          mkdir -p /host{GUEST_OUT}\n\
          mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {OUT_TAG} /host{GUEST_OUT} \
            || {{ echo TCPWAIT-VM cannot mount the output share; poweroff -f; }}\n\
@@ -50,13 +53,21 @@ fn init_script(modules: &[String]) -> String {
          chroot /host /bin/sh {GUEST_OUT}/run.sh {GUEST_OUT}\n\
          echo TCPWAIT-VM tests done $?\n\
          sync\n\
-         poweroff -f\n"
+         poweroff -f\n",
+        ws = workspace.display()
     ));
     s
 }
 
 /// Writes the initramfs for one kernel to `out`.
-pub fn build(busybox: &Path, modules: &[std::path::PathBuf], out: &Path) -> Result<()> {
+/// `workspace` (the checkout whose test binaries run) is bound back into the guest after its
+/// fresh /tmp and /run are mounted: a clone under /tmp stays visible there.
+pub fn build(
+    busybox: &Path,
+    modules: &[std::path::PathBuf],
+    workspace: &Path,
+    out: &Path,
+) -> Result<()> {
     let mut c = Cpio::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "modules"] {
         c.dir(d);
@@ -76,7 +87,7 @@ pub fn build(busybox: &Path, modules: &[std::path::PathBuf], out: &Path) -> Resu
         c.file(&format!("modules/{name}"), 0o644, &data);
         names.push(name);
     }
-    c.file("init", 0o755, init_script(&names).as_bytes());
+    c.file("init", 0o755, init_script(&names, workspace).as_bytes());
     std::fs::write(out, c.finish()).with_context(|| format!("write {}", out.display()))
 }
 
