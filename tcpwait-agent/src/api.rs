@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::{
     event::Transition,
     filter::Filter,
-    output::{OwnerView, TransitionRecord},
+    output::{OwnerView, TransitionRecord, WallTime},
 };
 
 /// Default path of the API socket.
@@ -83,13 +83,28 @@ pub enum TailLine<'a> {
 #[derive(Clone, Debug)]
 pub struct TailItem {
     pub transition: Transition,
+    /// The transition's wall-clock time, by the daemon's clock.
+    pub time: WallTime,
     pub ns_in_old: Option<u64>,
     pub owner: Option<OwnerView>,
 }
 
+/// The version of the `status --json` schema.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
+
 /// The `status` answer.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The version of this schema ([`STATUS_SCHEMA_VERSION`]); 0 from an agent that
+    /// predates it. Raised when a key changes meaning or goes; new keys keep it.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// When the report was taken: CLOCK_MONOTONIC ns.
+    #[serde(default)]
+    pub now_ns: u64,
+    /// `now_ns` as wall-clock time.
+    #[serde(default)]
+    pub time: Option<WallTime>,
     /// Seconds since the daemon started.
     pub uptime_s: f64,
     /// Sockets in the daemon's table.
@@ -492,7 +507,12 @@ fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<
     if !filter.matches(&item.transition, owner) {
         return Ok(());
     }
-    let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+    let record = TransitionRecord::new(
+        &item.transition,
+        item.ns_in_old,
+        item.owner.as_ref(),
+        item.time,
+    );
     crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 

@@ -293,7 +293,7 @@ fn promtool_accepts_the_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
     for name in [
-        "tcpwait_sockets{state=\"CLOSE_WAIT\"}",
+        "tcpwait_sockets{state=\"close_wait\"}",
         "tcpwait_transitions_total{",
         "tcpwait_process_oldest_close_wait_age_seconds{",
         "tcpwait_alerts_firing{rule=\"close_wait_leak\"} ",
