@@ -3,11 +3,11 @@
 //! lower bounds from inet_diag), and the alerts firing; a reload keeps both.
 //!
 //! What a reload does, in order:
-//! 1. Reads the configuration file again, with the command-line flags over it, as at start.
-//!    A file that does not parse or validate is refused with the one-line error `config
-//!    --check` prints, and nothing changes.
-//! 2. Reopens the transition log (after the lines already queued): logrotate renames the
+//! 1. Reopens the transition log (after the lines already queued): logrotate renames the
 //!    file, then signals. The alert file needs nothing: it is opened for each change.
+//! 2. Reads the configuration file again, with the command-line flags over it, as at start.
+//!    A file that does not parse or validate is refused with the one-line error `config
+//!    --check` prints, and nothing else changes.
 //! 3. Replaces the rules when they changed ([`Tracker::set_rules`](crate::tracker::Tracker)):
 //!    the table and its ages stay, an alert whose rule is still there keeps firing, the
 //!    alerts of rules that went are resolved, and the new thresholds apply at once to every
@@ -18,14 +18,21 @@
 //! 5. Settings that shape what the agent opened at start (`agent.socket`, `agent.max_sockets`,
 //!    `metrics.listen`, `transition_log.*`) keep their running value: a change to one is
 //!    named in a warning, and applies at the next restart.
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use super::{Daemon, report, settle};
-use crate::{config::Config, tracker::alerts::AlertChange};
+use crate::{
+    config::{Config, DEFAULT_PATH},
+    tracker::alerts::AlertChange,
+};
 
 impl Daemon {
     /// Reloads on SIGHUP; see the module comment.
     pub(super) fn reload(&mut self) {
+        // First, and whatever the file holds: logrotate's signal must not wait for a fix.
+        if let Some(log) = &self.sinks.translog {
+            log.reopen();
+        }
         let mut new = match self.args.resolve() {
             Ok(c) => c,
             Err(e) => {
@@ -33,9 +40,6 @@ impl Daemon {
                 return;
             }
         };
-        if let Some(log) = &self.sinks.translog {
-            log.reopen();
-        }
         for key in keep_running_values(&self.config, &mut new) {
             warn!(
                 key,
@@ -92,12 +96,23 @@ impl Daemon {
         self.config = new;
         // The new thresholds, at once: sockets tracked before the reload may match already.
         self.evaluate();
-        info!(
-            rules = self.tracker.rules().len(),
-            rules_changed,
-            delivery_changed,
-            "SIGHUP: configuration reloaded, transition log reopened"
-        );
+        // Said whatever the log level, as the start-up line is: the operator asked for it.
+        let path = self.args.config.as_deref().unwrap_or(DEFAULT_PATH.as_ref());
+        crate::logging::print_line(&format!(
+            "tcpwait: SIGHUP: configuration reloaded from {} ({} rules{}{})",
+            path.display(),
+            self.tracker.rules().len(),
+            if rules_changed {
+                ", rules replaced"
+            } else {
+                ""
+            },
+            if delivery_changed {
+                ", delivery restarted"
+            } else {
+                ""
+            },
+        ));
     }
 }
 

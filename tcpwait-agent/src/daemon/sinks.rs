@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::translog::TransitionLog;
 
@@ -139,7 +139,10 @@ impl LineQueue {
             Box::new(move |bytes, _| {
                 if bytes.is_empty() {
                     match log.reopen() {
-                        Ok(()) => info!(path = %log.path().display(), "transition log reopened"),
+                        Ok(()) => crate::logging::print_line(&format!(
+                            "tcpwait: transition log {} reopened",
+                            log.path().display()
+                        )),
                         Err(e) => {
                             warn!(error = %e, "cannot reopen the transition log; writing on to the open file")
                         }
