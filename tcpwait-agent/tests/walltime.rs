@@ -99,20 +99,22 @@ fn every_json_record_has_its_wall_clock_time() {
         .all(|&n| n >= 15)
     }));
     let mut checked = Vec::new();
+    let mut worst = 0i128;
     for (kind, records) in [
         ("trace --json", on_port(&trace.json(), port)),
         ("tail --json", on_port(&tail.json(), port)),
         ("transition log", on_port(&read_log(), port)),
     ] {
         for r in &records {
-            assert_wall_time(kind, &r["ts_ns"], &r["time"], offset);
+            worst = worst.max(assert_wall_time(kind, &r["ts_ns"], &r["time"], offset).abs());
         }
         checked.push((kind, records.len()));
     }
 
     let report = status(&sock);
     assert_eq!(report["schema_version"], 1);
-    assert_wall_time("status --json", &report["now_ns"], &report["time"], offset);
+    worst = worst
+        .max(assert_wall_time("status --json", &report["now_ns"], &report["time"], offset).abs());
     checked.push(("status --json", 1));
 
     let line = alerts(&tw)
@@ -132,10 +134,14 @@ fn every_json_record_has_its_wall_clock_time() {
             (&1.into(), &"firing".into()),
             "{kind}"
         );
-        assert_wall_time(kind, &a["now_ns"], &a["time"], offset);
-        assert_wall_time(kind, &a["fired_at_ns"], &a["fired_at"], offset);
+        for (mono, wall) in [("now_ns", "time"), ("fired_at_ns", "fired_at")] {
+            worst = worst.max(assert_wall_time(kind, &a[mono], &a[wall], offset).abs());
+        }
         assert_eq!(a["resolved_at"], Value::Null, "{kind}");
         checked.push((kind, 1));
     }
-    eprintln!("time within 50 ms of the system clock in: {checked:?}");
+    eprintln!(
+        "time within 50 ms of the system clock in: {checked:?}; largest difference {} µs",
+        worst / 1000
+    );
 }
