@@ -204,18 +204,11 @@ pub fn endpoint(addr: IpAddr, port: u16) -> String {
     }
 }
 
-/// `HH:MM:SS.uuuuuu` UTC for a wall-clock time in ns since the epoch.
+/// `HH:MM:SS.uuuuuu` UTC for a wall-clock time in ns since the epoch: the time of day of its
+/// RFC 3339 form (`2026-12-05T01:02:03.000004Z`).
 pub fn time_of_day(wall_ns: i128) -> String {
-    let us = wall_ns.div_euclid(1_000);
-    let day_us = us.rem_euclid(86_400 * 1_000_000);
-    let (s, frac) = (day_us / 1_000_000, day_us % 1_000_000);
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        frac
-    )
+    let rfc3339 = WallTime(wall_ns).to_string();
+    rfc3339[11..26].to_owned()
 }
 
 /// Who holds the socket, when known (filled by the daemon; `trace` leaves it empty).
