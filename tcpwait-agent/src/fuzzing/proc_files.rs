@@ -79,25 +79,32 @@ fn cmdline(raw: &[u8]) {
     }
 }
 
+/// `stat` as the kernel writes it (`do_task_stat`: `"%d (%s) %c ..."`), with the input as the
+/// process name: up to the kernel's 15 bytes, any byte but NUL (`)`, spaces, newlines and
+/// invalid UTF-8 included). The parser gives back that name, lossily decoded, and the start
+/// time. Only kernel-shaped lines are fed to it: `procfs` 0.18 slices the text by the parens'
+/// positions and panics on text the kernel never writes (no `(`, or a multi-byte character
+/// right after the last `)`).
 fn stat(file: &[u8]) {
-    // Whatever the file, parsing returns (the daemon skips a process whose stat is refused).
-    let _ = procfs::process::Stat::from_read(file);
-    // A well-formed line with the input as the process name (up to the kernel's 15 bytes, any
-    // byte but NUL: `)`, spaces and newlines included) gives back that name and start time.
     let comm: Vec<u8> = file.iter().copied().filter(|&b| b != 0).take(15).collect();
-    let Ok(comm) = String::from_utf8(comm) else {
-        return;
-    };
     let start = number(file);
-    let line = format!(
-        "4242 ({comm}) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 50 \
-         18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+    let mut line = b"4242 (".to_vec();
+    line.extend_from_slice(&comm);
+    line.extend_from_slice(
+        format!(
+            ") S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 50 \
+             18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        )
+        .as_bytes(),
     );
-    let stat = procfs::process::Stat::from_read(line.as_bytes())
+    let stat = procfs::process::Stat::from_read(&line[..])
         .unwrap_or_else(|e| panic!("a kernel-formed stat line is refused: {e}: {line:?}"));
+    let expected = String::from_utf8_lossy(&comm);
+    // The parser trims the line: a name can only lose what `trim` takes from the whole line,
+    // which starts with the pid and ends with the newline.
     assert_eq!(
         (stat.pid, stat.comm.as_str(), stat.starttime),
-        (4242, &*comm, start)
+        (4242, &*expected, start)
     );
     assert_eq!(stat.state, 'S');
 }
