@@ -60,6 +60,23 @@ pub enum Request {
     Tail { filter: Filter },
 }
 
+/// Why a request line was refused; the client is told the message.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request line over {MAX_REQUEST} bytes")]
+    TooLong,
+    #[error("bad request: {0}")]
+    Bad(#[source] serde_json::Error),
+}
+
+/// Parses a request line as read (at most [`MAX_REQUEST`] + 1 bytes, its newline included).
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_str(line).map_err(RequestError::Bad)
+}
+
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -417,21 +434,19 @@ async fn client(
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    if line.len() > MAX_REQUEST {
-        let msg = format!("{{\"error\":\"request line over {MAX_REQUEST} bytes\"}}\n");
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
-        return Err(io::Error::other("request line too long"));
-    }
-    let request: Request = match serde_json::from_str(&line) {
+    let request = match parse_request(&line) {
         Ok(r) => r,
         Err(e) => {
-            let msg = serde_json::json!({ "error": format!("bad request: {e}") });
+            let msg = serde_json::json!({ "error": e.to_string() });
             let _ = tokio::time::timeout(
                 WRITE_TIMEOUT,
                 write.write_all(format!("{msg}\n").as_bytes()),
             )
             .await;
-            return Ok(());
+            return match e {
+                RequestError::TooLong => Err(io::Error::other("request line too long")),
+                RequestError::Bad(_) => Ok(()),
+            };
         }
     };
     match request {

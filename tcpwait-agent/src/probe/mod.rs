@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 mod attach;
 pub mod btf;
 mod flush;
-mod reorder;
+pub(crate) mod reorder;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
