@@ -77,14 +77,24 @@ pub enum TailLine<'a> {
         missed: u64,
     },
     Record(TransitionRecord<'a>),
+    /// An abort or a reset received (its `kind` says which).
+    Reset(crate::resets::ResetRecord<'a>),
 }
 
 /// What the daemon broadcasts to `tail` clients for each transition.
 #[derive(Clone, Debug)]
-pub struct TailItem {
-    pub transition: Transition,
-    pub ns_in_old: Option<u64>,
-    pub owner: Option<OwnerView>,
+pub enum TailItem {
+    /// A transition, with the time its socket spent in the old state and its holder.
+    Transition {
+        transition: Transition,
+        ns_in_old: Option<u64>,
+        owner: Option<OwnerView>,
+    },
+    /// A reset (an abort, or one received), with its record as printed.
+    Reset {
+        reset: crate::event::reset::Reset,
+        record: crate::resets::ResetRecord<'static>,
+    },
 }
 
 /// The `status` answer.
@@ -106,6 +116,9 @@ pub struct StatusReport {
     pub alerts: Vec<AlertReport>,
     /// Counters since start.
     pub counters: Counters,
+    /// Connections aborted on close and resets received (absent from an older agent).
+    #[serde(default)]
+    pub aborts: Option<crate::resets::report::AbortsReport>,
 }
 
 /// One process's sockets in one watched state.
@@ -488,11 +501,24 @@ async fn client(
 }
 
 fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<()> {
-    let owner = item.owner.as_ref().map(|o| (o.pid, o.comm.as_str()));
-    if !filter.matches(&item.transition, owner) {
+    let (transition, ns_in_old, owner) = match item {
+        TailItem::Transition {
+            transition,
+            ns_in_old,
+            owner,
+        } => (transition, *ns_in_old, owner),
+        TailItem::Reset { reset, record } => {
+            let owner = record.owner_pid.zip(record.owner_comm.as_deref());
+            if !crate::resets::matches(filter, reset, owner) {
+                return Ok(());
+            }
+            return crate::output::write_json_line(buf, record).map_err(io::Error::other);
+        }
+    };
+    if !filter.matches(transition, owner.as_ref().map(|o| (o.pid, o.comm.as_str()))) {
         return Ok(());
     }
-    let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+    let record = TransitionRecord::new(transition, ns_in_old, owner.as_ref());
     crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 

@@ -16,6 +16,7 @@ mod model;
 mod output;
 mod owners;
 mod probe;
+mod resets;
 mod trace;
 mod tracker;
 

@@ -2,6 +2,7 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod aborts;
 mod budget;
 mod delivery;
 mod http;
@@ -33,7 +34,7 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, decode},
+    event::{DecodeErrors, Record, decode_record},
     model::Tuple,
     output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
@@ -99,6 +100,8 @@ struct Daemon {
     sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
+    /// Aborts and resets received: tallies, the abort rule.
+    aborts: aborts::Aborts,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
@@ -173,6 +176,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(|ns| Duration::from_nanos(ns / 2))
         .fold(OWNER_SETTLE, Duration::min);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
+    let aborts = aborts::Aborts::new(config.abort_rule.to_rule(), &probe);
     let mut d = Daemon {
         tracker: Tracker::new(tracker_config),
         probe,
@@ -204,6 +208,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         instance: String::new(),
         sinks,
         pending_tail: Vec::new(),
+        aborts,
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -220,8 +225,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
     crate::logging::print_line(&format!(
-        "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
-         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        "tcpwait: agent running on {category}:{name} ({attachment}; {}); {metrics_url}; API on \
+         {} (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        d.probe.resets().describe(),
         d.config.agent.socket.display()
     ));
 
@@ -289,7 +295,14 @@ impl Daemon {
     /// deadline, or the periodic reconciliation.
     fn next_wakeup(&self) -> Instant {
         let mut at = self.next_reconcile;
-        if let Some(deadline) = self.tracker.next_deadline() {
+        let deadline = match (
+            self.tracker.next_deadline(),
+            self.aborts.tally.next_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
             let now = self.now_ns();
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
             at = at.min(Instant::now() + wait);
@@ -310,6 +323,7 @@ impl Daemon {
         let withhold = self.args.test_withhold_events;
         let publish = self.tail.receiver_count() > 0;
         let record = publish || self.sinks.translog.is_some();
+        let publish_or_log = record && !withhold;
         let mut items = Vec::new();
         let Self {
             probe,
@@ -320,10 +334,17 @@ impl Daemon {
             in_flight,
             edges,
             settling,
+            aborts,
             ..
         } = self;
-        probe.drain(|bytes| match decode(bytes) {
-            Ok(t) => {
+        probe.drain(|bytes| match decode_record(bytes) {
+            Ok(Record::Reset(reset)) => {
+                let record = aborts.on_reset(&reset, tracker);
+                if publish_or_log {
+                    items.push(Arc::new(TailItem::Reset { reset, record }));
+                }
+            }
+            Ok(Record::Transition(t)) => {
                 *transitions += 1;
                 edges.count(t.old, t.new);
                 if withhold {
@@ -367,7 +388,7 @@ impl Daemon {
                                 pod_uid: p.pod_uid.clone(),
                             })
                         });
-                    items.push(Arc::new(TailItem {
+                    items.push(Arc::new(TailItem::Transition {
                         transition: t,
                         ns_in_old,
                         owner,
@@ -382,9 +403,20 @@ impl Daemon {
             let mut lines = Vec::with_capacity(items.len() * 320);
             let mut n = 0;
             for item in &items {
-                let rec =
-                    TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-                if crate::output::write_json_line(&mut lines, &rec).is_ok() {
+                let written = match &**item {
+                    TailItem::Transition {
+                        transition,
+                        ns_in_old,
+                        owner,
+                    } => crate::output::write_json_line(
+                        &mut lines,
+                        &TransitionRecord::new(transition, *ns_in_old, owner.as_ref()),
+                    ),
+                    TailItem::Reset { record, .. } => {
+                        crate::output::write_json_line(&mut lines, record)
+                    }
+                };
+                if written.is_ok() {
                     n += 1;
                 }
             }
@@ -420,6 +452,7 @@ impl Daemon {
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
+                self.aborts.counters = self.probe.resets().counters();
                 let lost =
                     k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
                 if lost > self.lost_seen {
@@ -442,7 +475,8 @@ impl Daemon {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Status(reply) => {
-                let report = report::status(&self.tracker, &self.stats(), self.now_ns());
+                let mut report = report::status(&self.tracker, &self.stats(), self.now_ns());
+                report.aborts = Some(self.aborts.report(self.now_ns()));
                 let _ = reply.send(report);
             }
             Command::Metrics(reply) => {
@@ -453,6 +487,7 @@ impl Daemon {
 
     fn evaluate(&mut self) {
         let now = self.now_ns();
+        self.evaluate_aborts(now);
         let changes = self.tracker.evaluate(now);
         if changes.is_empty() {
             return;
