@@ -323,7 +323,6 @@ impl Daemon {
         let withhold = self.args.test_withhold_events;
         let publish = self.tail.receiver_count() > 0;
         let record = publish || self.sinks.translog.is_some();
-        let publish_or_log = record && !withhold;
         let mut items = Vec::new();
         let Self {
             probe,
@@ -340,7 +339,7 @@ impl Daemon {
         probe.drain(|bytes| match decode_record(bytes) {
             Ok(Record::Reset(reset)) => {
                 let record = aborts.on_reset(&reset, tracker);
-                if publish_or_log {
+                if publish && !withhold {
                     items.push(Arc::new(TailItem::Reset { reset, record }));
                 }
             }
@@ -412,9 +411,9 @@ impl Daemon {
                         &mut lines,
                         &TransitionRecord::new(transition, *ns_in_old, owner.as_ref()),
                     ),
-                    TailItem::Reset { record, .. } => {
-                        crate::output::write_json_line(&mut lines, record)
-                    }
+                    // The transition log holds transitions only: its lines, failed and dropped
+                    // lines add up to the transitions, exactly.
+                    TailItem::Reset { .. } => continue,
                 };
                 if written.is_ok() {
                     n += 1;

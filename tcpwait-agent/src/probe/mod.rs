@@ -199,10 +199,13 @@ impl Probe {
             }
         })?;
         let default = (category, name) == TRACEPOINT;
-        let btf_main = match (&offsets, default) {
-            (Ok(_), true) => attach_btf(&mut ebpf, name),
-            (Ok(_), false) => Err(anyhow::anyhow!("not the default tracepoint")),
-            (Err(e), _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
+        // Parsed once for every BTF program (a parse takes seconds under emulation).
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let btf_main = match (&offsets, default, &kernel_btf) {
+            (Ok(_), true, Ok(b)) => attach_btf(&mut ebpf, name, b),
+            (Ok(_), true, Err(e)) => Err(anyhow::anyhow!("no kernel BTF: {e}")),
+            (Ok(_), false, _) => Err(anyhow::anyhow!("not the default tracepoint")),
+            (Err(e), _, _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
         };
         let mut attachment = Attachment {
             btf: true,
@@ -295,7 +298,9 @@ impl Probe {
         } else {
             None
         };
-        let resets = resets::Resets::attach_planned(&mut ebpf, reset_plan);
+        let resets =
+            resets::Resets::attach_planned(&mut ebpf, reset_plan, kernel_btf.as_ref().ok());
+        drop(kernel_btf);
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;

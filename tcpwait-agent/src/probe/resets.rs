@@ -88,10 +88,13 @@ pub struct Resets {
 
 impl Resets {
     /// Attaches what `plan` allows, and says once at start what is not recorded.
-    pub fn attach_planned(ebpf: &mut Ebpf, plan: Plan) -> Self {
-        let this = match plan {
-            Ok((offsets, reasons)) => Self::attach(ebpf, offsets.has_reason != 0, reasons),
-            Err(e) => Self::none(&e),
+    pub fn attach_planned(ebpf: &mut Ebpf, plan: Plan, btf: Option<&Btf>) -> Self {
+        let this = match (plan, btf) {
+            (Ok((offsets, reasons)), Some(btf)) => {
+                Self::attach(ebpf, btf, offsets.has_reason != 0, reasons)
+            }
+            (Err(e), _) => Self::none(&e),
+            (Ok(_), None) => Self::none("no kernel BTF"),
         };
         if let Err(e) = &this.aborts {
             warn!(error = %e, "connections aborted on close (SO_LINGER 0, unread data) are not recorded on this kernel");
@@ -117,13 +120,14 @@ impl Resets {
     /// Attaches the reset programs of a loaded object whose `RESET_OFFSETS` were set from
     /// `offsets` (the kernel's BTF). Never fails: what cannot attach is named in `aborts` /
     /// `received`.
-    pub fn attach(ebpf: &mut Ebpf, has_reason: bool, reasons: Vec<(String, u32)>) -> Self {
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        btf: &Btf,
+        has_reason: bool,
+        reasons: Vec<(String, u32)>,
+    ) -> Self {
         let mut this = Self::none("");
         this.reasons = reasons;
-        let btf = match Btf::from_sys_fs() {
-            Ok(b) => b,
-            Err(e) => return Self::none(&format!("no kernel BTF: {e}")),
-        };
         let counts = |fd: i32| {
             std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
                 .map(|t| super::parse_fdinfo(&t).contains_key("recursion_misses"))
@@ -131,7 +135,7 @@ impl Resets {
         };
         let mut fds = Vec::new();
         this.aborts = if has_reason {
-            tp_btf(ebpf, "tcp_send_reset_btf", "tcp_send_reset", &btf)
+            tp_btf(ebpf, "tcp_send_reset_btf", "tcp_send_reset", btf)
                 .map(|fd| {
                     fds.push((fd, counts(fd)));
                     AbortPoint::Tracepoint
@@ -143,7 +147,7 @@ impl Resets {
                     .program_mut("tcp_send_active_reset_fentry")
                     .expect("the object defines tcp_send_active_reset_fentry")
                     .try_into()?;
-                p.load("tcp_send_active_reset", &btf)?;
+                p.load("tcp_send_active_reset", btf)?;
                 p.attach()?;
                 Ok(p.fd()?.as_fd().as_raw_fd())
             })();
@@ -181,7 +185,7 @@ impl Resets {
                 }
             }
         };
-        this.received = tp_btf(ebpf, "tcp_receive_reset_btf", "tcp_receive_reset", &btf)
+        this.received = tp_btf(ebpf, "tcp_receive_reset_btf", "tcp_receive_reset", btf)
             .map(|fd| fds.push((fd, counts(fd))))
             .map_err(|e| format!("tcp:tcp_receive_reset: {}", first_line(&e)));
         this.prog_fds = fds;
