@@ -63,10 +63,6 @@ pub enum Request {
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one short-lived line at a time, never stored in bulk"
-)]
 pub enum TailLine<'a> {
     /// First line of a stream: the client is subscribed, nothing after this is missed
     /// silently.
@@ -93,7 +89,7 @@ pub enum TailItem {
     /// A reset (an abort, or one received), with its record as printed.
     Reset {
         reset: crate::event::reset::Reset,
-        record: crate::resets::ResetRecord<'static>,
+        record: Box<crate::resets::ResetRecord<'static>>,
     },
 }
 
@@ -512,7 +508,7 @@ fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<
             if !crate::resets::matches(filter, reset, owner) {
                 return Ok(());
             }
-            return crate::output::write_json_line(buf, record).map_err(io::Error::other);
+            return crate::output::write_json_line(buf, &**record).map_err(io::Error::other);
         }
     };
     if !filter.matches(transition, owner.as_ref().map(|o| (o.pid, o.comm.as_str()))) {

@@ -22,11 +22,40 @@ fn common_role_entry() {
 /// Logins the seed's server answers and aborts.
 const LOGINS: usize = 20;
 
+/// Starts `tcpwait <args>` and waits until its stderr says `ready`: up to 2 minutes, as the
+/// agent verifies and attaches three more programs here than elsewhere, which takes long
+/// under emulation (the qemu guests) on a loaded machine.
+fn start(args: &[&str], ready: &str) -> Tcpwait {
+    let mut child = std::process::Command::new(common::TCPWAIT)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tcpwait");
+    let (stdout, stderr) = (common::Lines::default(), common::Lines::default());
+    stdout.spawn_reader(child.stdout.take().expect("piped stdout"));
+    stderr.spawn_reader(child.stderr.take().expect("piped stderr"));
+    let mut tw = Tcpwait {
+        child,
+        stdout,
+        stderr,
+    };
+    if !tw.stderr.wait_for(ready, Duration::from_secs(120)) {
+        let _ = tw.child.kill();
+        panic!(
+            "tcpwait did not get ready; stderr: {:?}",
+            tw.stderr.snapshot()
+        );
+    }
+    tw
+}
+
 /// Starts `tcpwait trace --json` on `ns`'s namespace only; `None` (with the reason printed)
 /// where this kernel cannot see aborts.
 fn trace_in(ns: &NetNs) -> Option<Tcpwait> {
     let path = ns.path().to_string_lossy().into_owned();
-    let tw = Tcpwait::start(
+    let tw = start(
         &["trace", "--json", "--netns", &path],
         "tracing TCP state transitions",
     );
@@ -231,7 +260,7 @@ fn the_daemon_reports_and_alerts_on_aborts() {
     let socket = common::api_socket("rst");
     let port_metrics = common::free_port();
     let listen = format!("127.0.0.1:{port_metrics}");
-    let mut tw = Tcpwait::start(
+    let mut tw = start(
         &[
             "run",
             "--json",
@@ -255,7 +284,7 @@ fn the_daemon_reports_and_alerts_on_aborts() {
         return;
     }
     let path = ns.path().to_string_lossy().into_owned();
-    let tail = Tcpwait::start(
+    let tail = start(
         &["tail", "--json", "--socket", &socket, "--netns", &path],
         "following the agent",
     );

@@ -338,7 +338,7 @@ impl Daemon {
         } = self;
         probe.drain(|bytes| match decode_record(bytes) {
             Ok(Record::Reset(reset)) => {
-                let record = aborts.on_reset(&reset, tracker);
+                let record = Box::new(aborts.on_reset(&reset, tracker));
                 if publish && !withhold {
                     items.push(Arc::new(TailItem::Reset { reset, record }));
                 }
