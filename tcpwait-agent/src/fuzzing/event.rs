@@ -83,7 +83,10 @@ fn check_one(bytes: &[u8]) {
         Err(DecodeError::Oversize(n)) => assert!(n == len && n > TRANSITION_EVENT_SIZE),
         Err(DecodeError::UnknownKind(k)) => {
             assert_eq!(kind, Some(k));
-            assert!(!matches!(k, KIND_TRANSITION | KIND_ABORT | KIND_RESET_RECEIVED));
+            assert!(!matches!(
+                k,
+                KIND_TRANSITION | KIND_ABORT | KIND_RESET_RECEIVED
+            ));
         }
         Err(DecodeError::UnknownFamily(f)) if kind == Some(KIND_TRANSITION) => {
             assert_eq!(f, u16::from_ne_bytes([bytes[76], bytes[77]]));
@@ -95,7 +98,10 @@ fn check_one(bytes: &[u8]) {
         }
         // A reset record's family (its own layout) is checked by `event::reset`'s unit tests.
         Err(e @ (DecodeError::UnknownFamily(_) | DecodeError::UnknownState(_))) => {
-            assert!(matches!(kind, Some(KIND_ABORT | KIND_RESET_RECEIVED)), "{e}");
+            assert!(
+                matches!(kind, Some(KIND_ABORT | KIND_RESET_RECEIVED)),
+                "{e}"
+            );
         }
     }
 }
