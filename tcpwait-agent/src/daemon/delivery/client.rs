@@ -114,13 +114,25 @@ impl Client {
                 permanent: super::is_permanent(code),
                 ..fail(status_reason(self.table, code))
             }),
-            Err(e @ (ureq::Error::Rustls(_) | ureq::Error::Tls(_))) => Err(fail(format!(
+            Err(e) if is_tls(&e) => Err(fail(format!(
                 "TLS: {e}: nothing was sent; if the receiver's certificate is signed by a \
                  private CA, add that CA to {}.ca_file",
                 self.table
             ))),
             Err(e) => Err(fail(e.to_string())),
         }
+    }
+}
+
+/// Whether the request failed in the TLS handshake (ureq reports rustls' verdict on the
+/// certificate inside an I/O error).
+fn is_tls(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
     }
 }
 
