@@ -83,12 +83,9 @@ impl Health {
         self.last_turn_ms.store(now_ms, Ordering::Relaxed);
         if bootstrapped {
             // Only from ATTACHED: a snapshot without the probe is no readiness.
-            let _ = self.phase.compare_exchange(
-                ATTACHED,
-                READY,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.phase
+                    .compare_exchange(ATTACHED, READY, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -383,7 +380,10 @@ mod tests {
             liveness(READY, 1000, 1001 + stall),
             (
                 "503 Service Unavailable",
-                format!("stalled: the state task has not turned for {} ms\n", stall + 1)
+                format!(
+                    "stalled: the state task has not turned for {} ms\n",
+                    stall + 1
+                )
             )
         );
     }
