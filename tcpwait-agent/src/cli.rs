@@ -10,7 +10,12 @@ use crate::{event::TcpState, filter::Filter};
 /// and the process holding it never called close(): a file-descriptor and port leak.
 /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) and Linux 5.8 or newer.
 #[derive(Debug, Parser)]
-#[command(name = "tcpwait", version, propagate_version = true)]
+#[command(
+    name = "tcpwait",
+    version,
+    propagate_version = true,
+    after_help = crate::docs::examples_help()
+)]
 pub struct Cli {
     /// More log detail on stderr (-v debug, -vv trace); `TCPWAIT_LOG` takes an env-filter too.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -46,6 +51,30 @@ pub enum Command {
     /// Stream the running agent's live transition log, with owners (same format and filters as
     /// `trace`, plus owner_pid / owner_comm).
     Tail(TailArgs),
+    /// Print a shell completion script, e.g. `tcpwait completions bash >
+    /// /etc/bash_completion.d/tcpwait` (zsh: a `_tcpwait` file in `$fpath`; fish:
+    /// `~/.config/fish/completions/tcpwait.fish`).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff: `tcpwait man | man -l -`), or write one page per command
+    /// into a directory with --dir.
+    Man(ManArgs),
+}
+
+/// Arguments of `tcpwait completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Arguments of `tcpwait man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write tcpwait.1 and tcpwait-COMMAND.1 into this directory instead of printing
+    /// tcpwait.1 (e.g. /usr/local/share/man/man1).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// Arguments of `tcpwait run`. Unset flags fall back to the configuration file, then to the

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::rules::RuleSet;
 pub use input::file_mode;
-use input::{DEFAULT_FILE_MODE, check_output_file, is_http_url, read_capped};
+use input::{DEFAULT_FILE_MODE, check_output_file, read_capped};
 
 pub mod aborts;
+pub mod http;
 mod rules;
 
 /// Where `tcpwait run` looks when `--config` is not given; absent means embedded defaults.
@@ -44,8 +45,21 @@ listen = "127.0.0.1:9977"
 top_processes = 20
 
 [alertmanager]
-# Alertmanager base URL (http:// only), e.g. "http://127.0.0.1:9093". "" disables.
+# Alertmanager base URL, http:// or https://, e.g. "https://alertmanager.example:9093".
+# Alerts go to <url>/api/v2/alerts. "" disables.
 url = ""
+# https: a PEM file of CA certificates trusted on top of the system's roots
+# (SSL_CERT_FILE, /etc/ssl/certs). "" for the system's roots alone.
+ca_file = ""
+# Basic auth: the user name, and the file holding the password (its first line). Secrets are
+# read from files only, never from the command line. With credentials, the URL must be
+# https:// (or http:// to a loopback address).
+basic_auth_username = ""
+basic_auth_password_file = ""
+# Or a bearer token (Authorization: Bearer ...), read from this file (its first line).
+bearer_token_file = ""
+# The alerts' generatorURL (e.g. a dashboard showing this host). "" leaves it unset.
+generator_url = ""
 # Firing alerts are re-sent this often (1s ..= 1h), each with endsAt = now + 4 x this.
 resend_interval = "60s"
 # The `instance` label. "" means the metrics listener's host:port (what the bundled scrape
@@ -53,8 +67,14 @@ resend_interval = "60s"
 instance = ""
 
 [webhook]
-# Generic JSON webhook (http:// only): each alert change is POSTed as one JSON object. "" disables.
+# Generic JSON webhook, http:// or https://: each alert change is POSTed as one JSON object.
+# "" disables.
 url = ""
+# As in [alertmanager]: extra CA certificates, and basic or bearer credentials from files.
+ca_file = ""
+basic_auth_username = ""
+basic_auth_password_file = ""
+bearer_token_file = ""
 
 [alert_file]
 # Alert changes appended as JSON lines to this file. "" disables.
@@ -236,6 +256,15 @@ pub struct Alertmanager {
     pub url: String,
     pub resend_interval: Dur,
     pub instance: String,
+    /// PEM file of extra CA certificates (https).
+    pub ca_file: String,
+    pub basic_auth_username: String,
+    /// File holding the basic auth password.
+    pub basic_auth_password_file: String,
+    /// File holding a bearer token.
+    pub bearer_token_file: String,
+    /// The alerts' `generatorURL`; "" for none.
+    pub generator_url: String,
 }
 
 /// `[webhook]`.
@@ -243,6 +272,41 @@ pub struct Alertmanager {
 #[serde(deny_unknown_fields, default)]
 pub struct Webhook {
     pub url: String,
+    /// PEM file of extra CA certificates (https).
+    pub ca_file: String,
+    pub basic_auth_username: String,
+    /// File holding the basic auth password.
+    pub basic_auth_password_file: String,
+    /// File holding a bearer token.
+    pub bearer_token_file: String,
+}
+
+impl Alertmanager {
+    /// Its HTTP settings.
+    pub fn receiver(&self) -> http::Receiver<'_> {
+        http::Receiver {
+            table: "alertmanager",
+            url: &self.url,
+            ca_file: &self.ca_file,
+            basic_auth_username: &self.basic_auth_username,
+            basic_auth_password_file: &self.basic_auth_password_file,
+            bearer_token_file: &self.bearer_token_file,
+        }
+    }
+}
+
+impl Webhook {
+    /// Its HTTP settings.
+    pub fn receiver(&self) -> http::Receiver<'_> {
+        http::Receiver {
+            table: "webhook",
+            url: &self.url,
+            ca_file: &self.ca_file,
+            basic_auth_username: &self.basic_auth_username,
+            basic_auth_password_file: &self.basic_auth_password_file,
+            bearer_token_file: &self.bearer_token_file,
+        }
+    }
 }
 
 /// `[alert_file]`.
@@ -296,6 +360,11 @@ impl Default for Alertmanager {
             url: String::new(),
             resend_interval: Dur(Duration::from_secs(60)),
             instance: String::new(),
+            ca_file: String::new(),
+            basic_auth_username: String::new(),
+            basic_auth_password_file: String::new(),
+            bearer_token_file: String::new(),
+            generator_url: String::new(),
         }
     }
 }
@@ -433,18 +502,19 @@ impl Config {
                 ),
             );
         }
-        for (key, url) in [
-            ("alertmanager.url", &self.alertmanager.url),
-            ("webhook.url", &self.webhook.url),
-        ] {
-            if !(url.is_empty() || is_http_url(url)) {
-                return err(
-                    key,
-                    format!(
-                        "\"{url}\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable"
-                    ),
-                );
+        for receiver in [self.alertmanager.receiver(), self.webhook.receiver()] {
+            if let Err((key, message)) = receiver.check() {
+                return err(&key, message);
             }
+        }
+        let generator = &self.alertmanager.generator_url;
+        if !generator.is_empty() && http::url_scheme(generator).is_none() {
+            return err(
+                "alertmanager.generator_url",
+                format!(
+                    "\"{generator}\" is not an http:// or https:// URL: give one, or \"\" for none"
+                ),
+            );
         }
         dur_range(
             "alertmanager.resend_interval",

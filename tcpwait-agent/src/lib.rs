@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod config;
 mod daemon;
+mod docs;
 mod event;
 mod filter;
 #[cfg(any(test, fuzzing))]
@@ -73,6 +74,29 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        cli::Command::Completions(args) => {
+            docs::completions(args.shell, &mut std::io::stdout().lock());
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Man(args) => {
+            use anyhow::Context as _;
+            match args.dir {
+                Some(dir) => {
+                    let written = docs::man_pages_to(&dir).with_context(|| {
+                        format!(
+                            "cannot write the manual pages into {}: check the directory exists and is writable",
+                            dir.display()
+                        )
+                    })?;
+                    for path in written {
+                        println!("{}", path.display());
+                    }
+                }
+                None => docs::man_page(&mut std::io::stdout().lock())
+                    .context("cannot write the manual page to stdout")?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         cli::Command::Status(args) => client::status(&args.socket, args.json, args.timeout).await,
         cli::Command::Tail(args) => {
             let format = if args.json {

@@ -291,7 +291,10 @@ fn daemonset_has_host_views_and_minimal_capabilities() {
     let containers = spec["containers"].as_vec().expect("containers");
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
-    assert_eq!(c["image"].as_str(), Some("ghcr.io/example/tcpwait:latest"));
+    assert_eq!(
+        c["image"].as_str(),
+        Some("registry.example.com/tcpwait:0.1.0")
+    );
     let mut cmd = strs(&c["command"]);
     cmd.extend(strs(&c["args"]));
     assert_eq!(
@@ -396,4 +399,51 @@ fn daemonset_has_host_views_and_minimal_capabilities() {
     assert_eq!(ann["prometheus.io/port"].as_str(), Some("9977"));
     assert_eq!(ann["prometheus.io/path"].as_str(), Some("/metrics"));
     assert_eq!(c["ports"][0]["containerPort"].as_i64(), Some(9977));
+    assert_eq!(c["ports"][0]["name"].as_str(), Some("metrics"));
+
+    // The probes ask the metrics listener: readiness at /readyz, liveness at /healthz.
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"].as_str(), Some(path), "{probe}");
+        assert_eq!(get["port"].as_str(), Some("metrics"), "{probe}");
+    }
+}
+
+#[test]
+fn podmonitor_scrapes_the_daemonsets_metrics_port() {
+    let ds = &yaml(&deploy("kubernetes/daemonset.yaml"))[2];
+    let docs = yaml(&deploy("kubernetes/podmonitor.yaml"));
+    assert_eq!(docs.len(), 1);
+    let pm = &docs[0];
+    assert_eq!(pm["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(pm["kind"].as_str(), Some("PodMonitor"));
+    assert_eq!(pm["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    // Its selector picks the DaemonSet's pods: every label it matches is on the template.
+    let wanted = pm["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .expect("matchLabels");
+    assert!(!wanted.is_empty());
+    let pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in wanted {
+        assert_eq!(&pod_labels[k.as_str().expect("key")], v, "{k:?}");
+    }
+    let endpoints = pm["spec"]["podMetricsEndpoints"]
+        .as_vec()
+        .expect("podMetricsEndpoints");
+    assert_eq!(endpoints.len(), 1);
+    let ep = &endpoints[0];
+    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_vec()
+        .expect("ports");
+    assert!(
+        ports.iter().any(|p| p["name"] == ep["port"]),
+        "the PodMonitor's port {:?} is not a named port of the container",
+        ep["port"]
+    );
+    assert_eq!(ep["path"].as_str(), Some("/metrics"));
+    assert_eq!(
+        ep["relabelings"][0]["sourceLabels"][0].as_str(),
+        Some("__meta_kubernetes_pod_node_name")
+    );
+    assert_eq!(ep["relabelings"][0]["targetLabel"].as_str(), Some("node"));
 }

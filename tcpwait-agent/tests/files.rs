@@ -137,7 +137,7 @@ fn every_config_key_is_validated_with_one_line_and_exit_2() {
         ),
         (
             "[alertmanager]\nurl = \"am:9093\"",
-            "tcpwait: FILE: alertmanager.url: \"am:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "tcpwait: FILE: alertmanager.url: \"am:9093\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
         ),
         (
             "[alertmanager]\nresend_interval = 0",
@@ -148,8 +148,8 @@ fn every_config_key_is_validated_with_one_line_and_exit_2() {
             "tcpwait: FILE: alertmanager.instance: invalid type: sequence, expected a string",
         ),
         (
-            "[webhook]\nurl = \"https://hook\"",
-            "tcpwait: FILE: webhook.url: \"https://hook\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "[webhook]\nurl = \"ftp://hook\"",
+            "tcpwait: FILE: webhook.url: \"ftp://hook\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
         ),
         (
             "[alert_file]\npath = false",

@@ -177,7 +177,7 @@ fn config_check_refuses_a_bad_url_and_a_directory_as_the_alert_file() {
     for (text, line) in [
         (
             "[webhook]\nurl = \"http://exa mple\"\n".to_owned(),
-            "webhook.url: \"http://exa mple\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable".to_owned(),
+            "webhook.url: \"http://exa mple\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable".to_owned(),
         ),
         (
             format!("[alert_file]\npath = {:?}\n", dir.path().to_str().expect("utf-8")),

@@ -35,6 +35,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, build in release mode, and build the container image (FROM scratch, no registry
+    /// pull) with podman: deploy/container/build-image.sh. Push it with `podman push TAG`.
+    Image {
+        /// The image's name and tag.
+        #[arg(long, default_value = "localhost/tcpwait:latest")]
+        tag: String,
+    },
     /// Setup, build in release mode, and measure loss, overhead, CPU and memory (as root).
     Bench {
         /// Runs per mode (the table shows medians).
@@ -129,6 +136,21 @@ fn run() -> Result<()> {
             if !status.success() {
                 bail!("tcpwait exited with {status}");
             }
+            Ok(())
+        }
+        Cmd::Image { tag } => {
+            setup::setup(&root)?;
+            cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
+            let script = root.join("deploy/container/build-image.sh");
+            let status = Command::new(&script)
+                .arg(root.join("target/release/tcpwait"))
+                .arg(&tag)
+                .status()
+                .with_context(|| format!("start {}", script.display()))?;
+            if !status.success() {
+                bail!("{} failed: {status}", script.display());
+            }
+            eprintln!("xtask: built {tag}; push it with `podman push {tag}`");
             Ok(())
         }
         Cmd::Bench {

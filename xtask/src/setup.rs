@@ -15,7 +15,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests use, by a command each provides: iproute2 (`ss`), util-linux
 /// (`setpriv`), Prometheus with promtool, Alertmanager with amtool, systemd (`systemd-analyze`),
-/// qemu (the kernel matrix, `cargo xtask vm-test`).
+/// qemu (the kernel matrix, `cargo xtask vm-test`), zsh and fish (the completion scripts' syntax
+/// check), man-db and groff-base (`man -l` renders the pages), podman with runc (the container
+/// image is built and run; runc because crun refuses hybrid cgroup hosts such as this one).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
@@ -25,6 +27,12 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("amtool", "prometheus-alertmanager"),
     ("systemd-analyze", "systemd"),
     ("qemu-system-x86_64", "qemu-system-x86"),
+    ("zsh", "zsh"),
+    ("fish", "fish"),
+    ("man", "man-db"),
+    ("nroff", "groff-base"),
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 pub fn setup(root: &Path) -> Result<()> {

@@ -3,17 +3,6 @@
 //! --check` refuses what `run` could not use.
 use std::path::Path;
 
-/// Whether `url` is a usable `http://` URL: it parses, has a host, and holds no whitespace or
-/// control character (`http://exa mple` does not).
-pub(super) fn is_http_url(url: &str) -> bool {
-    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
-        return false;
-    };
-    uri.scheme_str() == Some("http")
-        && uri.host().is_some_and(|h| !h.is_empty())
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
 /// A file the agent appends to: "" (disabled), or a path that is not a directory and whose
 /// directory exists. Checked when the configuration is read, so `config --check` refuses it.
 pub(super) fn check_output_file(path: &str) -> Result<(), &'static str> {

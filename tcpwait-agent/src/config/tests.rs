@@ -123,8 +123,24 @@ fn each_key_is_validated() {
             "f.toml: metrics.top_processes: 0 is out of range: allowed 1 ..= 10000",
         ),
         (
-            "[alertmanager]\nurl = \"https://am:9093\"",
-            "f.toml: alertmanager.url: \"https://am:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "[alertmanager]\nurl = \"gopher://am:9093\"",
+            "f.toml: alertmanager.url: \"gopher://am:9093\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
+        ),
+        (
+            "[alertmanager]\nurl = \"https://am:9093\"\nca_file = \"/nonexistent/ca.pem\"",
+            "f.toml: alertmanager.ca_file: \"/nonexistent/ca.pem\" cannot be read (No such file or directory (os error 2))",
+        ),
+        (
+            "[alertmanager]\nurl = \"https://am:9093\"\nbearer_token_file = \"/dev/null\"",
+            "f.toml: alertmanager.bearer_token_file: \"/dev/null\" is not a regular file",
+        ),
+        (
+            "[webhook]\nbasic_auth_username = \"u\"",
+            "f.toml: webhook.url: \"\" with credentials or a CA file set: give the receiver's URL, or remove them",
+        ),
+        (
+            "[alertmanager]\ngenerator_url = \"grafana\"",
+            "f.toml: alertmanager.generator_url: \"grafana\" is not an http:// or https:// URL: give one, or \"\" for none",
         ),
         (
             "[alertmanager]\nresend_interval = \"2h\"",
@@ -136,15 +152,15 @@ fn each_key_is_validated() {
         ),
         (
             "[webhook]\nurl = \"ftp://x\"",
-            "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "f.toml: webhook.url: \"ftp://x\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
         ),
         (
             "[webhook]\nurl = \"http://exa mple\"",
-            "f.toml: webhook.url: \"http://exa mple\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "f.toml: webhook.url: \"http://exa mple\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
         ),
         (
             "[alertmanager]\nurl = \"http://:9093\"",
-            "f.toml: alertmanager.url: \"http://:9093\" is not supported: allowed an http:// URL (https is not built in; put a local proxy in front) or \"\" to disable",
+            "f.toml: alertmanager.url: \"http://:9093\" is not supported: allowed an http:// or https:// URL (e.g. \"https://alertmanager.example:9093\") or \"\" to disable",
         ),
         (
             "[alert_file]\npath = \"/tmp\"",

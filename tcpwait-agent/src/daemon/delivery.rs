@@ -11,6 +11,7 @@
 //! Alertmanager forgets an alert whose `endsAt` passes, so firing alerts are re-sent every
 //! `resend_interval` with `endsAt = now + 4 × resend_interval`; a resolved alert is sent once
 //! with `endsAt = now`.
+mod client;
 mod retry;
 
 use std::{
@@ -30,6 +31,7 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use crate::config::Config;
+use client::Client;
 
 /// One alert change, ready for every sink.
 #[derive(Clone, Debug)]
@@ -69,6 +71,17 @@ impl Counts {
     }
 }
 
+/// Why delivery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A receiver's HTTP client (its CA file, its roots).
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    /// A sink's thread.
+    #[error("cannot start an alert delivery thread")]
+    Spawn(#[from] std::io::Error),
+}
+
 /// The running sinks.
 pub struct Delivery {
     senders: Vec<(usize, SyncSender<AlertMessage>)>,
@@ -78,7 +91,7 @@ pub struct Delivery {
 
 impl Delivery {
     /// Starts a thread per configured sink.
-    pub fn start(config: &Config) -> std::io::Result<Self> {
+    pub fn start(config: &Config) -> Result<Self, StartError> {
         Self::start_counting(config, Arc::new(Counts::default()))
     }
 
@@ -86,7 +99,7 @@ impl Delivery {
     /// go on. The old sinks' queues close: each old thread makes its last attempt for what it
     /// holds (counted as usual) and ends; [`Delivery::finish`] waits for those too. The new
     /// sinks know no alert yet: the caller sends them the firing ones.
-    pub fn restart(&mut self, config: &Config) -> std::io::Result<()> {
+    pub fn restart(&mut self, config: &Config) -> Result<(), StartError> {
         let fresh = Self::start_counting(config, self.counts.clone())?;
         // Dropping the old senders closes the old queues.
         self.senders = fresh.senders;
@@ -94,7 +107,7 @@ impl Delivery {
         Ok(())
     }
 
-    fn start_counting(config: &Config, counts: Arc<Counts>) -> std::io::Result<Self> {
+    fn start_counting(config: &Config, counts: Arc<Counts>) -> Result<Self, StartError> {
         let mut me = Self {
             senders: Vec::new(),
             threads: Vec::new(),
@@ -104,16 +117,15 @@ impl Delivery {
         let backoff = config.delivery.max_backoff.0;
         let resend = config.alertmanager.resend_interval.0;
         if !config.alertmanager.url.is_empty() {
-            let url = format!(
-                "{}/api/v2/alerts",
-                config.alertmanager.url.trim_end_matches('/')
-            );
+            let am = &config.alertmanager;
+            let url = format!("{}/api/v2/alerts", am.url.trim_end_matches('/'));
             me.spawn(
                 0,
                 queue,
                 Sink::Alertmanager {
-                    url,
+                    client: Client::new(&am.receiver(), url)?,
                     resend,
+                    generator_url: am.generator_url.clone(),
                     firing: HashMap::new(),
                 },
                 backoff,
@@ -124,7 +136,7 @@ impl Delivery {
                 1,
                 queue,
                 Sink::Webhook {
-                    url: config.webhook.url.clone(),
+                    client: Client::new(&config.webhook.receiver(), config.webhook.url.clone())?,
                 },
                 backoff,
             )?;
@@ -229,12 +241,14 @@ impl Delivery {
 
 enum Sink {
     Alertmanager {
-        url: String,
+        client: Client,
         resend: Duration,
+        /// Each alert's `generatorURL`; "" for none.
+        generator_url: String,
         firing: HashMap<String, AlertMessage>,
     },
     Webhook {
-        url: String,
+        client: Client,
     },
     File {
         path: std::path::PathBuf,
@@ -243,33 +257,31 @@ enum Sink {
     },
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
-}
-
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn am_alert(m: &AlertMessage, ends_at: SystemTime) -> Value {
-    json!({
+fn am_alert(m: &AlertMessage, ends_at: SystemTime, generator_url: &str) -> Value {
+    let mut alert = json!({
         "labels": m.labels,
         "annotations": m.annotations,
         "startsAt": rfc3339(m.starts_at),
         "endsAt": rfc3339(ends_at),
-    })
+    });
+    if !generator_url.is_empty() {
+        alert["generatorURL"] = Value::from(generator_url);
+    }
+    alert
 }
 
 impl Sink {
     /// Delivers one change (or, with `None`, the periodic re-send of firing alerts).
-    fn deliver(&mut self, http: &ureq::Agent, msg: Option<&AlertMessage>) -> Result<(), Failed> {
+    fn deliver(&mut self, msg: Option<&AlertMessage>) -> Result<(), Failed> {
         match self {
             Sink::Alertmanager {
-                url,
+                client,
                 resend,
+                generator_url,
                 firing,
             } => {
                 let now = SystemTime::now();
@@ -285,18 +297,18 @@ impl Sink {
                             labels: labels.unwrap_or_else(|| m.labels.clone()),
                             ..m.clone()
                         };
-                        batch.push(am_alert(&resolved, now));
+                        batch.push(am_alert(&resolved, now, generator_url));
                     }
                 }
                 let until = now + *resend * 4;
-                batch.extend(firing.values().map(|m| am_alert(m, until)));
+                batch.extend(firing.values().map(|m| am_alert(m, until, generator_url)));
                 if batch.is_empty() {
                     return Ok(());
                 }
-                post(http, url, &Value::Array(batch))
+                client.post(&Value::Array(batch))
             }
-            Sink::Webhook { url } => match msg {
-                Some(m) => post(http, url, &m.json),
+            Sink::Webhook { client } => match msg {
+                Some(m) => client.post(&m.json),
                 None => Ok(()),
             },
             Sink::File { path, mode } => match msg {
@@ -338,17 +350,6 @@ impl From<String> for Failed {
     }
 }
 
-fn post(http: &ureq::Agent, url: &str, body: &Value) -> Result<(), Failed> {
-    http.post(url)
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .map(|_| ())
-        .map_err(|e| Failed {
-            permanent: matches!(e, ureq::Error::StatusCode(c) if is_permanent(c)),
-            error: format!("POST {url}: {e}"),
-        })
-}
-
 /// HTTP statuses that retrying the same request cannot fix: 4xx but 408 (timeout) and 429
 /// (rate limited).
 fn is_permanent(status: u16) -> bool {
@@ -362,7 +363,6 @@ fn worker(
     counts: &Counts,
     max_backoff: Duration,
 ) {
-    let http = agent();
     let mut next_resend = sink.resend_interval().map(|d| Instant::now() + d);
     let mut owed = retry::Owed::new(max_backoff);
     // Leaves `owed`: sent, given up or superseded. Saturating: `finish` may have taken them.
@@ -395,7 +395,7 @@ fn worker(
         }
         // At shutdown: one last attempt for every change held, due or not.
         let (sent, failed, gave_up) = owed.attempt(Instant::now(), closed, |m| {
-            match sink.deliver(&http, Some(m)) {
+            match sink.deliver(Some(m)) {
                 Ok(()) => retry::Outcome::Sent,
                 Err(Failed { error, permanent }) => {
                     if permanent {
@@ -422,7 +422,7 @@ fn worker(
             && Instant::now() >= t
         {
             // Firing alerts re-sent (Alertmanager); a failure waits for the next round.
-            if let Err(Failed { error, .. }) = sink.deliver(&http, None) {
+            if let Err(Failed { error, .. }) = sink.deliver(None) {
                 counts.add(idx, FAILED, 1);
                 warn!(sink = SINKS[idx], error = %error, "alert re-send failed");
             }

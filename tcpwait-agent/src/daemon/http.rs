@@ -1,4 +1,5 @@
-//! The metrics endpoint's HTTP server: `GET /metrics` (and `/`), one request per connection,
+//! The metrics endpoint's HTTP server: `GET /metrics` (and `/`), `/healthz` and `/readyz` for
+//! a container orchestrator's probes (see [`Health`]), one request per connection,
 //! within a budget a local user cannot exhaust. Measured before this existed (issue 13): 1,100
 //! idle connections from `nobody` held 1,100 of the agent's 1,024 fds, so inet_diag and /proc
 //! lookups failed and a 1 s alert fired 33.6 s late.
@@ -15,7 +16,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -43,6 +44,94 @@ pub static REJECTED_LIMIT: AtomicU64 = AtomicU64::new(0);
 pub static REJECTED_TIMEOUT: AtomicU64 = AtomicU64::new(0);
 /// Connections closed because the head was too large.
 pub static REJECTED_TOO_LARGE: AtomicU64 = AtomicU64::new(0);
+
+/// The agent's health as the probes see it: the state task reports, the server reads. The
+/// listener is bound before the probe is attached, so a probe during start-up gets an answer
+/// (503, not a refused connection) that says what the agent is waiting for.
+/// - `/readyz`: 200 once the probe is attached and the bootstrap snapshot (the sockets that
+///   predate the agent, with their holders) is applied; 503 before.
+/// - `/healthz`: 200 while starting, and afterwards while the state task keeps turning (it
+///   turns at least every drain tick, 50 ms); 503 when it has not turned for [`STALL`].
+pub struct Health {
+    phase: AtomicU8,
+    /// CLOCK_MONOTONIC ms of the state task's last turn.
+    last_turn_ms: AtomicU64,
+}
+
+/// How long the state task may go without a turn before `/healthz` says it is stalled. A
+/// reconciliation of a million sockets takes seconds, not this.
+pub const STALL: Duration = Duration::from_secs(30);
+
+const STARTING: u8 = 0;
+const ATTACHED: u8 = 1;
+const READY: u8 = 2;
+
+/// The process's health (one agent per process).
+pub static HEALTH: Health = Health {
+    phase: AtomicU8::new(STARTING),
+    last_turn_ms: AtomicU64::new(0),
+};
+
+impl Health {
+    /// The probe is attached: transitions are being tracked.
+    pub fn attached(&self) {
+        self.phase.fetch_max(ATTACHED, Ordering::Relaxed);
+    }
+
+    /// The state task turned at `now_ms`; `bootstrapped` once the first full snapshot is in.
+    pub fn turned(&self, now_ms: u64, bootstrapped: bool) {
+        self.last_turn_ms.store(now_ms, Ordering::Relaxed);
+        if bootstrapped {
+            // Only from ATTACHED: a snapshot without the probe is no readiness.
+            let _ =
+                self.phase
+                    .compare_exchange(ATTACHED, READY, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn readiness(&self) -> (&'static str, String) {
+        readiness(self.phase.load(Ordering::Relaxed))
+    }
+
+    fn liveness(&self, now_ms: u64) -> (&'static str, String) {
+        liveness(
+            self.phase.load(Ordering::Relaxed),
+            self.last_turn_ms.load(Ordering::Relaxed),
+            now_ms,
+        )
+    }
+}
+
+fn readiness(phase: u8) -> (&'static str, String) {
+    match phase {
+        READY => ("200 OK", "ready\n".into()),
+        ATTACHED => (
+            "503 Service Unavailable",
+            "not ready: probe attached, bootstrap snapshot not applied yet\n".into(),
+        ),
+        _ => (
+            "503 Service Unavailable",
+            "not ready: probe not attached yet\n".into(),
+        ),
+    }
+}
+
+fn liveness(phase: u8, last_turn_ms: u64, now_ms: u64) -> (&'static str, String) {
+    let stalled = now_ms.saturating_sub(last_turn_ms);
+    if phase == READY && stalled > STALL.as_millis() as u64 {
+        (
+            "503 Service Unavailable",
+            format!("stalled: the state task has not turned for {stalled} ms\n"),
+        )
+    } else {
+        ("200 OK", "ok\n".into())
+    }
+}
+
+/// CLOCK_MONOTONIC in ms, the clock of [`Health`].
+pub fn monotonic_ms() -> u64 {
+    crate::output::clock_ns(libc::CLOCK_MONOTONIC) / 1_000_000
+}
 
 /// Binds `listen`; returns the listener and the address it bound (the port, when `:0`).
 pub async fn bind(listen: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
@@ -173,8 +262,16 @@ async fn connection(mut stream: TcpStream, commands: mpsc::Sender<Command>) -> s
         Some(r) if r.path == "/" => (
             "200 OK",
             "text/plain",
-            "tcpwait: metrics at /metrics\n".to_owned(),
+            "tcpwait: metrics at /metrics, probes at /healthz and /readyz\n".to_owned(),
         ),
+        Some(r) if r.path == "/readyz" => {
+            let (status, body) = HEALTH.readiness();
+            (status, "text/plain", body)
+        }
+        Some(r) if r.path == "/healthz" => {
+            let (status, body) = HEALTH.liveness(monotonic_ms());
+            (status, "text/plain", body)
+        }
         Some(r) if r.path == "/metrics" => {
             let (tx, rx) = oneshot::channel();
             let body = match commands.send(Command::Metrics(tx)).await {
@@ -249,6 +346,45 @@ mod tests {
                 path: "/".into(),
                 openmetrics: false
             })
+        );
+    }
+
+    #[test]
+    fn ready_only_once_attached_and_bootstrapped() {
+        assert_eq!(readiness(STARTING).0, "503 Service Unavailable");
+        assert_eq!(readiness(STARTING).1, "not ready: probe not attached yet\n");
+        assert_eq!(readiness(ATTACHED).0, "503 Service Unavailable");
+        assert_eq!(readiness(READY), ("200 OK", "ready\n".to_owned()));
+        let h = Health {
+            phase: AtomicU8::new(STARTING),
+            last_turn_ms: AtomicU64::new(0),
+        };
+        h.turned(5, true);
+        assert_eq!(h.readiness().0, "503 Service Unavailable", "not attached");
+        h.attached();
+        h.turned(10, false);
+        assert_eq!(h.readiness().0, "503 Service Unavailable");
+        h.turned(15, true);
+        assert_eq!(h.readiness().0, "200 OK");
+        h.attached();
+        assert_eq!(h.readiness().0, "200 OK", "never goes back");
+    }
+
+    #[test]
+    fn live_until_the_state_task_stalls() {
+        let stall = STALL.as_millis() as u64;
+        // Starting (attach, bootstrap) is never a stall.
+        assert_eq!(liveness(STARTING, 0, 10 * stall).0, "200 OK");
+        assert_eq!(liveness(READY, 1000, 1000 + stall).0, "200 OK");
+        assert_eq!(
+            liveness(READY, 1000, 1001 + stall),
+            (
+                "503 Service Unavailable",
+                format!(
+                    "stalled: the state task has not turned for {} ms\n",
+                    stall + 1
+                )
+            )
         );
     }
 

@@ -113,17 +113,9 @@ struct Daemon {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
-    let probe = Probe::attach(category, name, Default::default())?;
-    let attachment = probe.attachment();
     let budget = budget::FdBudget::raise();
-    // Removed on every way out of this function (its Drop).
-    let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
-    let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
-        .context("start the owner resolver thread")?;
-    let mut signals = signals::Signals::install()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
-    let (tail, _) = broadcast::channel(args.test_tail_backlog);
-    let tail_missed = Arc::new(AtomicU64::new(0));
+    // Bound before the probe is attached: /healthz and /readyz answer during start-up.
     let mut metrics_at = None;
     if !config.metrics.listen.is_empty() {
         let addr = config
@@ -139,6 +131,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http::spawn(metrics_listener, cmd_tx.clone(), budget.metrics_connections);
         metrics_at = Some(bound);
     }
+    let probe = Probe::attach(category, name, Default::default())?;
+    http::HEALTH.attached();
+    let attachment = probe.attachment();
+    // Removed on every way out of this function (its Drop).
+    let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
+    let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
+        .context("start the owner resolver thread")?;
+    let mut signals = signals::Signals::install()?;
+    let (tail, _) = broadcast::channel(args.test_tail_backlog);
+    let tail_missed = Arc::new(AtomicU64::new(0));
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
@@ -259,6 +261,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         d.evaluate();
         d.maybe_request();
         d.publish().await;
+        http::HEALTH.turned(http::monotonic_ms(), d.reconciliations > 0);
     }
     // Detach, then take in what the kernel side still had: the ring, the per-CPU stages.
     d.probe.stop();
