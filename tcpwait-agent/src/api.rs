@@ -60,13 +60,26 @@ pub enum Request {
     Tail { filter: Filter },
 }
 
+/// Why a request line was refused; the client is told the message.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request line over {MAX_REQUEST} bytes")]
+    TooLong,
+    #[error("bad request: {0}")]
+    Bad(#[source] serde_json::Error),
+}
+
+/// Parses a request line as read (at most [`MAX_REQUEST`] + 1 bytes, its newline included).
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_str(line).map_err(RequestError::Bad)
+}
+
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one short-lived line at a time, never stored in bulk"
-)]
 pub enum TailLine<'a> {
     /// First line of a stream: the client is subscribed, nothing after this is missed
     /// silently.
@@ -77,16 +90,26 @@ pub enum TailLine<'a> {
         missed: u64,
     },
     Record(TransitionRecord<'a>),
+    /// An abort or a reset received (its `kind` says which).
+    Reset(crate::resets::ResetRecord<'a>),
 }
 
 /// What the daemon broadcasts to `tail` clients for each transition.
 #[derive(Clone, Debug)]
-pub struct TailItem {
-    pub transition: Transition,
-    /// The transition's wall-clock time, by the daemon's clock.
-    pub time: WallTime,
-    pub ns_in_old: Option<u64>,
-    pub owner: Option<OwnerView>,
+pub enum TailItem {
+    /// A transition, with its wall-clock time (by the daemon's clock), the time its socket
+    /// spent in the old state and its holder.
+    Transition {
+        transition: Transition,
+        time: WallTime,
+        ns_in_old: Option<u64>,
+        owner: Option<OwnerView>,
+    },
+    /// A reset (an abort, or one received), with its record as printed.
+    Reset {
+        reset: crate::event::reset::Reset,
+        record: Box<crate::resets::ResetRecord<'static>>,
+    },
 }
 
 /// The version of the `status --json` schema.
@@ -121,6 +144,9 @@ pub struct StatusReport {
     pub alerts: Vec<AlertReport>,
     /// Counters since start.
     pub counters: Counters,
+    /// Connections aborted on close and resets received (absent from an older agent).
+    #[serde(default)]
+    pub aborts: Option<crate::resets::report::AbortsReport>,
 }
 
 /// One process's sockets in one watched state.
@@ -417,21 +443,19 @@ async fn client(
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    if line.len() > MAX_REQUEST {
-        let msg = format!("{{\"error\":\"request line over {MAX_REQUEST} bytes\"}}\n");
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
-        return Err(io::Error::other("request line too long"));
-    }
-    let request: Request = match serde_json::from_str(&line) {
+    let request = match parse_request(&line) {
         Ok(r) => r,
         Err(e) => {
-            let msg = serde_json::json!({ "error": format!("bad request: {e}") });
+            let msg = serde_json::json!({ "error": e.to_string() });
             let _ = tokio::time::timeout(
                 WRITE_TIMEOUT,
                 write.write_all(format!("{msg}\n").as_bytes()),
             )
             .await;
-            return Ok(());
+            return match e {
+                RequestError::TooLong => Err(io::Error::other("request line too long")),
+                RequestError::Bad(_) => Ok(()),
+            };
         }
     };
     match request {
@@ -503,16 +527,25 @@ async fn client(
 }
 
 fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<()> {
-    let owner = item.owner.as_ref().map(|o| (o.pid, o.comm.as_str()));
-    if !filter.matches(&item.transition, owner) {
+    let (transition, time, ns_in_old, owner) = match item {
+        TailItem::Transition {
+            transition,
+            time,
+            ns_in_old,
+            owner,
+        } => (transition, *time, *ns_in_old, owner),
+        TailItem::Reset { reset, record } => {
+            let owner = record.owner_pid.zip(record.owner_comm.as_deref());
+            if !crate::resets::matches(filter, reset, owner) {
+                return Ok(());
+            }
+            return crate::output::write_json_line(buf, &**record).map_err(io::Error::other);
+        }
+    };
+    if !filter.matches(transition, owner.as_ref().map(|o| (o.pid, o.comm.as_str()))) {
         return Ok(());
     }
-    let record = TransitionRecord::new(
-        &item.transition,
-        item.ns_in_old,
-        item.owner.as_ref(),
-        item.time,
-    );
+    let record = TransitionRecord::new(transition, ns_in_old, owner.as_ref(), time);
     crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 

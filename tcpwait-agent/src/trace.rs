@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::TraceArgs,
-    event::{DecodeErrors, SocketId, TcpState, Transition, decode},
+    event::{DecodeErrors, Record, SocketId, TcpState, Transition, decode_record},
     output::{Clock, Format, TEXT_HEADER, TransitionRecord, write_record},
     probe::{KernelCounters, Probe, TestModes},
 };
@@ -76,8 +76,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         out.flush()?;
     }
     eprintln!(
-        "tcpwait: tracing TCP state transitions ({category}:{name}, {}); Ctrl-C to stop",
-        probe.attachment()
+        "tcpwait: tracing TCP state transitions ({category}:{name}, {}; {}); Ctrl-C to stop",
+        probe.attachment(),
+        probe.resets().describe()
     );
 
     let mut ages = StateAges::new(AGES_CAP);
@@ -111,8 +112,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let kernel = probe.counters().context("read the kernel's counters")?;
+    let resets = probe.resets().counters();
     drop(probe); // detach before reporting
     eprintln!("tcpwait: {}", stats.summary(&kernel));
+    eprintln!("tcpwait: {}", stats.resets.summary(&resets));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -122,6 +125,7 @@ struct Stats {
     seen: u64,
     printed: u64,
     malformed: DecodeErrors,
+    resets: crate::resets::ResetStats,
 }
 
 impl Stats {
@@ -158,8 +162,17 @@ fn drain(
     stats: &mut Stats,
 ) -> io::Result<()> {
     let mut result = Ok(());
-    probe.drain(|bytes| match decode(bytes) {
-        Ok(t) => {
+    let reasons = probe.resets().reasons.clone();
+    probe.drain(|bytes| match decode_record(bytes) {
+        Ok(Record::Reset(r)) => {
+            let shown = result.is_ok() && crate::resets::matches(filter, &r, None);
+            stats.resets.seen(&r, shown);
+            if shown {
+                let rec = crate::resets::ResetRecord::new(&r, &reasons, None, clock.wall(r.ts_ns));
+                result = crate::resets::write_reset(out, format, clock, &rec);
+            }
+        }
+        Ok(Record::Transition(t)) => {
             stats.seen += 1;
             let in_old = ages.observe(&t);
             if result.is_ok() && filter.matches(&t, None) {

@@ -324,6 +324,8 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
         rejected,
     );
 
+    super::aborts::register(&mut r, &d.resets);
+
     let build = Family::<VersionLabel, Gauge>::default();
     build
         .get_or_create(&VersionLabel {

@@ -2,6 +2,7 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod aborts;
 mod budget;
 mod delivery;
 mod http;
@@ -34,7 +35,7 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, decode},
+    event::{DecodeErrors, Record, decode_record},
     model::Tuple,
     output::{Clock, OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
@@ -104,6 +105,8 @@ struct Daemon {
     pending_tail: Vec<Arc<TailItem>>,
     /// Monotonic to wall-clock time, for every JSON record (refreshed by [`Daemon::drain`]).
     clock: Clock,
+    /// Aborts and resets received: tallies, the abort rule.
+    aborts: aborts::Aborts,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
@@ -172,6 +175,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let settle = settle::settle_time(&tracker_config.rules);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
+    let aborts = aborts::Aborts::new(config.abort_rule.to_rule(), &probe);
     let mut d = Daemon {
         tracker: Tracker::new(tracker_config),
         probe,
@@ -205,6 +209,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         sinks,
         pending_tail: Vec::new(),
         clock: Clock::now(),
+        aborts,
     };
     d.instance = report::instance(&d.config.alertmanager.instance, metrics_at);
     // Bootstrap: the sockets already in the watched states, with their owners.
@@ -215,8 +220,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
     crate::logging::print_line(&format!(
-        "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
-         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        "tcpwait: agent running on {category}:{name} ({attachment}; {}); {metrics_url}; API on \
+         {} (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        d.probe.resets().describe(),
         d.config.agent.socket.display()
     ));
 
@@ -287,7 +293,14 @@ impl Daemon {
     /// deadline, or the periodic reconciliation.
     fn next_wakeup(&self) -> Instant {
         let mut at = self.next_reconcile;
-        if let Some(deadline) = self.tracker.next_deadline() {
+        let deadline = match (
+            self.tracker.next_deadline(),
+            self.aborts.tally.next_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
             let now = self.now_ns();
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
             at = at.min(Instant::now() + wait);
@@ -320,10 +333,17 @@ impl Daemon {
             in_flight,
             edges,
             settling,
+            aborts,
             ..
         } = self;
-        probe.drain(|bytes| match decode(bytes) {
-            Ok(t) => {
+        probe.drain(|bytes| match decode_record(bytes) {
+            Ok(Record::Reset(reset)) => {
+                let record = Box::new(aborts.on_reset(&reset, tracker, clock.wall(reset.ts_ns)));
+                if publish && !withhold {
+                    items.push(Arc::new(TailItem::Reset { reset, record }));
+                }
+            }
+            Ok(Record::Transition(t)) => {
                 *transitions += 1;
                 edges.count(t.old, t.new);
                 if withhold {
@@ -367,7 +387,7 @@ impl Daemon {
                                 pod_uid: p.pod_uid.clone(),
                             })
                         });
-                    items.push(Arc::new(TailItem {
+                    items.push(Arc::new(TailItem::Transition {
                         time: clock.wall(t.ts_ns),
                         transition: t,
                         ns_in_old,
@@ -383,13 +403,21 @@ impl Daemon {
             let mut lines = Vec::with_capacity(items.len() * 320);
             let mut n = 0;
             for item in &items {
-                let rec = TransitionRecord::new(
-                    &item.transition,
-                    item.ns_in_old,
-                    item.owner.as_ref(),
-                    item.time,
-                );
-                if crate::output::write_json_line(&mut lines, &rec).is_ok() {
+                let written = match &**item {
+                    TailItem::Transition {
+                        transition,
+                        time,
+                        ns_in_old,
+                        owner,
+                    } => crate::output::write_json_line(
+                        &mut lines,
+                        &TransitionRecord::new(transition, *ns_in_old, owner.as_ref(), *time),
+                    ),
+                    // The transition log holds transitions only: its lines, failed and dropped
+                    // lines add up to the transitions, exactly.
+                    TailItem::Reset { .. } => continue,
+                };
+                if written.is_ok() {
                     n += 1;
                 }
             }
@@ -425,6 +453,7 @@ impl Daemon {
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
+                self.aborts.counters = self.probe.resets().counters();
                 let lost =
                     k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
                 if lost > self.lost_seen {
@@ -447,8 +476,9 @@ impl Daemon {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Status(reply) => {
-                let report =
+                let mut report =
                     report::status(&self.tracker, &self.stats(), self.now_ns(), &self.clock);
+                report.aborts = Some(self.aborts.report(self.now_ns()));
                 let _ = reply.send(report);
             }
             Command::Metrics(reply) => {
@@ -459,6 +489,7 @@ impl Daemon {
 
     fn evaluate(&mut self) {
         let now = self.now_ns();
+        self.evaluate_aborts(now);
         let changes = self.tracker.evaluate(now);
         self.announce(&changes, now, &[]);
     }

@@ -107,6 +107,8 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64, clock: &Clock) -> StatusR
                 .map(|(name, _, n)| ((*name).to_owned(), *n))
                 .collect(),
         },
+        // Filled by the daemon, which owns the abort tallies.
+        aborts: None,
     }
 }
 
