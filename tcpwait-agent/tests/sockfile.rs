@@ -193,8 +193,9 @@ fn sighup_and_sigusr_do_not_stop_the_agent_and_sigquit_stops_it_gracefully() {
             "signal {sig} stopped the agent"
         );
     }
+    // SIGHUP reloads (tests/reload.rs): here the embedded defaults, no file.
     assert!(tw.stderr.wait_for(
-        "SIGHUP received: configuration reload is not supported yet",
+        "SIGHUP: configuration reloaded from",
         Duration::from_secs(5)
     ));
     for name in ["SIGUSR1", "SIGUSR2"] {
@@ -207,7 +208,7 @@ fn sighup_and_sigusr_do_not_stop_the_agent_and_sigquit_stops_it_gracefully() {
         .stderr
         .snapshot()
         .iter()
-        .filter(|l| l.contains("SIGHUP received"))
+        .filter(|l| l.contains("SIGHUP: configuration reloaded"))
         .count();
     assert_eq!(hups, 2, "one line per SIGHUP");
     assert_eq!(tw.stop(libc::SIGQUIT), 0, "SIGQUIT stops gracefully");

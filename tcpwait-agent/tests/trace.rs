@@ -238,6 +238,7 @@ fn the_btf_and_rescue_programs_decode_struct_sock_like_the_classic_tracepoint() 
         let mut r = r.clone();
         let obj = r.as_object_mut().expect("object");
         obj.remove("ts_ns");
+        obj.remove("time");
         obj.remove("ms_in_old");
         r.to_string()
     };
@@ -544,6 +545,7 @@ fn every_transition_carries_its_sockets_network_namespace() {
                 // Each trace's program takes its own timestamp.
                 let obj = r.as_object_mut().expect("object");
                 obj.remove("ts_ns");
+                obj.remove("time");
                 obj.remove("ms_in_old");
                 r
             })
@@ -624,6 +626,7 @@ fn edges_exact_but_rescued_copies(
         let mut r = r.clone();
         let obj = r.as_object_mut().expect("object");
         obj.remove("ts_ns");
+        obj.remove("time");
         obj.remove("ms_in_old");
         r.to_string()
     };
