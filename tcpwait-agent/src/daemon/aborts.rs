@@ -51,7 +51,12 @@ impl Aborts {
     /// context (the closing process holds the socket until close() returns), else the process
     /// that called connect() or listen() for it (not confirmed in its fd table: the socket is
     /// already gone when a reset is seen).
-    pub(super) fn on_reset(&mut self, r: &Reset, tracker: &Tracker) -> ResetRecord<'static> {
+    pub(super) fn on_reset(
+        &mut self,
+        r: &Reset,
+        tracker: &Tracker,
+        time: crate::output::WallTime,
+    ) -> ResetRecord<'static> {
         let known = tracker
             .first_owner(r.sock)
             .and_then(|k| tracker.process_info(&k))
@@ -78,7 +83,7 @@ impl Aborts {
                     ..Default::default()
                 })
             });
-        let record = ResetRecord::new(r, &self.reasons, owner.as_ref());
+        let record = ResetRecord::new(r, &self.reasons, owner.as_ref(), time);
         let who = owner.map(|o| Aborter {
             pid: o.pid,
             comm: o.comm,

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     event::reset::{Reset, ResetKind},
     filter::Filter,
-    output::{Clock, Format, OwnerView, endpoint, escape_control, time_of_day, write_json_line},
+    output::{
+        Clock, Format, OwnerView, WallTime, endpoint, escape_control, time_of_day, write_json_line,
+    },
 };
 
 pub mod report;
@@ -23,6 +25,8 @@ pub struct ResetRecord<'a> {
     pub kind: Cow<'a, str>,
     /// CLOCK_MONOTONIC ns.
     pub ts_ns: u64,
+    /// Wall-clock time (RFC 3339, UTC, µs), as in every JSON record.
+    pub time: WallTime,
     /// Kernel socket address, hex.
     pub skaddr: String,
     /// Network namespace inode; `null` when unknown.
@@ -60,8 +64,13 @@ pub struct ResetRecord<'a> {
 }
 
 impl ResetRecord<'static> {
-    /// The record of `r`; `names` is the kernel's `enum sk_rst_reason`.
-    pub fn new(r: &Reset, names: &[(String, u32)], owner: Option<&OwnerView>) -> Self {
+    /// The record of `r` at wall-clock `time`; `names` is the kernel's `enum sk_rst_reason`.
+    pub fn new(
+        r: &Reset,
+        names: &[(String, u32)],
+        owner: Option<&OwnerView>,
+        time: WallTime,
+    ) -> Self {
         let kernel_reason = r.kernel_reason.map(|v| {
             names
                 .iter()
@@ -71,6 +80,7 @@ impl ResetRecord<'static> {
         Self {
             kind: Cow::Borrowed(r.kind.name()),
             ts_ns: r.ts_ns,
+            time,
             skaddr: r.sock.to_string(),
             netns: (r.netns != 0).then_some(r.netns),
             pid: r.caller().map(|c| c.0),
@@ -213,11 +223,12 @@ mod tests {
             container: None,
             pod_uid: None,
         };
-        let rec = ResetRecord::new(&abort(), &names, Some(&owner));
+        let rec = ResetRecord::new(&abort(), &names, Some(&owner), WallTime(7_000));
         let mut out = Vec::new();
         write_reset(&mut out, Format::Json, &Clock::with_offset(0), &rec).expect("written");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["kind"], "abort");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000007Z");
         assert_eq!(v["reason"], "linger_0");
         assert_eq!(v["kernel_reason"], "SK_RST_REASON_TCP_STATE");
         assert_eq!(v["pid"], 4242);
@@ -237,7 +248,7 @@ mod tests {
     #[test]
     fn text_never_trusts_a_softirq_task() {
         let r = decode(&wire(KIND_RESET_RECEIVED, 2, 0xff, 0)).expect("valid");
-        let rec = ResetRecord::new(&r, &[], None);
+        let rec = ResetRecord::new(&r, &[], None, WallTime(7_000));
         assert_eq!(
             (rec.pid, rec.comm.as_deref(), rec.reason.as_deref()),
             (None, None, None)
