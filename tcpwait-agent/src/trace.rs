@@ -114,8 +114,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let kernel = probe.counters().context("read the kernel's counters")?;
     let resets = probe.resets().counters();
     drop(probe); // detach before reporting
-    eprintln!("tcpwait: {}", stats.summary(&kernel));
+    // The transitions' summary stays the last line: `cargo xtask bench` reads the loss there.
     eprintln!("tcpwait: {}", stats.resets.summary(&resets));
+    eprintln!("tcpwait: {}", stats.summary(&kernel));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -229,6 +229,7 @@ mod tests {
         write_reset(&mut out, Format::Json, &Clock::with_offset(0), &rec).expect("written");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["kind"], "abort");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000007Z");
         assert_eq!(v["reason"], "linger_0");
         assert_eq!(v["kernel_reason"], "SK_RST_REASON_TCP_STATE");
         assert_eq!(v["pid"], 4242);
