@@ -4,15 +4,12 @@
 //!
 //! `tail` fans out through a bounded broadcast channel: a slow client never slows the daemon.
 //! When a client falls behind by more than the backlog, it skips ahead; the daemon counts what
-//! it missed and tells it with a `{"missed": N}` line.
+//! it missed and tells it with a `{"missed": N}` line (see `api::tail`).
 use std::{
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,15 +17,19 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{broadcast, mpsc, oneshot},
+    sync::{mpsc, oneshot},
 };
 use tracing::{debug, warn};
+
+pub use tail::{Subscriber, TailClientReport, TailHub};
 
 use crate::{
     event::Transition,
     filter::Filter,
     output::{OwnerView, TransitionRecord},
 };
+
+mod tail;
 
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/tcpwait/tcpwait.sock";
@@ -223,6 +224,10 @@ pub struct Counters {
     /// Output lines a sink failed to write (I/O error), by sink.
     #[serde(default)]
     pub sink_failed: std::collections::BTreeMap<String, u64>,
+    /// Each connected `tail` client's counts of what was broadcast while it has been
+    /// connected: written to it, passed over by its filter, missed.
+    #[serde(default)]
+    pub tail_clients: Vec<TailClientReport>,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.
@@ -357,8 +362,7 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ApiError> {
 pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
-    tail: broadcast::Sender<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: Subscriber,
     max_clients: usize,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
@@ -378,10 +382,10 @@ pub async fn serve(
             let _ = stream.try_write(msg.as_bytes());
             continue;
         };
-        let (commands, rx, missed) = (commands.clone(), tail.subscribe(), tail_missed.clone());
+        let (commands, tail) = (commands.clone(), tail.clone());
         let turns = status_turns.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(stream, commands, rx, missed, turns).await {
+            if let Err(e) = client(stream, commands, &tail, turns).await {
                 debug!(error = %e, "API client ended");
             }
             drop(slot);
@@ -392,8 +396,7 @@ pub async fn serve(
 async fn client(
     stream: UnixStream,
     commands: mpsc::Sender<Command>,
-    mut tail: broadcast::Receiver<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: &Subscriber,
     status_turns: Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -421,7 +424,6 @@ async fn client(
     };
     match request {
         Request::Status => {
-            drop(tail);
             let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "status answer not taken");
             let Ok(turn) = tokio::time::timeout(STATUS_TURN_WAIT, status_turns.acquire()).await
             else {
@@ -445,55 +447,8 @@ async fn client(
                 .await
                 .map_err(|_| timed_out())?
         }
-        Request::Tail { filter } => {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            serde_json::to_writer(&mut buf, &TailLine::Subscribed { subscribed: true })
-                .map_err(io::Error::other)?;
-            buf.push(b'\n');
-            write.write_all(&buf).await?;
-            buf.clear();
-            loop {
-                let item = match tail.recv().await {
-                    Ok(item) => item,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tail_missed.fetch_add(n, Ordering::Relaxed);
-                        serde_json::to_writer(&mut buf, &TailLine::Missed { missed: n })
-                            .map_err(io::Error::other)?;
-                        buf.push(b'\n');
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                push_item(&mut buf, &filter, &item)?;
-                // Batch what is already queued into one write.
-                while buf.len() < 60 * 1024 {
-                    match tail.try_recv() {
-                        Ok(item) => push_item(&mut buf, &filter, &item)?,
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                            tail_missed.fetch_add(n, Ordering::Relaxed);
-                            serde_json::to_writer(&mut buf, &TailLine::Missed { missed: n })
-                                .map_err(io::Error::other)?;
-                            buf.push(b'\n');
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if !buf.is_empty() {
-                    write.write_all(&buf).await?;
-                    buf.clear();
-                }
-            }
-        }
+        Request::Tail { filter } => tail::stream(tail, &mut write, &filter).await,
     }
-}
-
-fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<()> {
-    let owner = item.owner.as_ref().map(|o| (o.pid, o.comm.as_str()));
-    if !filter.matches(&item.transition, owner) {
-        return Ok(());
-    }
-    let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-    crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 
 #[cfg(test)]

@@ -18,15 +18,12 @@ mod translog;
 use std::{
     collections::{HashMap, HashSet},
     process::ExitCode,
-    sync::{Arc, atomic::AtomicU64},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::{
-    sync::{broadcast, mpsc},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
@@ -57,8 +54,7 @@ struct Daemon {
     tracker: Tracker,
     probe: Probe,
     resolver: Resolver,
-    tail: broadcast::Sender<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: api::TailHub,
     args: RunArgs,
     config: Config,
     delivery: Delivery,
@@ -114,8 +110,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("start the owner resolver thread")?;
     let mut signals = signals::Signals::install()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
-    let (tail, _) = broadcast::channel(args.test_tail_backlog);
-    let tail_missed = Arc::new(AtomicU64::new(0));
+    let tail = api::TailHub::new(args.test_tail_backlog);
     let mut metrics_at = None;
     if !config.metrics.listen.is_empty() {
         let addr = config
@@ -134,8 +129,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
-        tail.clone(),
-        tail_missed.clone(),
+        tail.subscriber(),
         budget.api_clients,
     ));
     let delivery = Delivery::start(&config).context("start alert delivery")?;
@@ -178,7 +172,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         probe,
         resolver,
         tail,
-        tail_missed,
         started_ns: now,
         started: Instant::now(),
         complete_since_ns: now,
@@ -402,8 +395,7 @@ impl Daemon {
         let mut items = std::mem::take(&mut self.pending_tail);
         for chunk in items.chunks(CHUNK) {
             for item in chunk {
-                // No receiver left is fine: nobody is tailing.
-                let _ = self.tail.send(item.clone());
+                self.tail.send(item.clone());
             }
             if items.len() > CHUNK {
                 tokio::task::yield_now().await;
@@ -486,12 +478,16 @@ impl Daemon {
     fn summary(&self) -> String {
         format!(
             "{} transitions, lost: ring buffer full {}, kernel recursion misses {}, malformed \
-             {}; out of order {}",
+             {}; out of order {}; accounting: {}",
             self.transitions,
             self.kernel.reserve_failed,
             crate::probe::count_or_unknown(self.kernel.recursion_misses),
             self.malformed.total(),
-            self.kernel.late
+            self.kernel.late,
+            self.kernel.identity(
+                self.transitions + self.malformed.total(),
+                self.malformed.total()
+            )
         )
     }
 }

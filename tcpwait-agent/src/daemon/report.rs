@@ -100,6 +100,7 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64) -> StatusReport {
                 .iter()
                 .map(|(name, _, n)| ((*name).to_owned(), *n))
                 .collect(),
+            tail_clients: s.tail_clients.clone(),
         },
     }
 }
