@@ -170,6 +170,31 @@ fn churn(topo: &Arc<Topology>, n: usize, threads: usize) {
     acceptor.join().expect("acceptor");
 }
 
+/// Waits until the workload's last transitions have run: a client's LAST_ACK → CLOSE and the
+/// server's FIN_WAIT2 → CLOSE follow its `close()` when the peer's segment arrives, after the
+/// client thread has returned. Only TIME_WAIT sockets (no transitions left) may remain.
+fn settle(topo: &Topology) {
+    let busy = |ns: &NetNs| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "ss",
+                "-Htan",
+                "exclude",
+                "time-wait",
+            ])
+            .output()
+            .expect("run ss");
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    let settled = wait_until(Duration::from_secs(10), || {
+        !busy(&topo.server) && !topo.client.as_ref().is_some_and(busy)
+    });
+    assert!(settled, "the workload's sockets did not close");
+}
+
 /// The accounting clause of an exit summary (`accounting: …`), checked exact: returns the
 /// kernel's hits and the counts of seen, malformed, ring full, lost to nesting and not TCP.
 fn identity(summary: &str) -> [u64; 6] {
@@ -202,46 +227,64 @@ fn identity(summary: &str) -> [u64; 6] {
     [hits, seen, malformed, ring, nested, not_tcp]
 }
 
-/// The edges of the workload's transitions (its namespaces only), counted.
+/// The edges of the workload's transitions (its namespaces only), counted, and how many
+/// records were read. Panics on a copy: a record equal to the previous record of its socket
+/// address (same ports, same old and new state; only the time differs), which no socket can
+/// make twice in a row (it would have to leave the new state and come back to the old one),
+/// and which is what a rescued copy of a sent transition looks like.
 fn own_edges(
     lines: impl Iterator<Item = String>,
     netns: &[u64],
 ) -> (HashMap<String, usize>, usize) {
     let mut edges = HashMap::new();
     let mut all = 0;
-    // Per socket address, the state its last record left it in: a record that does not start
-    // from it is a copy or follows a loss (a rescued copy repeats an edge).
-    let mut state: HashMap<String, String> = HashMap::new();
-    let mut broken = Vec::new();
+    let mut last: HashMap<String, (String, String)> = HashMap::new();
+    let mut copies = Vec::new();
     for line in lines {
         all += 1;
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        let (old, new) = (
-            v["old"].as_str().expect("old"),
-            v["new"].as_str().expect("new"),
-        );
+        let key = format!("{} {} {} {}", v["sport"], v["dport"], v["old"], v["new"]);
         let sk = v["skaddr"].as_str().expect("skaddr").to_owned();
-        let prev = state.insert(sk.clone(), new.to_owned());
-        // A socket address freed after CLOSE is soon another socket's: a new one starts in
-        // CLOSE, or in LISTEN (an accepted socket, cloned from its listener).
-        let fresh = matches!(old, "CLOSE" | "LISTEN");
-        if prev
-            .as_deref()
-            .is_some_and(|p| p != old && !(p == "CLOSE" && fresh))
+        if let Some((prev, prev_line)) = last.insert(sk, (key.clone(), line.clone()))
+            && prev == key
+            && v["old"] != v["new"]
         {
-            broken.push(line.clone());
+            copies.push(format!("{prev_line} then {line}"));
         }
         if v["netns"].as_u64().is_some_and(|n| netns.contains(&n)) {
-            *edges.entry(format!("{old}>{new}")).or_default() += 1;
+            let edge = format!(
+                "{}>{}",
+                v["old"].as_str().expect("old"),
+                v["new"].as_str().expect("new")
+            );
+            *edges.entry(edge).or_default() += 1;
         }
     }
     assert!(
-        broken.is_empty(),
-        "{} records do not continue their socket (copies?), first: {:?}",
-        broken.len(),
-        broken.first()
+        copies.is_empty(),
+        "{} records repeat the previous one of their socket, first: {:?}",
+        copies.len(),
+        copies.first()
     );
     (edges, all)
+}
+
+/// Checks the workload's edges against `n` connections and one listener: none more often
+/// than it happened (a copy), and every one there or within the transitions counted lost
+/// (host-wide, so they bound the workload's own loss): with nothing lost, exactly.
+fn check_edges(edges: &HashMap<String, usize>, n: usize, lost: u64, summary: &str) {
+    let expected = expected_edges(n);
+    for (edge, &count) in edges {
+        let want = expected.get(edge).copied().unwrap_or(0);
+        assert!(count <= want, "{edge}: {count} of {want}; {summary}");
+    }
+    let seen: usize = edges.values().sum();
+    let total: usize = expected.values().sum();
+    assert!(
+        seen as u64 + lost >= total as u64,
+        "{seen} of the workload's {total} transitions seen, {lost} counted lost: {edges:?}; \
+         {summary}"
+    );
 }
 
 /// The workload's exact edges: `n` connections, one listener.
@@ -290,6 +333,7 @@ fn trace(path: Path, threads: usize) {
     );
     let n = connections();
     churn(&topo, n, threads);
+    settle(&topo);
     // SAFETY: kill our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().expect("wait tcpwait");
@@ -303,12 +347,12 @@ fn trace(path: Path, threads: usize) {
         printed as u64, seen,
         "every transition seen is printed; {summary}"
     );
-    // The ring never fills at this rate, and the rescue program records every nested
-    // transition: nothing is lost, so every edge of the workload is there exactly n times.
+    // The rescue program records every nested transition: none is lost to nesting. The ring
+    // can fill when the reader is starved of CPU (a loaded machine): counted, exactly.
     if kernel_counts_recursion() {
-        assert_eq!((ring, nested), (0, 0), "{summary}");
+        assert_eq!(nested, 0, "{summary}");
     }
-    assert_eq!(edges, expected_edges(n), "{summary}");
+    check_edges(&edges, n, ring + nested, &summary);
     eprintln!(
         "trace {path:?}, {threads} client thread(s), {n} connections: {hits} hits; {summary}"
     );
@@ -325,13 +369,14 @@ fn run(path: Path, threads: usize) {
     let mut tw = daemon(&socket, &[]);
     let n = connections();
     churn(&topo, n, threads);
+    settle(&topo);
     assert_eq!(tw.stop(libc::SIGTERM), 0);
     assert!(tw.stderr.wait_for("accounting: ", Duration::from_secs(10)));
     let summary = tw.stderr.snapshot().join("\n");
     let [hits, seen, _, ring, nested, _] = identity(&summary);
-    assert!(seen > 10 * n as u64, "{summary}");
+    assert!(seen + ring + nested >= 10 * n as u64 + 2, "{summary}");
     if kernel_counts_recursion() {
-        assert_eq!((ring, nested), (0, 0), "{summary}");
+        assert_eq!(nested, 0, "{summary}");
     }
     eprintln!("run {path:?}, {threads} client thread(s), {n} connections: {hits} hits; {summary}");
 }
