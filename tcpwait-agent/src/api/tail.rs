@@ -131,7 +131,8 @@ impl Tally {
     }
 }
 
-/// One live client's counts in `status`: `written + filtered + missed == broadcast`.
+/// One live client's counts in `status`:
+/// `written + filtered + missed + buffered + queued == broadcast`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TailClientReport {
     pub id: u64,
@@ -143,6 +144,10 @@ pub struct TailClientReport {
     pub filtered: u64,
     /// Missed: dropped by the channel before it took them.
     pub missed: u64,
+    /// Taken from the channel, waiting to be written (the client's socket buffer is full).
+    pub buffered: u64,
+    /// Still in the channel for it.
+    pub queued: u64,
 }
 
 /// One client's counts.
@@ -157,6 +162,8 @@ struct Client {
     filtered: AtomicU64,
     /// Gaps it has seen (and been told of).
     missed: AtomicU64,
+    /// Records taken, not yet written.
+    buffered: AtomicU64,
 }
 
 impl Client {
@@ -172,6 +179,8 @@ impl Client {
             written: self.written.load(Ordering::Relaxed),
             filtered: self.filtered.load(Ordering::Relaxed),
             missed: self.missed.load(Ordering::Relaxed) + gone,
+            buffered: self.buffered.load(Ordering::Relaxed),
+            queued: sent.saturating_sub(next).min(retained),
         }
     }
 
@@ -221,9 +230,11 @@ pub(super) async fn stream(
                     Err(_) => break,
                 }
             }
+            client.buffered.store(out.written, Ordering::Relaxed);
             write.write_all(&out.buf).await?;
             out.buf.clear();
             client.written.fetch_add(out.written, Ordering::Relaxed);
+            client.buffered.store(0, Ordering::Relaxed);
             out.written = 0;
         }
     }
@@ -299,7 +310,7 @@ mod tests {
         assert_eq!(c.take(10), 0);
         assert_eq!(c.take(14), 3);
         let r = c.report(15, 1024);
-        assert_eq!((r.broadcast, r.missed), (6, 3));
+        assert_eq!((r.broadcast, r.missed, r.queued), (6, 3, 0));
     }
 
     #[test]
@@ -308,6 +319,6 @@ mod tests {
         assert_eq!(c.take(0), 0);
         // 101 numbered (0..=100), the channel keeps the last 64 (37..=100): 1..=36 are gone.
         let r = c.report(101, 64);
-        assert_eq!((r.broadcast, r.missed), (101, 36));
+        assert_eq!((r.broadcast, r.missed, r.queued), (101, 36, 64));
     }
 }
