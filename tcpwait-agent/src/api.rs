@@ -59,6 +59,9 @@ pub enum Request {
     Status,
     /// Stream transitions that pass the filter.
     Tail { filter: Filter },
+    /// Every socket the table tracks in one network namespace (inode), whatever its state:
+    /// what the agent believes, to compare with `ss` there (diagnostics, tests).
+    Table { netns: u32 },
 }
 
 /// One line of a `tail` stream: a transition, or how many the client missed.
@@ -234,6 +237,8 @@ pub struct Counters {
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<StatusReport>),
+    /// [`Request::Table`]: the sockets of one namespace.
+    Table(u32, oneshot::Sender<Vec<SocketReport>>),
     /// The Prometheus rendering of every metric.
     Metrics(oneshot::Sender<String>),
 }
@@ -448,6 +453,20 @@ async fn client(
                 .map_err(|_| timed_out())?
         }
         Request::Tail { filter } => tail::stream(tail, &mut write, &filter).await,
+        Request::Table { netns } => {
+            let (tx, rx) = oneshot::channel();
+            commands
+                .send(Command::Table(netns, tx))
+                .await
+                .map_err(|_| io::Error::other("daemon stopping"))?;
+            let sockets = rx.await.map_err(|_| io::Error::other("daemon stopping"))?;
+            let mut out = serde_json::to_vec(&serde_json::json!({ "sockets": sockets }))
+                .map_err(io::Error::other)?;
+            out.push(b'\n');
+            tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "table answer not taken"))?
+        }
     }
 }
 

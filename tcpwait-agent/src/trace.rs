@@ -65,6 +65,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let test = TestModes {
         compare: args.test_compare,
         no_netns: args.test_no_netns,
+        ..TestModes::default()
     };
     let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

@@ -101,7 +101,14 @@ struct Daemon {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     let (category, name) = TRACEPOINT;
-    let probe = Probe::attach(category, name, Default::default())?;
+    let probe = Probe::attach(
+        category,
+        name,
+        crate::probe::TestModes {
+            ring_bytes: args.test_ring_bytes,
+            ..Default::default()
+        },
+    )?;
     let attachment = probe.attachment();
     let budget = budget::FdBudget::raise();
     // Removed on every way out of this function (its Drop).
@@ -436,6 +443,16 @@ impl Daemon {
             Command::Status(reply) => {
                 let report = report::status(&self.tracker, &self.stats(), self.now_ns());
                 let _ = reply.send(report);
+            }
+            Command::Table(netns, reply) => {
+                let now = self.now_ns();
+                let _ = reply.send(
+                    self.tracker
+                        .sockets_in(netns, now)
+                        .iter()
+                        .map(report::socket)
+                        .collect(),
+                );
             }
             Command::Metrics(reply) => {
                 let _ = reply.send(metrics::render(&self.tracker, &self.stats(), self.now_ns()));

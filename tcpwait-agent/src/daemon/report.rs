@@ -28,7 +28,7 @@ fn peers(top: &[(std::net::IpAddr, u32)]) -> Vec<PeerReport> {
         .collect()
 }
 
-fn socket(s: &SocketDetail) -> SocketReport {
+pub(super) fn socket(s: &SocketDetail) -> SocketReport {
     SocketReport {
         state: s.state.name().to_owned(),
         netns: (s.netns != 0).then_some(s.netns),

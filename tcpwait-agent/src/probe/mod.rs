@@ -39,6 +39,9 @@ pub struct TestModes {
     /// Withhold the network namespace offsets, as on a kernel whose BTF lacks them: for the
     /// test of the "namespaces unknown" path.
     pub no_netns: bool,
+    /// A ring buffer of this many bytes (a power of two, at least a page) instead of
+    /// `RING_BYTES`: for the tests that need real loss.
+    pub ring_bytes: Option<u32>,
 }
 
 /// How the programs are attached.
@@ -109,7 +112,11 @@ impl Probe {
     /// classic tracepoint takes its place. `test` changes that for tests only (see
     /// [`TestModes`]); everything else passes `TestModes::default()`.
     pub fn attach(category: &str, name: &str, test: TestModes) -> Result<Self, ProbeError> {
-        let TestModes { compare, no_netns } = test;
+        let TestModes {
+            compare,
+            no_netns,
+            ring_bytes,
+        } = test;
         raise_memlock();
         let (offsets, netns) = match btf::Btf::from_sys_fs() {
             Ok(b) => {
@@ -150,6 +157,9 @@ impl Probe {
             );
         }
         let mut loader = EbpfLoader::new();
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries("EVENTS", bytes);
+        }
         if let Some(g) = &global {
             loader.override_global("SOCK_OFFSETS", g, true);
         }
