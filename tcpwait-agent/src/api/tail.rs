@@ -281,7 +281,12 @@ impl Out {
             client.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+        let record = TransitionRecord::new(
+            &item.transition,
+            item.ns_in_old,
+            item.owner.as_ref(),
+            item.time,
+        );
         crate::output::write_json_line(&mut self.buf, &record).map_err(std::io::Error::other)?;
         self.written += 1;
         Ok(())
