@@ -4,15 +4,12 @@
 //!
 //! `tail` fans out through a bounded broadcast channel: a slow client never slows the daemon.
 //! When a client falls behind by more than the backlog, it skips ahead; the daemon counts what
-//! it missed and tells it with a `{"missed": N}` line.
+//! it missed and tells it with a `{"missed": N}` line (see `api::tail`).
 use std::{
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,15 +17,19 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{broadcast, mpsc, oneshot},
+    sync::{mpsc, oneshot},
 };
 use tracing::{debug, warn};
+
+pub use tail::{Subscriber, TailClientReport, TailHub};
 
 use crate::{
     event::Transition,
     filter::Filter,
     output::{OwnerView, TransitionRecord, WallTime},
 };
+
+mod tail;
 
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/tcpwait/tcpwait.sock";
@@ -58,6 +59,9 @@ pub enum Request {
     Status,
     /// Stream transitions that pass the filter.
     Tail { filter: Filter },
+    /// Every socket the table tracks in one network namespace (inode), whatever its state:
+    /// what the agent believes, to compare with `ss` there (diagnostics, tests).
+    Table { netns: u32 },
 }
 
 /// Why a request line was refused; the client is told the message.
@@ -264,12 +268,18 @@ pub struct Counters {
     /// Output lines a sink failed to write (I/O error), by sink.
     #[serde(default)]
     pub sink_failed: std::collections::BTreeMap<String, u64>,
+    /// Each connected `tail` client's counts of what was broadcast while it has been
+    /// connected: written to it, passed over by its filter, missed.
+    #[serde(default)]
+    pub tail_clients: Vec<TailClientReport>,
 }
 
 /// Requests the API forwards to the daemon's state-owning task.
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<StatusReport>),
+    /// [`Request::Table`]: the sockets of one namespace.
+    Table(u32, oneshot::Sender<Vec<SocketReport>>),
     /// The Prometheus rendering of every metric.
     Metrics(oneshot::Sender<String>),
 }
@@ -398,8 +408,7 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ApiError> {
 pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
-    tail: broadcast::Sender<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: Subscriber,
     max_clients: usize,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
@@ -419,10 +428,10 @@ pub async fn serve(
             let _ = stream.try_write(msg.as_bytes());
             continue;
         };
-        let (commands, rx, missed) = (commands.clone(), tail.subscribe(), tail_missed.clone());
+        let (commands, tail) = (commands.clone(), tail.clone());
         let turns = status_turns.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(stream, commands, rx, missed, turns).await {
+            if let Err(e) = client(stream, commands, &tail, turns).await {
                 debug!(error = %e, "API client ended");
             }
             drop(slot);
@@ -433,8 +442,7 @@ pub async fn serve(
 async fn client(
     stream: UnixStream,
     commands: mpsc::Sender<Command>,
-    mut tail: broadcast::Receiver<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: &Subscriber,
     status_turns: Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -460,7 +468,6 @@ async fn client(
     };
     match request {
         Request::Status => {
-            drop(tail);
             let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "status answer not taken");
             let Ok(turn) = tokio::time::timeout(STATUS_TURN_WAIT, status_turns.acquire()).await
             else {
@@ -484,69 +491,22 @@ async fn client(
                 .await
                 .map_err(|_| timed_out())?
         }
-        Request::Tail { filter } => {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            serde_json::to_writer(&mut buf, &TailLine::Subscribed { subscribed: true })
+        Request::Tail { filter } => tail::stream(tail, &mut write, &filter).await,
+        Request::Table { netns } => {
+            let (tx, rx) = oneshot::channel();
+            commands
+                .send(Command::Table(netns, tx))
+                .await
+                .map_err(|_| io::Error::other("daemon stopping"))?;
+            let sockets = rx.await.map_err(|_| io::Error::other("daemon stopping"))?;
+            let mut out = serde_json::to_vec(&serde_json::json!({ "sockets": sockets }))
                 .map_err(io::Error::other)?;
-            buf.push(b'\n');
-            write.write_all(&buf).await?;
-            buf.clear();
-            loop {
-                let item = match tail.recv().await {
-                    Ok(item) => item,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tail_missed.fetch_add(n, Ordering::Relaxed);
-                        serde_json::to_writer(&mut buf, &TailLine::Missed { missed: n })
-                            .map_err(io::Error::other)?;
-                        buf.push(b'\n');
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                push_item(&mut buf, &filter, &item)?;
-                // Batch what is already queued into one write.
-                while buf.len() < 60 * 1024 {
-                    match tail.try_recv() {
-                        Ok(item) => push_item(&mut buf, &filter, &item)?,
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                            tail_missed.fetch_add(n, Ordering::Relaxed);
-                            serde_json::to_writer(&mut buf, &TailLine::Missed { missed: n })
-                                .map_err(io::Error::other)?;
-                            buf.push(b'\n');
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if !buf.is_empty() {
-                    write.write_all(&buf).await?;
-                    buf.clear();
-                }
-            }
+            out.push(b'\n');
+            tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "table answer not taken"))?
         }
     }
-}
-
-fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<()> {
-    let (transition, time, ns_in_old, owner) = match item {
-        TailItem::Transition {
-            transition,
-            time,
-            ns_in_old,
-            owner,
-        } => (transition, *time, *ns_in_old, owner),
-        TailItem::Reset { reset, record } => {
-            let owner = record.owner_pid.zip(record.owner_comm.as_deref());
-            if !crate::resets::matches(filter, reset, owner) {
-                return Ok(());
-            }
-            return crate::output::write_json_line(buf, &**record).map_err(io::Error::other);
-        }
-    };
-    if !filter.matches(transition, owner.as_ref().map(|o| (o.pid, o.comm.as_str()))) {
-        return Ok(());
-    }
-    let record = TransitionRecord::new(transition, ns_in_old, owner.as_ref(), time);
-    crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 
 #[cfg(test)]

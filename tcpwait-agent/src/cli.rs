@@ -123,6 +123,10 @@ pub struct RunArgs {
     /// tests of reconciliation only.
     #[arg(long, hide = true)]
     pub test_withhold_events: bool,
+    /// Test only: the ring buffer's size in bytes (a power of two, at least a page), to make
+    /// real loss.
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(4096..=1 << 30))]
+    pub test_ring_bytes: Option<u32>,
     /// Transitions a `tail` client may lag behind (default 16384). For tests only.
     #[arg(long, hide = true, default_value_t = crate::api::TAIL_BACKLOG, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub test_tail_backlog: usize,

@@ -62,6 +62,19 @@ pub enum TcpState {
 }
 
 impl TcpState {
+    /// The states a tracked connection can be in (the table holds no TIME_WAIT, listener or
+    /// closed socket): what a reconciliation dumps to repair every entry.
+    pub const TRACKED: [TcpState; 8] = [
+        Self::Established,
+        Self::SynSent,
+        Self::SynRecv,
+        Self::FinWait1,
+        Self::FinWait2,
+        Self::CloseWait,
+        Self::LastAck,
+        Self::Closing,
+    ];
+
     /// Every state, in kernel order.
     pub const ALL: [TcpState; 12] = [
         Self::Established,

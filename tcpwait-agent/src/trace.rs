@@ -65,6 +65,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let test = TestModes {
         compare: args.test_compare,
         no_netns: args.test_no_netns,
+        ..TestModes::default()
     };
     let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -138,17 +139,19 @@ impl Stats {
         } else {
             ""
         };
+        let malformed = self.malformed.total();
         format!(
             "{} transitions seen, {} printed, {at_least}{lost} lost (ring buffer full: {}, \
              kernel recursion misses: {}, malformed: {}); {} nested transitions rescued, {} out \
-             of order",
+             of order; accounting: {}",
             self.seen,
             self.printed,
             k.reserve_failed,
             crate::probe::count_or_unknown(k.recursion_misses),
-            self.malformed.total(),
+            malformed,
             k.rescued,
-            k.late
+            k.late,
+            k.identity(self.seen + malformed, malformed)
         )
     }
 }

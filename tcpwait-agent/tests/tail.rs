@@ -221,6 +221,104 @@ fn tail_netns_keeps_exactly_one_namespaces_transitions() {
 
 #[test]
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn a_stuck_tail_client_has_its_misses_counted_exactly() {
+    // A client that stops reading takes nothing from the daemon's bounded channel (backlog 64
+    // here) while its socket buffer is full: what the channel drops for it is counted as its
+    // misses, live in `status`; once it reads again it is told exactly that many, and what it
+    // got, what its filter passed over and what it missed add up to what was broadcast while
+    // it was connected.
+    require_root();
+    const N: usize = 2000;
+    let sock = api_socket("tail-count");
+    let _tw = daemon(&sock, &["--test-tail-backlog", "64"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stream = UnixStream::connect(&sock).expect("connect API");
+    (&stream)
+        .write_all(format!("{{\"tail\":{{\"filter\":{{\"ports\":[{port}]}}}}}}\n").as_bytes())
+        .expect("request");
+    let mut stuck = BufReader::new(stream);
+    let mut first = String::new();
+    stuck.read_line(&mut first).expect("subscription line");
+    assert_eq!(first.trim(), r#"{"subscribed":true}"#);
+    let client = || -> Value {
+        let st = status(&sock);
+        let clients = st["counters"]["tail_clients"]
+            .as_array()
+            .expect("tail_clients");
+        assert_eq!(clients.len(), 1, "{st}");
+        clients[0].clone()
+    };
+    let n = |v: &Value, k: &str| v[k].as_u64().expect("a count");
+    for _ in 0..N {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (a, _) = listener.accept().expect("accept");
+        drop((a, c));
+    }
+    // Stuck: the channel has dropped some of the burst for it, counted before it reads again.
+    assert!(
+        wait_until(Duration::from_secs(10), || n(&client(), "missed") > 0),
+        "{}",
+        client()
+    );
+    // Not yet taken but still in the channel (queued), taken but not yet written (buffered):
+    // neither missed nor written yet. Counted apart, they add up.
+    let c = client();
+    assert_eq!(
+        n(&c, "written")
+            + n(&c, "filtered")
+            + n(&c, "missed")
+            + n(&c, "buffered")
+            + n(&c, "queued"),
+        n(&c, "broadcast"),
+        "{c}"
+    );
+    // It reads again, until it has every record the daemon wrote to it and the daemon has no
+    // more for it (the port is this test's: the stream goes quiet after the burst).
+    stuck
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let (mut records, mut told) = (0u64, 0u64);
+    let caught_up = wait_until(Duration::from_secs(20), || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match stuck.read_line(&mut line) {
+                Ok(0) => panic!("the daemon closed the stream"),
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(&line).expect("JSON line");
+                    match v.get("missed") {
+                        Some(m) => told += m.as_u64().expect("count"),
+                        None => records += 1,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let c = client();
+        n(&c, "written") == records && n(&c, "missed") == told && n(&c, "queued") == 0
+    });
+    let c = client();
+    assert!(caught_up, "read {records} records, told {told} missed; {c}");
+    assert!(told > 0, "{c}");
+    assert_eq!((n(&c, "buffered"), n(&c, "queued")), (0, 0), "{c}");
+    assert_eq!(
+        n(&c, "written") + n(&c, "filtered") + n(&c, "missed"),
+        n(&c, "broadcast"),
+        "{c}"
+    );
+    eprintln!("stuck tail client: read {records} records, told {told} missed; daemon: {c}");
+    // The only client of this daemon: the total is its count.
+    assert_eq!(
+        status(&sock)["counters"]["tail_missed"].as_u64(),
+        Some(told),
+        "{c}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
 fn local_and_remote_port_filters_take_one_side_each_and_comma_lists() {
     require_root();
     let sock = api_socket("tail-sides");

@@ -109,26 +109,29 @@ pub mod counter {
     /// Events dropped because the ring buffer was full (`bpf_ringbuf_reserve` or, for a
     /// staged batch, `bpf_ringbuf_output` failed).
     pub const RESERVE_FAILED: u32 = 1;
-    /// Events the raw-tracepoint program recorded because the main program had not marked
-    /// them handled on this CPU (the kernel skipped the nested run of the main program: a
-    /// recursion miss rescued). Includes the rare duplicate, and every event in the test mode
-    /// that makes this program record everything.
+    /// Events the rescue program recorded because the main program had not marked them in
+    /// their socket (the kernel skipped the nested run of the main program, a recursion miss
+    /// rescued, or the main program left them there: [`DEFERRED`]); every event in the test
+    /// mode that makes this program record everything.
     pub const RESCUED: u32 = 2;
-    /// Nested transitions the raw-tracepoint program could not record: ring full. Apart from
-    /// [`RESERVE_FAILED`] because that program runs nested inside the main one on the same CPU,
-    /// and two programs incrementing one per-CPU slot could lose an increment.
+    /// Unmarked transitions the rescue program could not record: ring full. Apart from
+    /// [`RESERVE_FAILED`] so that the agent can tell the main program's runs from the rescue
+    /// program's.
     pub const RESCUE_RESERVE_FAILED: u32 = 3;
-    /// Nested transitions the raw-tracepoint program found not to be TCP (SCTP, MPTCP): missed
-    /// by the main program too, but nothing is lost.
+    /// Unmarked transitions the rescue program found not to be TCP (SCTP, MPTCP): nothing
+    /// is lost.
     pub const NESTED_NOT_TCP: u32 = 4;
-    /// Events the flush program sent into the ring buffer. Apart from [`SENT`] because the
-    /// flush program can be interrupted by the main program on the same CPU (see
-    /// [`RESCUE_RESERVE_FAILED`]).
+    /// Events the flush program sent into the ring buffer (the main program's staged ones).
     pub const FLUSHED: u32 = 5;
     /// Staged events the flush program could not send: ring full.
     pub const FLUSH_RESERVE_FAILED: u32 = 6;
+    /// Runs of the main program for a transition of another protocol (SCTP, MPTCP).
+    pub const NOT_TCP: u32 = 7;
+    /// Runs of the main program that could not mark their transition in the socket's storage
+    /// (a socket going away, no memory) and left it to the rescue program.
+    pub const DEFERRED: u32 = 8;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.

@@ -6,7 +6,6 @@ use tcpwait_common::{AF_INET6, IPPROTO_TCP, TransitionEvent, counter, record};
 
 use crate::{
     EVENTS, RECORD_BYTES, SOCK_OFFSETS, bump,
-    handled::mark_handled,
     sock::{Fields, Probed, netns, state_u8, write_event},
     wakeup_flags,
 };
@@ -14,14 +13,7 @@ use crate::{
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: the offsets are the tracepoint record's layout, checked by the agent at load.
-    unsafe {
-        mark_handled(
-            field(&ctx, record::SKADDR),
-            field::<i32>(&ctx, record::OLDSTATE) as u32 as u64,
-            field::<i32>(&ctx, record::NEWSTATE) as u32 as u64,
-        );
-        try_inet_sock_set_state(&ctx);
-    }
+    unsafe { try_inet_sock_set_state(&ctx) };
     0
 }
 
@@ -38,6 +30,7 @@ unsafe fn try_inet_sock_set_state(ctx: &TracePointContext) {
     // SAFETY (whole function): offsets are within the record and naturally aligned.
     let protocol: u16 = unsafe { field(ctx, record::PROTOCOL) };
     if protocol != IPPROTO_TCP {
+        bump(counter::NOT_TCP);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {

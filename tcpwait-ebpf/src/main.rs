@@ -13,10 +13,24 @@
 //!   into its own reservation: the fallback where the kernel has no BTF, and the reference a
 //!   test compares against.
 //!
-//! A third program, `inet_sock_set_state_nested` (raw tracepoint), records the transitions the
-//! kernel skips because they nest into the main program on one CPU (see `handled::HANDLED`).
+//! The BTF program comes in two builds: `inet_sock_set_state_marked`, which also marks each
+//! transition it handles in the socket's storage for the rescue program (see `marks`), and
+//! `inet_sock_set_state_btf`, which does not (kernels before 5.11, where tracing programs cannot
+//! reach socket storage; no rescue program there).
+//!
+//! A third program, `inet_sock_set_state_nested` (BTF tracepoint too), records the transitions
+//! the kernel skips because they nest into the main program on one CPU (see `marks`).
+//!
+//! Every run of the main program ends in exactly one counter or event: sent (staged, then
+//! `SENT`/`FLUSHED`), lost to a full ring (`*_RESERVE_FAILED`), not TCP (`NOT_TCP`), or left to
+//! the rescue program (`DEFERRED`); every run of the rescue program that finds no mark does the
+//! same with its own counters. The agent adds them up against the kernel's count of the main
+//! program's runs and recursion misses (`tcpwait-agent/src/probe/account.rs`).
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_xadd` (see `add`); the eBPF build runs with RUSTC_BOOTSTRAP=1.
+#![allow(internal_features)]
+#![feature(core_intrinsics, adt_const_params)]
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -29,11 +43,10 @@ use tcpwait_common::{
     WAKEUP_BYTES, counter,
 };
 
-use handled::{address_of, mark_handled, was_handled};
-use sock::{Direct, Fields, Probed, sock_fields, write_event};
+use sock::{Direct, Fields, sock_fields, write_event};
 
 mod classic;
-mod handled;
+mod marks;
 mod resets;
 mod sock;
 
@@ -78,15 +91,34 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
 /// Bytes one event takes in the ring: the 8-byte record header plus the event, rounded up to 8.
 const RECORD_BYTES: u64 = ((8 + core::mem::size_of::<TransitionEvent>() as u64) + 7) & !7;
 
-/// The main program as a BTF tracepoint (args: `struct sock *sk, int oldstate, int newstate`).
+/// The main program as a BTF tracepoint (args: `struct sock *sk, int oldstate, int newstate`),
+/// without marks: where no rescue program runs.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    main_run::<false>(&ctx);
+    0
+}
+
+/// The main program with marks for the rescue program (see `marks`).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_marked(ctx: BtfTracePointContext) -> i32 {
+    main_run::<true>(&ctx);
+    0
+}
+
+#[inline(always)]
+fn main_run<const MARK: bool>(ctx: &BtfTracePointContext) {
     let sk: u64 = ctx.arg(0);
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
-    mark_handled(address_of(sk), oldstate, newstate);
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
+    if MARK && !unsafe { marks::mark(sk, oldstate, newstate) } {
+        // No storage for this socket: the rescue program, which will find no mark, sends it.
+        bump(counter::DEFERRED);
+        return;
+    }
     let Some(stage) = STAGE.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: this CPU's stage, which nothing else writes while `busy` is set (see `STAGE`).
     let stage = unsafe { &mut *stage };
@@ -97,14 +129,16 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let Some(fields) =
         (unsafe { sock_fields::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
     else {
-        return 0;
+        bump(counter::NOT_TCP);
+        return;
     };
     // SAFETY: a plain load of this CPU's slot, volatile so it is not cached.
     if unsafe { core::ptr::read_volatile(&stage.busy) } != 0 {
-        // This interrupted `flush_stage` on this CPU (run by the agent in process context):
-        // the stage is not ours now; send this one on its own.
-        send_now(&fields);
-        return 0;
+        // This interrupted `flush_stage` on this CPU (run by the agent in process context), or
+        // (kernels without the per-program recursion guard) this program itself: the stage is
+        // not ours now; send this one on its own.
+        send_now(&fields, MAIN_COUNTERS);
+        return;
     }
     set_busy(stage, 1);
     let mut n = staged(stage);
@@ -130,7 +164,6 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
         }
     }
     set_busy(stage, 0);
-    0
 }
 
 /// Hands a CPU's staged events to the ring buffer. Never attached: the agent runs it on each
@@ -158,17 +191,18 @@ pub fn flush_stage(_ctx: RawTracePointContext) -> i32 {
     FLUSH_DONE
 }
 
-/// Sends one event to the ring buffer at once.
+/// Sends one event to the ring buffer at once; counts it in `counters.0` if sent, in
+/// `counters.1` if the ring was full.
 #[inline(always)]
-fn send_now(fields: &Fields) {
+fn send_now(fields: &Fields, counters: (u32, u32)) {
     match EVENTS.reserve::<TransitionEvent>(0) {
         Some(mut entry) => {
             // SAFETY: the reservation is sized for one event.
             unsafe { write_event(entry.as_mut_ptr(), fields) };
             entry.submit(wakeup_flags(RECORD_BYTES, RECORD_BYTES));
-            bump(counter::SENT);
+            bump(counters.0);
         }
-        None => bump(counter::RESERVE_FAILED),
+        None => bump(counters.1),
     }
 }
 
@@ -213,32 +247,34 @@ fn flush(stage: &mut Stage, n: usize, counters: (u32, u32)) {
     set_staged(stage, 0);
 }
 
-/// The rescue path: the same transition, seen through the raw tracepoint (args: `struct sock
-/// *sk, int oldstate, int newstate`). Records only what the main program did not handle on
-/// this CPU, i.e. the nested transitions the kernel skipped it for (see `handled::HANDLED`).
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn inet_sock_set_state_nested(ctx: RawTracePointContext) -> i32 {
+/// The rescue path: the same transition, run after the main program (args: `struct sock *sk,
+/// int oldstate, int newstate`). Records only what the main program did not mark, i.e. the
+/// nested transitions the kernel skipped it for, and those it left here (see `marks`).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
     // SAFETY: reads a read-only global the agent set at load.
     let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
-    if off.always == 0 && was_handled(sk, oldstate, newstate) {
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
+    if off.always == 0 && unsafe { marks::take(sk, oldstate, newstate) } {
         return 0;
     }
-    // SAFETY: bpf_probe_read_kernel checks every address; offsets come from the kernel's BTF.
+    // SAFETY: as in the main program.
     let Some(fields) =
-        (unsafe { sock_fields::<Probed>(sk, oldstate as i32, newstate as i32, &off) })
+        (unsafe { sock_fields::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
     else {
         // A nested transition of another protocol: the main program's miss, but no loss.
         bump(counter::NESTED_NOT_TCP);
         return 0;
     };
+    // Never a wake-up of its own: this runs nested in an interrupt, typically; the agent's
+    // timer and the next batch's wake-up take it.
     match EVENTS.reserve::<TransitionEvent>(0) {
         Some(mut entry) => {
             // SAFETY: the reservation is sized for one event.
             unsafe { write_event(entry.as_mut_ptr(), &fields) };
-            // Never a wake-up from here: this runs nested in an interrupt already.
             entry.submit(BPF_RB_NO_WAKEUP.into());
             bump(counter::RESCUED);
         }
@@ -273,12 +309,19 @@ fn bump(index: u32) {
 #[inline(always)]
 fn add(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot is only touched by this CPU. The rescue program runs nested
-        // inside the main program on the same CPU (that is its purpose), and the flush program
-        // interrupts it or is interrupted by it, so none of them share a slot: each has its own
-        // counters (a plain `+=` on a shared slot could lose an increment, and the BPF target
-        // has no atomic read-modify-write in `core`).
-        unsafe { *slot += n };
+        // An atomic add (`BPF_XADD`, no fetch): a per-CPU slot is only touched by this CPU, but
+        // a program can be interrupted by another (the rescue program nests into the main one,
+        // the flush program and the main program interrupt each other) or, on kernels without
+        // the per-program recursion guard, by itself; a plain `+=` could lose an increment.
+        // Counters move once per batch or per rare event, so the cost is not per transition.
+        // `AtomicU64::fetch_add` is not offered on the BPF target (no compare-and-swap in its
+        // `core`), but the add itself is one instruction (`lock *(u64 *)(r + 0) += r`).
+        // SAFETY: the map value is a valid, aligned u64 for the program's run.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, n,
+            )
+        };
     }
 }
 

@@ -59,8 +59,12 @@ enum Cmd {
         /// Also run `trace` and `run` as built from this commit (`trace@base`, `run@base`, each
         /// just before its current form in every round), to measure a change against the code
         /// before it in the same run. Built once into target/bench/baseline/.
-        #[arg(long, value_name = "REV")]
+        #[arg(long, value_name = "REV", conflicts_with = "baseline_bin")]
         baseline_rev: Option<String>,
+        /// As --baseline-rev, with a `tcpwait` binary already built from the commit to compare
+        /// against (no build).
+        #[arg(long, value_name = "FILE")]
+        baseline_bin: Option<std::path::PathBuf>,
     },
     /// Setup, build in release mode, and measure owner attribution latency and agent CPU on a
     /// host with ~110,000 fds, in the host namespace and over network namespaces (as root).
@@ -158,13 +162,23 @@ fn run() -> Result<()> {
             seconds,
             modes,
             baseline_rev,
+            baseline_bin,
         } => {
-            let modes = bench::check_modes(modes, baseline_rev.is_some())?;
+            let modes =
+                bench::check_modes(modes, baseline_rev.is_some() || baseline_bin.is_some())?;
+            if let Some(bin) = &baseline_bin
+                && !bin.is_file()
+            {
+                bail!("--baseline-bin {}: no such file", bin.display());
+            }
             setup::setup(&root)?;
             cargo(&root, &["build", "--release", "--package", "tcpwait-agent"])?;
-            let baseline = baseline_rev
-                .map(|rev| bench::build_baseline(&root, &rev))
-                .transpose()?;
+            let baseline = match baseline_bin {
+                Some(bin) => Some(bin),
+                None => baseline_rev
+                    .map(|rev| bench::build_baseline(&root, &rev))
+                    .transpose()?,
+            };
             bench::bench(
                 &root,
                 &bench::Settings {

@@ -20,15 +20,12 @@ mod translog;
 use std::{
     collections::{HashMap, HashSet},
     process::ExitCode,
-    sync::{Arc, atomic::AtomicU64},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::{
-    sync::{broadcast, mpsc},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
@@ -59,8 +56,7 @@ struct Daemon {
     tracker: Tracker,
     probe: Probe,
     resolver: Resolver,
-    tail: broadcast::Sender<Arc<TailItem>>,
-    tail_missed: Arc<AtomicU64>,
+    tail: api::TailHub,
     args: RunArgs,
     config: Config,
     delivery: Delivery,
@@ -115,6 +111,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (category, name) = TRACEPOINT;
     let budget = budget::FdBudget::raise();
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
+    let tail = api::TailHub::new(args.test_tail_backlog);
     // Bound before the probe is attached: /healthz and /readyz answer during start-up.
     let mut metrics_at = None;
     if !config.metrics.listen.is_empty() {
@@ -131,7 +128,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http::spawn(metrics_listener, cmd_tx.clone(), budget.metrics_connections);
         metrics_at = Some(bound);
     }
-    let probe = Probe::attach(category, name, Default::default())?;
+    let probe = Probe::attach(
+        category,
+        name,
+        crate::probe::TestModes {
+            ring_bytes: args.test_ring_bytes,
+            ..Default::default()
+        },
+    )?;
     http::HEALTH.attached();
     let attachment = probe.attachment();
     // Removed on every way out of this function (its Drop).
@@ -139,13 +143,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
         .context("start the owner resolver thread")?;
     let mut signals = signals::Signals::install()?;
-    let (tail, _) = broadcast::channel(args.test_tail_backlog);
-    let tail_missed = Arc::new(AtomicU64::new(0));
     tokio::spawn(api::serve(
         listener,
         cmd_tx,
-        tail.clone(),
-        tail_missed.clone(),
+        tail.subscriber(),
         budget.api_clients,
     ));
     let delivery = Delivery::start(&config).context("start alert delivery")?;
@@ -183,7 +184,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         probe,
         resolver,
         tail,
-        tail_missed,
         started_ns: now,
         started: Instant::now(),
         complete_since_ns: now,
@@ -438,8 +438,7 @@ impl Daemon {
         let mut items = std::mem::take(&mut self.pending_tail);
         for chunk in items.chunks(CHUNK) {
             for item in chunk {
-                // No receiver left is fine: nobody is tailing.
-                let _ = self.tail.send(item.clone());
+                self.tail.send(item.clone());
             }
             if items.len() > CHUNK {
                 tokio::task::yield_now().await;
@@ -483,6 +482,16 @@ impl Daemon {
                     report::status(&self.tracker, &self.stats(), self.now_ns(), &self.clock);
                 report.aborts = Some(self.aborts.report(self.now_ns()));
                 let _ = reply.send(report);
+            }
+            Command::Table(netns, reply) => {
+                let now = self.now_ns();
+                let _ = reply.send(
+                    self.tracker
+                        .sockets_in(netns, now)
+                        .iter()
+                        .map(report::socket)
+                        .collect(),
+                );
             }
             Command::Metrics(reply) => {
                 let _ = reply.send(metrics::render(&self.tracker, &self.stats(), self.now_ns()));
@@ -535,12 +544,16 @@ impl Daemon {
     fn summary(&self) -> String {
         format!(
             "{} transitions, lost: ring buffer full {}, kernel recursion misses {}, malformed \
-             {}; out of order {}",
+             {}; out of order {}; accounting: {}",
             self.transitions,
             self.kernel.reserve_failed,
             crate::probe::count_or_unknown(self.kernel.recursion_misses),
             self.malformed.total(),
-            self.kernel.late
+            self.kernel.late,
+            self.kernel.identity(
+                self.transitions + self.malformed.total(),
+                self.malformed.total()
+            )
         )
     }
 }

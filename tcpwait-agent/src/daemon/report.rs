@@ -31,7 +31,7 @@ fn peers(top: &[(std::net::IpAddr, u32)]) -> Vec<PeerReport> {
         .collect()
 }
 
-fn socket(s: &SocketDetail) -> SocketReport {
+pub(super) fn socket(s: &SocketDetail) -> SocketReport {
     SocketReport {
         state: s.state.name().to_owned(),
         netns: (s.netns != 0).then_some(s.netns),
@@ -106,6 +106,7 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64, clock: &Clock) -> StatusR
                 .iter()
                 .map(|(name, _, n)| ((*name).to_owned(), *n))
                 .collect(),
+            tail_clients: s.tail_clients.clone(),
         },
         // Filled by the daemon, which owns the abort tallies.
         aborts: None,

@@ -188,10 +188,13 @@ impl Worker {
         match req.ask {
             Ask::Reconcile => {
                 snap.reconcile = true;
+                // Every state a tracked socket can be in, so that an entry left in any of them
+                // by a lost transition is repaired; holders only for the watched ones.
+                let watched = std::mem::replace(&mut snap.states, TcpState::TRACKED.to_vec());
                 self.rediscover();
                 let all: Vec<u32> = self.namespaces.inodes().collect();
                 self.dump(&all, &mut snap);
-                let inodes = inodes_of(&snap.sockets);
+                let inodes = inodes_of(&snap.sockets, &watched);
                 let holders = self.scanner.holders(&inodes);
                 snap.scan = self.scanner.last_scan();
                 snap.cost.full_walk = true;
@@ -296,7 +299,7 @@ impl Worker {
         }
         pids.sort_unstable();
         pids.dedup();
-        let queried = inodes_of(&snap.sockets);
+        let queried = inodes_of(&snap.sockets, &snap.states);
         let mut holders = self.scanner.holders_among(&pids, &queried);
         let mut scan = self.scanner.last_scan();
         snap.cost.by_candidate = holders.len() as u64;
@@ -369,10 +372,11 @@ impl Worker {
     }
 }
 
-/// The inodes of the records that have one (orphans have 0).
-fn inodes_of(sockets: &[(DiagSocket, Vec<ProcessInfo>)]) -> HashSet<u64> {
+/// The inodes of the records in `states` that have one (orphans have 0).
+fn inodes_of(sockets: &[(DiagSocket, Vec<ProcessInfo>)], states: &[TcpState]) -> HashSet<u64> {
     sockets
         .iter()
+        .filter(|(d, _)| states.contains(&d.state))
         .map(|(d, _)| d.inode)
         .filter(|&i| i != 0)
         .collect()

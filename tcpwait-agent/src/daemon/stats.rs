@@ -17,8 +17,10 @@ pub(super) struct Stats {
     pub kernel: KernelCounters,
     /// Records that could not be decoded.
     pub malformed: u64,
-    /// Transitions `tail` clients missed.
+    /// Transitions `tail` clients missed (every client, gone or connected).
     pub tail_missed: u64,
+    /// Each connected `tail` client's counts.
+    pub tail_clients: Vec<crate::api::TailClientReport>,
     /// Processes whose fd table could not be read, summed over scans.
     pub scan_denied: u64,
     /// Full reconciliations applied.
@@ -49,7 +51,8 @@ impl Daemon {
             transitions: self.transitions,
             kernel: self.kernel,
             malformed: self.malformed.total(),
-            tail_missed: self.tail_missed.load(Ordering::Relaxed),
+            tail_missed: self.tail.tally().missed(),
+            tail_clients: self.tail.tally().clients(),
             scan_denied: self.scan_denied,
             reconciliations: self.reconciliations,
             namespace_failures: self.namespace_failures,
@@ -84,6 +87,7 @@ impl Default for Stats {
             kernel: KernelCounters::default(),
             malformed: 0,
             tail_missed: 0,
+            tail_clients: Vec::new(),
             scan_denied: 0,
             reconciliations: 0,
             namespace_failures: 0,

@@ -7,10 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    Ebpf,
-    programs::{BtfTracePoint, TracePoint},
-};
+use aya::{Ebpf, programs::TracePoint};
 use tcpwait_common::record;
 use tracing::debug;
 
@@ -90,24 +87,13 @@ fn errno_in_chain(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
-/// Loads and attaches the main program as a BTF tracepoint; returns its fd.
-pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &str, btf: &aya::Btf) -> anyhow::Result<i32> {
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut("inet_sock_set_state_btf")
-        .expect("the object defines inet_sock_set_state_btf")
-        .try_into()
-        .expect("inet_sock_set_state_btf is a BTF tracepoint program");
-    program.load(name, btf)?;
-    program.attach()?;
-    Ok(program.fd()?.as_fd().as_raw_fd())
-}
-
-/// Loads and attaches the main program as a classic tracepoint; returns its fd.
+/// Loads and attaches the main program as a classic tracepoint; returns its fd and its owned
+/// link (dropping it detaches the program).
 pub(super) fn attach_classic(
     ebpf: &mut Ebpf,
     category: &str,
     name: &str,
-) -> Result<i32, ProbeError> {
+) -> Result<(i32, Box<dyn std::any::Any>), ProbeError> {
     let program: &mut TracePoint = ebpf
         .program_mut("inet_sock_set_state")
         .expect("the object defines inet_sock_set_state")
@@ -116,16 +102,19 @@ pub(super) fn attach_classic(
     program
         .load()
         .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
-    program.attach(category, name).map_err(|e| {
-        ProbeError::classify(e.into(), |e| {
-            ProbeError::Attach(format!("{category}:{name}"), e)
-        })
-    })?;
-    Ok(program
+    let attach_error = |e: anyhow::Error| {
+        ProbeError::classify(e, |e| ProbeError::Attach(format!("{category}:{name}"), e))
+    };
+    let id = program
+        .attach(category, name)
+        .map_err(|e| attach_error(e.into()))?;
+    let link = super::programs::take_classic(program, id).map_err(attach_error)?;
+    let fd = program
         .fd()
         .map_err(|e| ProbeError::Load(e.into()))?
         .as_fd()
-        .as_raw_fd())
+        .as_raw_fd();
+    Ok((fd, link))
 }
 
 /// BPF memory is charged to the cgroup on kernels ≥ 5.11; older ones need RLIMIT_MEMLOCK

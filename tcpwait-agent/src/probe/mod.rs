@@ -3,57 +3,32 @@
 //!
 //! Errors a user can meet (no privileges, no BPF, no tracefs, no tracepoint) become
 //! [`ProbeError`] variants whose message names the cause and the fix (see `attach`).
-use std::{collections::HashMap, io};
+use std::io;
 
+pub use account::{KernelCounters, count_or_unknown, parse_fdinfo};
+use account::{ProgStats, kernel_version};
 pub use attach::ProbeError;
-use attach::{
-    attach_btf, attach_classic, check_layout, ensure_tracefs, parse_format, raise_memlock,
-};
+use attach::{check_layout, ensure_tracefs, parse_format, raise_memlock};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::RawTracePoint,
 };
 use flush::{Flush, Flushed};
-use tcpwait_common::{
-    FLUSH_INTERVAL_NS, IN_FLIGHT_NS, SockOffsets, Stage, TRANSITION_EVENT_SIZE, counter,
-};
+use programs::Programs;
+use tcpwait_common::{FLUSH_INTERVAL_NS, IN_FLIGHT_NS, SockOffsets, Stage, TRANSITION_EVENT_SIZE};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{debug, warn};
 
+mod account;
 mod attach;
 pub mod btf;
 mod flush;
+mod programs;
 pub(crate) mod reorder;
 pub mod resets;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
-
-/// Counters the kernel keeps about the program: what it sent, what it could not.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
-    /// Events submitted to the ring buffer (all CPUs).
-    pub sent: u64,
-    /// Events dropped because the ring buffer was full (all CPUs).
-    pub reserve_failed: u64,
-    /// Transitions lost to the kernel's recursion guard: runs of the main program the kernel
-    /// skipped because the tracepoint fired while it was running on that CPU
-    /// (`recursion_misses` in its fdinfo, kernel ≥ 5.12), less those the raw-tracepoint
-    /// program rescued. `None` where the kernel keeps no such count (before 5.12): unknown,
-    /// never 0.
-    pub recursion_misses: Option<u64>,
-    /// Nested transitions the raw-tracepoint program recorded in the main program's place.
-    pub rescued: u64,
-    /// Total program run time, when BPF statistics are enabled (`kernel.bpf_stats_enabled`).
-    pub run_time_ns: u64,
-    /// Program runs counted with `run_time_ns`.
-    pub run_count: u64,
-    /// Transitions that reached the agent after a later one had been handed on, so out of time
-    /// order (one that reached the ring after the agent's flush of every CPU; see
-    /// `probe::reorder`).
-    pub late: u64,
-}
 
 /// Test-only changes to how the probe loads (hidden `trace` flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,6 +40,9 @@ pub struct TestModes {
     /// Withhold the network namespace offsets, as on a kernel whose BTF lacks them: for the
     /// test of the "namespaces unknown" path.
     pub no_netns: bool,
+    /// A ring buffer of this many bytes (a power of two, at least a page) instead of
+    /// `RING_BYTES`: for the tests that need real loss.
+    pub ring_bytes: Option<u32>,
 }
 
 /// How the programs are attached.
@@ -107,6 +85,10 @@ pub struct Probe {
     /// Every event up to this `ts_ns` has reached the ring.
     watermark: u64,
     prog_fd: i32,
+    /// The attached programs, detached in order by [`Probe::stop`].
+    programs: Programs,
+    /// Holds BPF run statistics on (`account::enable_stats`); `None` if the kernel refused.
+    stats: Option<std::os::fd::OwnedFd>,
     attachment: Attachment,
     /// Events carry their socket's network namespace (the kernel's BTF gave its offsets).
     reads_netns: bool,
@@ -133,7 +115,11 @@ impl Probe {
     /// classic tracepoint takes its place. `test` changes that for tests only (see
     /// [`TestModes`]); everything else passes `TestModes::default()`.
     pub fn attach(category: &str, name: &str, test: TestModes) -> Result<Self, ProbeError> {
-        let TestModes { compare, no_netns } = test;
+        let TestModes {
+            compare,
+            no_netns,
+            ring_bytes,
+        } = test;
         raise_memlock();
         let mut reset_plan = Err("no kernel BTF".to_owned());
         let (offsets, netns) = match btf::Btf::from_sys_fs() {
@@ -176,6 +162,9 @@ impl Probe {
             );
         }
         let mut loader = EbpfLoader::new();
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries("EVENTS", bytes);
+        }
         if let Some(g) = &global {
             loader.override_global("SOCK_OFFSETS", g, true);
         }
@@ -198,91 +187,42 @@ impl Probe {
                 tracefs: tracefs.clone(),
             }
         })?;
+        // Statistics on before the main program is attached: its `run_cnt` then counts every
+        // run of the window (see `account`).
+        let stats = account::enable_stats()
+            .inspect_err(
+                |e| warn!(error = %e, "cannot enable BPF statistics: tracepoint hits are unknown"),
+            )
+            .ok();
         let default = (category, name) == TRACEPOINT;
         // Parsed once for every BTF program (a parse takes seconds under emulation).
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
-        let btf_main = match (&offsets, default, &kernel_btf) {
-            (Ok(_), true, Ok(b)) => attach_btf(&mut ebpf, name, b),
-            (Ok(_), true, Err(e)) => Err(anyhow::anyhow!("no kernel BTF: {e}")),
-            (Ok(_), false, _) => Err(anyhow::anyhow!("not the default tracepoint")),
-            (Err(e), _, _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
+        let btf = match (&offsets, default) {
+            (Ok(_), true) => kernel_btf.clone(),
+            (Ok(_), false) => Err("not the default tracepoint".to_owned()),
+            (Err(e), _) => Err(format!("no kernel BTF offsets: {e}")),
         };
-        let mut attachment = Attachment {
-            btf: true,
-            rescue: true,
-            batched: false,
-        };
-        let prog_fd = match btf_main {
-            Ok(fd) if !compare => fd,
-            btf_main => {
-                if let (Err(e), true) = (&btf_main, default) {
-                    // The first line: a verifier refusal carries the whole log after it.
-                    let e = e.to_string();
-                    let e = e.lines().next().unwrap_or_default();
-                    warn!(
-                        error = e,
-                        "BTF tracepoint unavailable, using the classic tracepoint"
-                    );
-                }
-                if btf_main.is_err() {
-                    attachment.btf = false;
-                }
-                if default {
-                    check_layout(&parse_format(&format))?;
-                }
-                let classic = attach_classic(&mut ebpf, category, name)?;
-                btf_main.unwrap_or(classic)
+        let check_classic = || {
+            if default {
+                check_layout(&parse_format(&format))?;
             }
+            Ok(())
         };
-        // The rescue program is optional: without it, nested transitions are counted as lost.
-        // It relies on the kernel's per-program recursion guard, which came in Linux 5.12 with
-        // the per-program `recursion_misses` count: a main program without that count in its
-        // fdinfo runs on a kernel without the guard, where the rescue program's marks would
-        // not tell a nested run from a handled one (it would record duplicates).
-        let has_guard = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}"))
+        let programs = Programs::attach(&mut ebpf, (category, name), btf, compare, check_classic)?;
+        let prog_fd = programs.main_fd;
+        let mut attachment = programs.attachment;
+        // The kernel counts skipped runs per program from Linux 5.12 (`recursion_misses` in
+        // the fdinfo). The classic tracepoint's guard (`bpf_prog_active` in `trace_call_bpf`)
+        // counts what it skips only from 6.7 (dd8657894c11, "bpf: Count missed stats in
+        // trace_call_bpf"); before, its `recursion_misses` reads 0 whatever was skipped.
+        let has_count = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}"))
             .map(|t| parse_fdinfo(&t).contains_key("recursion_misses"))
             .unwrap_or(false);
-        // The classic tracepoint's guard (`bpf_prog_active` in `trace_call_bpf`) counts what it
-        // skips only from 6.7 (dd8657894c11, "bpf: Count missed stats in trace_call_bpf");
-        // before, its `recursion_misses` reads 0 whatever was skipped.
-        let counts_recursion = has_guard && (attachment.btf || kernel_version() >= (6, 7));
-        match offsets {
-            Ok(_) if !has_guard && !compare => {
-                warn!(
-                    "this kernel keeps no per-program recursion count (Linux < 5.12): kernel \
-                     recursion misses are reported as unknown, and the rescue program is not \
-                     attached (it needs the per-program recursion guard that came with the \
-                     count); transitions the kernel skips as nested, if any, are lost uncounted"
-                );
-                attachment.rescue = false;
-            }
-            Ok(_) => {
-                let rescue: &mut RawTracePoint = ebpf
-                    .program_mut("inet_sock_set_state_nested")
-                    .expect("the object defines inet_sock_set_state_nested")
-                    .try_into()
-                    .expect("inet_sock_set_state_nested is a raw tracepoint program");
-                if let Err(e) = rescue.load().map_err(anyhow::Error::from).and_then(|()| {
-                    rescue.attach(name)?;
-                    Ok(())
-                }) {
-                    let e = e.to_string();
-                    let e = e.lines().next().unwrap_or_default();
-                    warn!(
-                        error = e,
-                        "cannot attach the raw tracepoint: transitions the kernel skips as nested are counted as lost"
-                    );
-                    attachment.rescue = false;
-                }
-            }
-            Err(e) if counts_recursion => {
-                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are counted as lost");
-                attachment.rescue = false;
-            }
-            Err(e) => {
-                warn!(error = %e, "no kernel BTF: transitions the kernel skips as nested are lost uncounted (before Linux 6.7 the classic tracepoint's recursion misses are not counted)");
-                attachment.rescue = false;
-            }
+        let counts_recursion = has_count && (attachment.btf || kernel_version() >= (6, 7));
+        if !counts_recursion {
+            warn!(
+                "this kernel keeps no recursion count for the main program (Linux < 5.12, or a                  classic tracepoint before 6.7): kernel recursion misses and tracepoint hits                  are reported as unknown; transitions the kernel skips as nested, if any, are                  lost uncounted"
+            );
         }
         let flush = if attachment.btf {
             match Flush::load(&mut ebpf) {
@@ -323,6 +263,8 @@ impl Probe {
             flush,
             watermark: 0,
             prog_fd,
+            programs,
+            stats,
             attachment,
             reads_netns: netns.is_ok(),
             counts_recursion,
@@ -346,13 +288,14 @@ impl Probe {
         if self.stopped.is_some() {
             return;
         }
+        // The rescue program first, then the main one; then no run of either is in flight, and
+        // the main program's counts (read through its fd, still open) are final.
+        self.programs.detach();
+        account::wait_for_runs_in_flight();
         self.stopped = Some(self.prog_stats().unwrap_or_default());
         self.resets.stop();
+        self.stats = None;
         self.flush = None;
-        self.ebpf = None;
-        // A program already running on another CPU when its link went finishes within
-        // microseconds; give it that before reading the stages it may be writing.
-        std::thread::sleep(std::time::Duration::from_millis(5));
         match self.stage.get(&0, 0) {
             Ok(stages) => {
                 for stage in stages.iter() {
@@ -367,6 +310,7 @@ impl Probe {
             }
             Err(e) => warn!(error = %e, "cannot read the events staged at exit"),
         }
+        self.ebpf = None;
     }
 
     /// Whether events carry their socket's network namespace. Without it every event says 0,
@@ -442,27 +386,15 @@ impl Probe {
             Some(saved) => saved,
             None => self.prog_stats()?,
         };
-        Ok(KernelCounters {
-            sent: sum(counter::SENT)? + sum(counter::FLUSHED)?,
-            reserve_failed: sum(counter::RESERVE_FAILED)?
-                + sum(counter::RESCUE_RESERVE_FAILED)?
-                + sum(counter::FLUSH_RESERVE_FAILED)?,
-            // Every run of the main program the kernel skipped went to the rescue program,
-            // which recorded it, failed to reserve ring space for it (counted above), or found
-            // it not TCP; what is left was lost to nesting.
-            recursion_misses: match prog.recursion_misses {
-                Some(m) => Some(
-                    m.saturating_sub(sum(counter::RESCUED)?)
-                        .saturating_sub(sum(counter::RESCUE_RESERVE_FAILED)?)
-                        .saturating_sub(sum(counter::NESTED_NOT_TCP)?),
-                ),
-                None => None,
-            },
-            rescued: sum(counter::RESCUED)?,
-            run_time_ns: prog.run_time_ns,
-            run_count: prog.run_count,
-            late: self.reorder.late(),
-        })
+        let mut values = [0u64; tcpwait_common::counter::COUNT as usize];
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = sum(i as u32)?;
+        }
+        Ok(KernelCounters::new(
+            |i| values[i as usize],
+            prog,
+            self.reorder.late(),
+        ))
     }
 
     /// The main program's statistics from its fdinfo.
@@ -478,56 +410,7 @@ impl Probe {
                 .filter(|_| self.counts_recursion),
             run_time_ns: get("run_time_ns"),
             run_count: get("run_cnt"),
+            stats: self.stats.is_some() || self.stopped.is_some_and(|s| s.stats),
         })
-    }
-}
-
-/// A BPF program's statistics, as its fdinfo gives them (`run_time_ns`, `run_cnt` only while
-/// `kernel.bpf_stats_enabled` is on).
-#[derive(Clone, Copy, Debug, Default)]
-struct ProgStats {
-    recursion_misses: Option<u64>,
-    run_time_ns: u64,
-    run_count: u64,
-}
-
-/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease`; (0, 0) if unreadable.
-fn kernel_version() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
-/// A count the kernel may not keep, for people: the number, or `unknown`.
-pub fn count_or_unknown(n: Option<u64>) -> String {
-    n.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
-}
-
-/// Parses `/proc/<pid>/fdinfo/<fd>` of a BPF program: `key:\tvalue` lines, numeric ones kept.
-pub fn parse_fdinfo(text: &str) -> HashMap<&str, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_prog_fdinfo() {
-        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1053\nprog_type:\t5\n\
-                    prog_jited:\t1\nprog_tag:\t3b185187f1855c4c\nmemlock:\t4096\nprog_id:\t42\n\
-                    run_time_ns:\t1500\nrun_cnt:\t3\nrecursion_misses:\t7\nverified_insns:\t90\n";
-        let m = parse_fdinfo(text);
-        assert_eq!(m["recursion_misses"], 7);
-        assert_eq!(m["run_time_ns"], 1500);
-        assert_eq!(m["run_cnt"], 3);
-        assert!(!m.contains_key("prog_tag"));
     }
 }

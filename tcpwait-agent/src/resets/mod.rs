@@ -224,9 +224,10 @@ mod tests {
             container: None,
             pod_uid: None,
         };
-        let rec = ResetRecord::new(&abort(), &names, Some(&owner), WallTime(0));
+        let clock = Clock::with_offset(0);
+        let rec = ResetRecord::new(&abort(), &names, Some(&owner), clock.wall(abort().ts_ns));
         let mut out = Vec::new();
-        write_reset(&mut out, Format::Json, &Clock::with_offset(0), &rec).expect("written");
+        write_reset(&mut out, Format::Json, &clock, &rec).expect("written");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["kind"], "abort");
         assert_eq!(v["time"], "1970-01-01T00:00:00.000007Z");

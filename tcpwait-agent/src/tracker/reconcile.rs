@@ -114,10 +114,33 @@ impl Tracker {
     ///   the table is newer than `truth` for it, so it is neither corrected nor removed. Pass as
     ///   `now_ns` the instant the snapshot *started*.
     /// - Recv-Q is updated for every matched or added socket.
+    ///
+    /// [`Tracker::reconcile_all`] widens what is repaired to every state the snapshot is
+    /// complete for (the daemon's way, through [`Tracker::apply_snapshot`]).
+    #[cfg(test)]
     pub fn reconcile(
         &mut self,
         truth: &[(DiagSocket, Vec<ProcessInfo>)],
         states: &[TcpState],
+        namespaces: &[u32],
+        now_ns: u64,
+        agent_start_ns: u64,
+    ) -> ReconcileReport {
+        self.reconcile_all(truth, states, states, namespaces, now_ns, agent_start_ns)
+    }
+
+    /// [`Tracker::reconcile`] with `truth` complete for the states `complete` (a superset of
+    /// `states`, the watched ones): a tracked socket in any of them is corrected or removed as
+    /// in a watched state, and a socket shown in any of them and not tracked is added, so that
+    /// after a loss the table equals the kernel's lists within one reconciliation: an entry
+    /// left in any state by a lost transition (a FIN_WAIT1 whose FIN_WAIT2 and CLOSE were lost)
+    /// goes, a connection whose transitions were all lost comes. Holders are looked for only
+    /// in the watched states (`daemon::resolver`).
+    pub fn reconcile_all(
+        &mut self,
+        truth: &[(DiagSocket, Vec<ProcessInfo>)],
+        states: &[TcpState],
+        complete: &[TcpState],
         namespaces: &[u32],
         now_ns: u64,
         agent_start_ns: u64,
@@ -128,7 +151,10 @@ impl Tracker {
         let mut seen: HashSet<CompactTuple> = HashSet::with_capacity(truth.len());
         // Connecting sockets tracked without their local port, built on first need.
         let mut portless: Option<HashMap<CompactTuple, Vec<u32>>> = None;
-        for (d, owners) in truth.iter().filter(|(d, _)| states.contains(&d.state)) {
+        for (d, owners) in truth
+            .iter()
+            .filter(|(d, _)| states.contains(&d.state) || complete.contains(&d.state))
+        {
             let tuple = CompactTuple::from_tuple(d.netns, &d.tuple);
             if !tuple.indexable() {
                 report.skipped += 1;
@@ -175,7 +201,8 @@ impl Tracker {
             .table
             .iter()
             .filter(|(_, s)| {
-                s.state.is_some_and(|st| states.contains(&st))
+                s.state
+                    .is_some_and(|st| states.contains(&st) || complete.contains(&st))
                     && dumped.contains(&s.tuple.netns)
                     && s.entered_ns < now_ns
                     && (s.tuple.indexable() && !seen.contains(&s.tuple)
@@ -225,16 +252,25 @@ impl Tracker {
     /// Applies one owner snapshot: [`Tracker::reconcile`] with its sockets and their holders,
     /// then forgets the processes found exited (`exited`). Their liveness was checked after the
     /// /proc scan, so a holder that died in between is listed by the scan but must stay gone.
+    /// `complete`: the states `truth` is complete for (see [`Tracker::reconcile_all`]).
     pub fn apply_snapshot(
         &mut self,
         truth: &[(DiagSocket, Vec<ProcessInfo>)],
-        states: &[TcpState],
+        complete: &[TcpState],
         namespaces: &[u32],
         now_ns: u64,
         agent_start_ns: u64,
         exited: &[ProcessKey],
     ) -> ReconcileReport {
-        let report = self.reconcile(truth, states, namespaces, now_ns, agent_start_ns);
+        let watched = self.watched_states();
+        let report = self.reconcile_all(
+            truth,
+            &watched,
+            complete,
+            namespaces,
+            now_ns,
+            agent_start_ns,
+        );
         self.forget_processes(exited);
         report
     }

@@ -111,6 +111,16 @@ impl Tracker {
         out
     }
 
+    /// Every tracked socket of network namespace `netns`, whatever its state (O(table)): what
+    /// the agent believes that namespace holds, to compare with `ss` there.
+    pub fn sockets_in(&self, netns: u32, now_ns: u64) -> Vec<SocketDetail> {
+        self.table
+            .iter()
+            .filter(|(_, s)| s.tuple.netns == netns)
+            .filter_map(|(_, s)| Some(SocketDetail::new(s, s.state?, now_ns)))
+            .collect()
+    }
+
     /// One tracked socket.
     pub fn socket(&self, sock: SocketId, now_ns: u64) -> Option<SocketDetail> {
         let slot = self.table.slot_of(sock)?;

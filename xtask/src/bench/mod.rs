@@ -326,7 +326,20 @@ fn rounds(bin: &Path, dir: &Path, s: &Settings) -> Result<()> {
     let mut all: Vec<Vec<Sample>> = vec![Vec::new(); entries.len()];
     for run in 0..s.runs {
         for (i, &(mode, stats)) in entries.iter().enumerate() {
-            all[i].push(one(&bins, mode, stats, dir, run, s.seconds)?);
+            let sample = one(&bins, mode, stats, dir, run, s.seconds)?;
+            if mode != "none" && mode != "floor" {
+                // The agent's own identity for the run: the kernel's hits against what it
+                // delivered and counted lost (DESIGN.md, "Loss accounting").
+                println!(
+                    "run {run} {mode}{}: {}",
+                    if stats { "+stats" } else { "" },
+                    sample.summary.split_once("accounting: ").map_or(
+                        "no accounting in this binary",
+                        |(_, a)| a.split("; alert").next().unwrap_or_default()
+                    )
+                );
+            }
+            all[i].push(sample);
         }
     }
     table::print_rows(&entries, all);

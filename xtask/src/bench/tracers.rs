@@ -31,13 +31,17 @@ pub(super) fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// (run_time_ns, run_cnt, recursion_misses) of the main BPF program `pid` holds: summed over
-/// its programs but the raw-tracepoint rescue program (prog_type 17), so that a program loaded
-/// but not attached (a fallback) adds nothing.
+/// (run_time_ns of every program `pid` holds, raw tracepoints (prog_type 17: the flush
+/// program, an older build's rescue program) aside; run_cnt and recursion_misses of its main
+/// program). A program loaded but not attached (a fallback) adds nothing.
 pub(super) fn bpf_stats(pid: u32) -> (u64, u64, u64) {
-    let mut sum = (0, 0, 0);
+    // Every program attached to the tracepoint sees every hit of its window (it runs or is
+    // skipped as nested): the main program, attached first and detached last, has the widest
+    // window, so its runs plus misses are the hits; the rescue program's run time counts too.
+    let mut run_time = 0;
+    let mut main = (0, 0);
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return sum;
+        return (0, 0, 0);
     };
     for fd in fds.flatten() {
         let Ok(text) = std::fs::read_to_string(fd.path()) else {
@@ -52,11 +56,13 @@ pub(super) fn bpf_stats(pid: u32) -> (u64, u64, u64) {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        sum.0 += get("run_time_ns:");
-        sum.1 += get("run_cnt:");
-        sum.2 += get("recursion_misses:");
+        run_time += get("run_time_ns:");
+        let this = (get("run_cnt:"), get("recursion_misses:"));
+        if this.0 + this.1 > main.0 + main.1 {
+            main = this;
+        }
     }
-    sum
+    (run_time, main.0, main.1)
 }
 
 pub(super) struct Agent {

@@ -57,9 +57,11 @@ pub(super) fn run(vm: &Path, k: &Kernel, busybox: &Path, script: &str, kvm: bool
         .arg(&k.image)
         .arg("-initrd")
         .arg(&initrd)
+        // `tcpwait.vm`: tests that size a workload for the host scale it down under
+        // emulation (tests/loss.rs reads /proc/cmdline).
         .args([
             "-append",
-            "console=ttyS0 panic=-1 rdinit=/init loglevel=4 tsc=reliable",
+            "console=ttyS0 panic=-1 rdinit=/init loglevel=4 tsc=reliable tcpwait.vm",
         ])
         .arg("-virtfs")
         .arg(format!(

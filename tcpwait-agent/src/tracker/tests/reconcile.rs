@@ -427,3 +427,35 @@ fn a_connecting_socket_tracked_without_its_port_takes_the_dumped_tuple() {
     assert!(t.socket(sock(2), 7 * SEC).is_none());
     assert_eq!(t.len(), 1);
 }
+
+#[test]
+fn reconcile_all_repairs_phantoms_in_every_state_in_one_pass() {
+    use TcpState::*;
+    let mut t = Tracker::new(TrackerConfig::default());
+    // Entries whose later transitions were lost, in states no rule watches.
+    t.apply(&tr(1, Established, FinWait1, 10 * SEC)); // FIN_WAIT2 and CLOSE lost: gone
+    t.apply(&tr(2, SynRecv, Established, 10 * SEC)); // closed, every event lost: gone
+    t.apply(&tr(3, CloseWait, LastAck, 10 * SEC)); // LAST_ACK → CLOSE lost: gone
+    t.apply(&tr(4, SynRecv, Established, 10 * SEC)); // still ESTABLISHED
+    t.apply(&tr(5, SynRecv, Established, 10 * SEC)); // FIN_WAIT1 lost: now FIN_WAIT2
+    let truth = vec![
+        (diag(4, Established, None), vec![]),
+        (diag(5, FinWait2, Some(1_000)), vec![]),
+        // Not tracked (every event of it lost): added, under a synthetic id.
+        (diag(6, Established, None), vec![]),
+    ];
+    let r = t.reconcile_all(&truth, CW, &TcpState::TRACKED, &[NS], 100 * SEC, 0);
+    assert_eq!((r.added, r.removed, r.corrected), (1, 3, 1));
+    assert_eq!(t.len(), 3);
+    assert_eq!(t.socket_by_tuple(NS, &tuple(6)), Some(synthetic_id(7_006)));
+    let state = |n: u64| t.socket(sock(n), 100 * SEC).map(|d| d.state);
+    assert_eq!(
+        [1, 2, 3, 4, 5, 6].map(state),
+        [None, None, None, Some(Established), Some(FinWait2), None]
+    );
+    // Watched only (the narrower `reconcile`): the same phantoms would have stayed.
+    let mut t = Tracker::new(TrackerConfig::default());
+    t.apply(&tr(1, Established, FinWait1, 10 * SEC));
+    let r = t.reconcile(&[], CW, &[NS], 100 * SEC, 0);
+    assert_eq!((r.removed, t.len()), (0, 1));
+}
