@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::{
     event::Transition,
     filter::Filter,
-    output::{OwnerView, TransitionRecord},
+    output::{OwnerView, TransitionRecord, WallTime},
 };
 
 /// Default path of the API socket.
@@ -89,10 +89,6 @@ pub fn refusal_line(message: &str) -> String {
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one short-lived line at a time, never stored in bulk"
-)]
 pub enum TailLine<'a> {
     /// First line of a stream: the client is subscribed, nothing after this is missed
     /// silently.
@@ -103,19 +99,44 @@ pub enum TailLine<'a> {
         missed: u64,
     },
     Record(TransitionRecord<'a>),
+    /// An abort or a reset received (its `kind` says which).
+    Reset(crate::resets::ResetRecord<'a>),
 }
 
 /// What the daemon broadcasts to `tail` clients for each transition.
 #[derive(Clone, Debug)]
-pub struct TailItem {
-    pub transition: Transition,
-    pub ns_in_old: Option<u64>,
-    pub owner: Option<OwnerView>,
+pub enum TailItem {
+    /// A transition, with its wall-clock time (by the daemon's clock), the time its socket
+    /// spent in the old state and its holder.
+    Transition {
+        transition: Transition,
+        time: WallTime,
+        ns_in_old: Option<u64>,
+        owner: Option<OwnerView>,
+    },
+    /// A reset (an abort, or one received), with its record as printed.
+    Reset {
+        reset: crate::event::reset::Reset,
+        record: Box<crate::resets::ResetRecord<'static>>,
+    },
 }
+
+/// The version of the `status --json` schema.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
 
 /// The `status` answer.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The version of this schema ([`STATUS_SCHEMA_VERSION`]); 0 from an agent that
+    /// predates it. Raised when a key changes meaning or goes; new keys keep it.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// When the report was taken: CLOCK_MONOTONIC ns.
+    #[serde(default)]
+    pub now_ns: u64,
+    /// `now_ns` as wall-clock time.
+    #[serde(default)]
+    pub time: Option<WallTime>,
     /// Seconds since the daemon started.
     pub uptime_s: f64,
     /// Sockets in the daemon's table.
@@ -132,6 +153,9 @@ pub struct StatusReport {
     pub alerts: Vec<AlertReport>,
     /// Counters since start.
     pub counters: Counters,
+    /// Connections aborted on close and resets received (absent from an older agent).
+    #[serde(default)]
+    pub aborts: Option<crate::resets::report::AbortsReport>,
 }
 
 /// One process's sockets in one watched state.
@@ -508,11 +532,25 @@ async fn client(
 }
 
 fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<()> {
-    let owner = item.owner.as_ref().map(|o| (o.pid, o.comm.as_str()));
-    if !filter.matches(&item.transition, owner) {
+    let (transition, time, ns_in_old, owner) = match item {
+        TailItem::Transition {
+            transition,
+            time,
+            ns_in_old,
+            owner,
+        } => (transition, *time, *ns_in_old, owner),
+        TailItem::Reset { reset, record } => {
+            let owner = record.owner_pid.zip(record.owner_comm.as_deref());
+            if !crate::resets::matches(filter, reset, owner) {
+                return Ok(());
+            }
+            return crate::output::write_json_line(buf, &**record).map_err(io::Error::other);
+        }
+    };
+    if !filter.matches(transition, owner.as_ref().map(|o| (o.pid, o.comm.as_str()))) {
         return Ok(());
     }
-    let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+    let record = TransitionRecord::new(transition, ns_in_old, owner.as_ref(), time);
     crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 

@@ -174,6 +174,9 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
         let unowned: Vec<&SocketReport> = r.unowned.iter().filter(|s| of(&s.state)).collect();
         print_section(out, state, &procs, &unowned)?;
     }
+    if let Some(aborts) = &r.aborts {
+        aborts.write_text(out)?;
+    }
     Ok(())
 }
 
@@ -323,6 +326,7 @@ pub async fn tail(
                     Ok(())
                 }
                 Ok(TailLine::Record(r)) => write_record(&mut out, format, &clock, &r),
+                Ok(TailLine::Reset(r)) => crate::resets::write_reset(&mut out, format, &clock, &r),
                 Err(e) => anyhow::bail!("unexpected line from the daemon ({e}): {text}"),
             }
         };

@@ -14,6 +14,7 @@ pub use self::rules::RuleSet;
 pub use input::file_mode;
 use input::{DEFAULT_FILE_MODE, check_output_file, is_http_url, read_capped};
 
+pub mod aborts;
 mod rules;
 
 /// Where `tcpwait run` looks when `--config` is not given; absent means embedded defaults.
@@ -47,7 +48,8 @@ top_processes = 20
 url = ""
 # Firing alerts are re-sent this often (1s ..= 1h), each with endsAt = now + 4 x this.
 resend_interval = "60s"
-# The `instance` label. "" means this host's name.
+# The `instance` label. "" means the metrics listener's host:port (what the bundled scrape
+# config names the agent's series with; the host name for 0.0.0.0/::, or without metrics).
 instance = ""
 
 [webhook]
@@ -119,6 +121,20 @@ remedy = "the peer closed these connections and the process never called close()
 # alertname = "TcpFinWait2Held"
 # severity = "warning"
 # remedy = "this process shut down its side and waits for the peer's FIN, which never comes: the peer is the one leaking (its end sits in CLOSE_WAIT); fix the peer process named in peer_processes, or the one on the peer host"
+
+[abort_rule]
+# A process that resets its connections on close, throwing away what the peer never got
+# (SO_LINGER {1,0}: the send queue) or what it never read (the receive queue): alert when
+# one process aborts more than `count` connections (0 ..= 10000000) within `window`
+# (1s ..= 1d). `reasons`: linger_0, unread_data, or a kernel reason in lower case
+# (tcp_keepalive_timeout, ...); [] counts every abort.
+name = "discard_on_close"
+reasons = ["linger_0", "unread_data"]
+count = 10
+window = "1m"
+alertname = "TcpDiscardOnClose"
+severity = "warning"
+remedy = "the process resets connections on close and throws away data the peer never got (SO_LINGER {1,0}) or it never read: close gracefully instead — shutdown(SHUT_WR), read until EOF, then close(); if a linger is needed, use a timeout above 0"
 "#;
 
 /// A duration in the file: seconds, or a string with units.
@@ -171,6 +187,7 @@ pub struct Config {
     pub alert_file: AlertFile,
     pub delivery: Delivery,
     pub transition_log: TransitionLogConfig,
+    pub abort_rule: aborts::AbortRuleConfig,
 }
 
 /// `[transition_log]`.
@@ -394,6 +411,9 @@ impl Config {
         )?;
         if let Err((key, message)) = self.rules.check() {
             return err(&key, message);
+        }
+        if let Err((key, message)) = self.abort_rule.check() {
+            return err(&format!("abort_rule.{key}"), message);
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return err(

@@ -1,14 +1,47 @@
 //! The decoding boundary: raw ring-buffer bytes → domain [`Transition`].
 //!
-//! This is the only place that knows the wire layout (`tcpwait_common::TransitionEvent`).
-//! Unknown states and families, truncated and oversize records become a [`DecodeError`] that
-//! the caller counts; nothing here is fatal.
+//! This is the only place that knows the wire layout (`tcpwait_common::TransitionEvent`, and
+//! `ResetEvent` in [`reset`]). Unknown record kinds, states and families, truncated and
+//! oversize records become a [`DecodeError`] that the caller counts; nothing here is fatal.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use tcpwait_common::{AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent};
+use tcpwait_common::{
+    AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent,
+    reset::{KIND_ABORT, KIND_OFFSET, KIND_RESET_RECEIVED, KIND_TRANSITION},
+};
+
+pub mod reset;
+
+/// One ring-buffer record, decoded: the kinds the kernel programs send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A TCP state transition.
+    Transition(Transition),
+    /// A reset sent on the socket's own (an abort) or received from the peer.
+    Reset(reset::Reset),
+}
+
+/// Decodes one ring-buffer record of any kind (its byte at `KIND_OFFSET` names it).
+pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
+    check_size(bytes.len())?;
+    match bytes[KIND_OFFSET] {
+        KIND_TRANSITION => decode(bytes).map(Record::Transition),
+        KIND_ABORT | KIND_RESET_RECEIVED => reset::decode(bytes).map(Record::Reset),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// Every record is exactly one event long.
+fn check_size(n: usize) -> Result<(), DecodeError> {
+    match n {
+        n if n < TRANSITION_EVENT_SIZE => Err(DecodeError::Truncated(n)),
+        n if n > TRANSITION_EVENT_SIZE => Err(DecodeError::Oversize(n)),
+        _ => Ok(()),
+    }
+}
 
 /// A kernel TCP state (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,6 +93,26 @@ impl TcpState {
             Self::Listen => "LISTEN",
             Self::Closing => "CLOSING",
             Self::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// The name as a metric label value: lowercase, as node_exporter spells
+    /// `node_tcp_connection_states{state="close_wait"}`, so the two join without
+    /// `label_replace`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::SynSent => "syn_sent",
+            Self::SynRecv => "syn_recv",
+            Self::FinWait1 => "fin_wait1",
+            Self::FinWait2 => "fin_wait2",
+            Self::TimeWait => "time_wait",
+            Self::Close => "close",
+            Self::CloseWait => "close_wait",
+            Self::LastAck => "last_ack",
+            Self::Listen => "listen",
+            Self::Closing => "closing",
+            Self::NewSynRecv => "new_syn_recv",
         }
     }
 
@@ -198,14 +251,15 @@ pub enum DecodeError {
     UnknownState(u8),
     #[error("unknown address family {0}")]
     UnknownFamily(u16),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
 }
 
-/// Decodes one ring-buffer record.
+/// Decodes one ring-buffer record that must be a transition.
 pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
-    match bytes.len() {
-        n if n < TRANSITION_EVENT_SIZE => return Err(DecodeError::Truncated(n)),
-        n if n > TRANSITION_EVENT_SIZE => return Err(DecodeError::Oversize(n)),
-        _ => {}
+    check_size(bytes.len())?;
+    if bytes[KIND_OFFSET] != KIND_TRANSITION {
+        return Err(DecodeError::UnknownKind(bytes[KIND_OFFSET]));
     }
     // SAFETY: the length is exactly the size of `TransitionEvent`, every bit pattern is valid
     // for it (integers only), and `read_unaligned` makes no alignment assumption.
@@ -248,6 +302,7 @@ pub struct DecodeErrors {
     pub oversize: u64,
     pub unknown_state: u64,
     pub unknown_family: u64,
+    pub unknown_kind: u64,
 }
 
 impl DecodeErrors {
@@ -258,12 +313,17 @@ impl DecodeErrors {
             DecodeError::Oversize(_) => self.oversize += 1,
             DecodeError::UnknownState(_) => self.unknown_state += 1,
             DecodeError::UnknownFamily(_) => self.unknown_family += 1,
+            DecodeError::UnknownKind(_) => self.unknown_kind += 1,
         }
     }
 
     /// All malformed records.
     pub fn total(&self) -> u64 {
-        self.truncated + self.oversize + self.unknown_state + self.unknown_family
+        self.truncated
+            + self.oversize
+            + self.unknown_state
+            + self.unknown_family
+            + self.unknown_kind
     }
 }
 
@@ -305,6 +365,14 @@ mod tests {
         b.extend_from_slice(&[0; 4]); // reserved
         assert_eq!(b.len(), TRANSITION_EVENT_SIZE);
         b
+    }
+
+    #[test]
+    fn metric_labels_are_the_kernel_names_lowercased() {
+        for st in TcpState::ALL {
+            assert_eq!(st.label(), st.name().to_ascii_lowercase(), "{st:?}");
+        }
+        assert_eq!(TcpState::CloseWait.label(), "close_wait");
     }
 
     #[test]
@@ -370,6 +438,14 @@ mod tests {
             Err(DecodeError::UnknownState(13))
         );
         assert_eq!(decode(&wire(1, 1, 8)), Err(DecodeError::UnknownFamily(1)));
+        let mut odd = wire(AF_INET, 1, 8);
+        odd[KIND_OFFSET] = 9;
+        assert_eq!(decode_record(&odd), Err(DecodeError::UnknownKind(9)));
+        assert_eq!(decode(&odd), Err(DecodeError::UnknownKind(9)));
+        assert!(matches!(
+            decode_record(&wire(AF_INET, 1, 8)),
+            Ok(Record::Transition(_))
+        ));
         let mut errs = DecodeErrors::default();
         errs.count(DecodeError::UnknownState(0));
         errs.count(DecodeError::Truncated(3));

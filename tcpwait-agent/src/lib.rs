@@ -21,6 +21,7 @@ mod model;
 mod output;
 mod owners;
 mod probe;
+mod resets;
 mod trace;
 mod tracker;
 

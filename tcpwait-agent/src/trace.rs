@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::TraceArgs,
-    event::{DecodeErrors, SocketId, TcpState, Transition, decode},
+    event::{DecodeErrors, Record, SocketId, TcpState, Transition, decode_record},
     output::{Clock, Format, TEXT_HEADER, TransitionRecord, write_record},
     probe::{KernelCounters, Probe, TestModes},
 };
@@ -69,15 +69,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let clock = Clock::now();
+    let mut clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
         writeln!(out, "{TEXT_HEADER}")?;
         out.flush()?;
     }
     eprintln!(
-        "tcpwait: tracing TCP state transitions ({category}:{name}, {}); Ctrl-C to stop",
-        probe.attachment()
+        "tcpwait: tracing TCP state transitions ({category}:{name}, {}; {}); Ctrl-C to stop",
+        probe.attachment(),
+        probe.resets().describe()
     );
 
     let mut ages = StateAges::new(AGES_CAP);
@@ -92,6 +93,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
+        clock.refresh(crate::output::clock_ns(libc::CLOCK_MONOTONIC));
         if let Err(e) = drain(
             &mut probe, &mut out, format, &clock, &filter, &mut ages, &mut stats,
         ) {
@@ -110,8 +112,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let kernel = probe.counters().context("read the kernel's counters")?;
+    let resets = probe.resets().counters();
     drop(probe); // detach before reporting
     eprintln!("tcpwait: {}", stats.summary(&kernel));
+    eprintln!("tcpwait: {}", stats.resets.summary(&resets));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -121,6 +125,7 @@ struct Stats {
     seen: u64,
     printed: u64,
     malformed: DecodeErrors,
+    resets: crate::resets::ResetStats,
 }
 
 impl Stats {
@@ -157,13 +162,27 @@ fn drain(
     stats: &mut Stats,
 ) -> io::Result<()> {
     let mut result = Ok(());
-    probe.drain(|bytes| match decode(bytes) {
-        Ok(t) => {
+    let reasons = probe.resets().reasons.clone();
+    probe.drain(|bytes| match decode_record(bytes) {
+        Ok(Record::Reset(r)) => {
+            let shown = result.is_ok() && crate::resets::matches(filter, &r, None);
+            stats.resets.seen(&r, shown);
+            if shown {
+                let rec = crate::resets::ResetRecord::new(&r, &reasons, None, clock.wall(r.ts_ns));
+                result = crate::resets::write_reset(out, format, clock, &rec);
+            }
+        }
+        Ok(Record::Transition(t)) => {
             stats.seen += 1;
             let in_old = ages.observe(&t);
             if result.is_ok() && filter.matches(&t, None) {
                 stats.printed += 1;
-                result = write_record(out, format, clock, &TransitionRecord::new(&t, in_old, None));
+                result = write_record(
+                    out,
+                    format,
+                    clock,
+                    &TransitionRecord::new(&t, in_old, None, clock.wall(t.ts_ns)),
+                );
             }
         }
         Err(e) => stats.malformed.count(e),

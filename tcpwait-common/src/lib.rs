@@ -7,6 +7,8 @@
 //! not know instead of failing.
 #![no_std]
 
+pub mod reset;
+
 /// One TCP state transition, as the kernel program submits it into the ring buffer.
 ///
 /// Keep in sync with the decoder in `tcpwait-agent/src/event.rs`, which reads these bytes.

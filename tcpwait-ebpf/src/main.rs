@@ -34,6 +34,7 @@ use sock::{Direct, Fields, Probed, sock_fields, write_event};
 
 mod classic;
 mod handled;
+mod resets;
 mod sock;
 
 /// Transitions for the agent.

@@ -228,7 +228,7 @@ fn each_key_is_validated() {
         ),
         (
             "[nope]\n",
-            "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`, `transition_log`",
+            "f.toml: nope: unknown field `nope`, expected one of `agent`, `rules`, `metrics`, `alertmanager`, `webhook`, `alert_file`, `delivery`, `transition_log`, `abort_rule`",
         ),
         (
             "[rules\n",

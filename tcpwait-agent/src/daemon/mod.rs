@@ -2,11 +2,13 @@
 //! state — and `select!`s over ring-buffer wake-ups, a drain tick, the next alert deadline,
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
+mod aborts;
 mod budget;
 mod delivery;
 mod http;
 mod metrics;
 mod owning;
+mod reload;
 mod report;
 mod resolver;
 mod settle;
@@ -33,18 +35,18 @@ use crate::{
     api::{self, Command, TailItem},
     cli::RunArgs,
     config::Config,
-    event::{DecodeErrors, decode},
+    event::{DecodeErrors, Record, decode_record},
     model::Tuple,
-    output::{OwnerView, TransitionRecord, clock_ns},
+    output::{Clock, OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
-    tracker::{Tracker, TrackerConfig, alerts::AlertChange},
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
 use owning::MIN_RESOLVE_INTERVAL;
 use resolver::Resolver;
-use settle::{OWNER_SETTLE, Settling};
+use settle::Settling;
 pub use sinks::STDOUT_QUEUE_BYTES;
 
 /// The shortest wait for the next settling socket: settle deadlines are served in groups, at
@@ -95,10 +97,16 @@ struct Daemon {
     last_cost: resolver::Cost,
     /// The `instance` label of delivered alerts.
     instance: String,
+    /// Where metrics are served (the port bound), if they are.
+    metrics_at: Option<std::net::SocketAddr>,
     /// Alert lines and the transition log, written by their own threads.
     sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
+    /// Monotonic to wall-clock time, for every JSON record (refreshed by [`Daemon::drain`]).
+    clock: Clock,
+    /// Aborts and resets received: tallies, the abort rule.
+    aborts: aborts::Aborts,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
@@ -165,14 +173,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_sockets: usize::try_from(config.agent.max_sockets).unwrap_or(usize::MAX),
         rules: config.rules.rules(),
     };
-    // Half the shortest age threshold when shorter: the owner must be known before the alert.
-    let settle = tracker_config
-        .rules
-        .iter()
-        .filter_map(|r| r.max_age_ns)
-        .map(|ns| Duration::from_nanos(ns / 2))
-        .fold(OWNER_SETTLE, Duration::min);
+    let settle = settle::settle_time(&tracker_config.rules);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
+    let aborts = aborts::Aborts::new(config.abort_rule.to_rule(), &probe);
     let mut d = Daemon {
         tracker: Tracker::new(tracker_config),
         probe,
@@ -202,16 +205,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery,
         edges: EdgeCounts::default(),
         instance: String::new(),
+        metrics_at,
         sinks,
         pending_tail: Vec::new(),
+        clock: Clock::now(),
+        aborts,
     };
-    d.instance = if d.config.alertmanager.instance.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into())
-    } else {
-        d.config.alertmanager.instance.clone()
-    };
+    d.instance = report::instance(&d.config.alertmanager.instance, metrics_at);
     // Bootstrap: the sockets already in the watched states, with their owners.
     d.request_snapshot();
     // The bound address: with port 0 the kernel chose it.
@@ -220,8 +220,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => format!("metrics at http://{addr}/metrics"),
     };
     crate::logging::print_line(&format!(
-        "tcpwait: agent running on {category}:{name} ({attachment}); {metrics_url}; API on {} \
-         (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        "tcpwait: agent running on {category}:{name} ({attachment}; {}); {metrics_url}; API on \
+         {} (`tcpwait status`, `tcpwait tail`); SIGINT/SIGTERM/SIGQUIT to stop",
+        d.probe.resets().describe(),
         d.config.agent.socket.display()
     ));
 
@@ -246,10 +247,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_command(cmd);
             }
-            signal = signals.stop() => {
-                info!(signal, "stopping");
-                break;
-            }
+            received = signals.next() => match received {
+                signals::Received::Stop(signal) => {
+                    info!(signal, "stopping");
+                    break;
+                }
+                signals::Received::Reload => d.reload(),
+            },
         }
         d.drain();
         d.evaluate();
@@ -289,7 +293,14 @@ impl Daemon {
     /// deadline, or the periodic reconciliation.
     fn next_wakeup(&self) -> Instant {
         let mut at = self.next_reconcile;
-        if let Some(deadline) = self.tracker.next_deadline() {
+        let deadline = match (
+            self.tracker.next_deadline(),
+            self.aborts.tally.next_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(deadline) = deadline {
             let now = self.now_ns();
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
             at = at.min(Instant::now() + wait);
@@ -311,6 +322,8 @@ impl Daemon {
         let publish = self.tail.receiver_count() > 0;
         let record = publish || self.sinks.translog.is_some();
         let mut items = Vec::new();
+        self.clock.refresh(self.now_ns());
+        let clock = self.clock;
         let Self {
             probe,
             tracker,
@@ -320,10 +333,17 @@ impl Daemon {
             in_flight,
             edges,
             settling,
+            aborts,
             ..
         } = self;
-        probe.drain(|bytes| match decode(bytes) {
-            Ok(t) => {
+        probe.drain(|bytes| match decode_record(bytes) {
+            Ok(Record::Reset(reset)) => {
+                let record = Box::new(aborts.on_reset(&reset, tracker, clock.wall(reset.ts_ns)));
+                if publish && !withhold {
+                    items.push(Arc::new(TailItem::Reset { reset, record }));
+                }
+            }
+            Ok(Record::Transition(t)) => {
                 *transitions += 1;
                 edges.count(t.old, t.new);
                 if withhold {
@@ -367,7 +387,8 @@ impl Daemon {
                                 pod_uid: p.pod_uid.clone(),
                             })
                         });
-                    items.push(Arc::new(TailItem {
+                    items.push(Arc::new(TailItem::Transition {
+                        time: clock.wall(t.ts_ns),
                         transition: t,
                         ns_in_old,
                         owner,
@@ -382,9 +403,21 @@ impl Daemon {
             let mut lines = Vec::with_capacity(items.len() * 320);
             let mut n = 0;
             for item in &items {
-                let rec =
-                    TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
-                if crate::output::write_json_line(&mut lines, &rec).is_ok() {
+                let written = match &**item {
+                    TailItem::Transition {
+                        transition,
+                        time,
+                        ns_in_old,
+                        owner,
+                    } => crate::output::write_json_line(
+                        &mut lines,
+                        &TransitionRecord::new(transition, *ns_in_old, owner.as_ref(), *time),
+                    ),
+                    // The transition log holds transitions only: its lines, failed and dropped
+                    // lines add up to the transitions, exactly.
+                    TailItem::Reset { .. } => continue,
+                };
+                if written.is_ok() {
                     n += 1;
                 }
             }
@@ -420,6 +453,7 @@ impl Daemon {
     fn on_tick(&mut self) {
         match self.probe.counters() {
             Ok(k) => {
+                self.aborts.counters = self.probe.resets().counters();
                 let lost =
                     k.reserve_failed + k.recursion_misses.unwrap_or(0) + self.malformed.total();
                 if lost > self.lost_seen {
@@ -442,7 +476,9 @@ impl Daemon {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Status(reply) => {
-                let report = report::status(&self.tracker, &self.stats(), self.now_ns());
+                let mut report =
+                    report::status(&self.tracker, &self.stats(), self.now_ns(), &self.clock);
+                report.aborts = Some(self.aborts.report(self.now_ns()));
                 let _ = reply.send(report);
             }
             Command::Metrics(reply) => {
@@ -453,19 +489,24 @@ impl Daemon {
 
     fn evaluate(&mut self) {
         let now = self.now_ns();
+        self.evaluate_aborts(now);
         let changes = self.tracker.evaluate(now);
-        if changes.is_empty() {
-            return;
-        }
-        for change in &changes {
+        self.announce(&changes, now, &[]);
+    }
+
+    /// Prints each alert change and hands it to the delivery sinks. An alert's rule is looked
+    /// up in `gone` (the rules a reload replaced), then in the tracker's.
+    fn announce(&mut self, changes: &[AlertChange], now: u64, gone: &[Rule]) {
+        for change in changes {
             let a = match change {
                 AlertChange::Firing(a) | AlertChange::Resolved(a) => a,
             };
-            let rule = self
-                .tracker
-                .rule(&a.rule)
-                .expect("an alert's rule is one of the tracker's");
-            let line = report::alert_line(change, rule, now, self.args.json);
+            let rule = gone
+                .iter()
+                .find(|r| r.name == a.rule)
+                .or_else(|| self.tracker.rule(&a.rule))
+                .expect("an alert's rule is one of the tracker's, or one a reload replaced");
+            let line = report::alert_line(change, rule, now, &self.clock, self.args.json);
             let mut line = if self.args.json {
                 crate::output::escape_json(&line).into_owned()
             } else {
@@ -478,9 +519,14 @@ impl Daemon {
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
-            self.delivery
-                .send(&report::alert_message(change, rule, now, &self.instance));
+            self.deliver(change, rule, now);
         }
+    }
+
+    /// Hands an alert change to the delivery sinks.
+    fn deliver(&self, change: &AlertChange, rule: &Rule, now: u64) {
+        let message = report::alert_message(change, rule, now, &self.clock, &self.instance);
+        self.delivery.send(&message);
     }
 
     fn summary(&self) -> String {

@@ -37,6 +37,8 @@ pub(super) struct Stats {
     pub http_rejected: [(&'static str, u64); 3],
     /// Per-process metric series are exported for this many processes per watched state.
     pub top_processes: usize,
+    /// Aborts and resets received.
+    pub resets: super::aborts::ResetMetrics,
 }
 
 impl Daemon {
@@ -67,6 +69,9 @@ impl Daemon {
                 ),
             ],
             top_processes: self.config.metrics.top_processes as usize,
+            resets: self
+                .aborts
+                .metrics(self.config.metrics.top_processes as usize),
         }
     }
 }
@@ -88,6 +93,7 @@ impl Default for Stats {
             sinks: Vec::new(),
             http_rejected: [("limit", 0), ("timeout", 0), ("too_large", 0)],
             top_processes: 20,
+            resets: Default::default(),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The event decoder (`event::decode`) over ring-buffer records, split into events and put in
 //! time order as `Probe::drain` does (`probe::reorder`).
-use tcpwait_common::{AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent};
+use tcpwait_common::{
+    AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent,
+    reset::{KIND_ABORT, KIND_OFFSET, KIND_RESET_RECEIVED, KIND_TRANSITION},
+};
 
 use crate::{
-    event::{DecodeError, TcpState, Transition, decode},
+    event::{DecodeError, Record, TcpState, Transition, decode, decode_record},
     probe::reorder::Reorder,
 };
 
@@ -61,25 +64,44 @@ pub fn run(record: &[u8]) {
     assert_eq!(sent, got);
 }
 
-/// Decodes one record and checks the outcome against its bytes.
+/// Decodes one record and checks the outcome against its bytes: a transition record by the
+/// transition's layout; a reset record (`tcpwait_common::reset`) must decode or be refused with
+/// a typed error; any other kind byte is refused as that kind.
 fn check_one(bytes: &[u8]) {
     let len = bytes.len();
-    match decode(bytes) {
-        Ok(t) => {
+    let kind = (len == TRANSITION_EVENT_SIZE).then(|| bytes[KIND_OFFSET]);
+    match decode_record(bytes) {
+        Ok(Record::Transition(t)) => {
+            assert_eq!(kind, Some(KIND_TRANSITION));
             assert_eq!(encode(&t), canonical(bytes), "decode then encode: {t:?}");
             assert_eq!(decode(&encode(&t)), Ok(t));
         }
+        Ok(Record::Reset(_)) => {
+            assert!(matches!(kind, Some(KIND_ABORT | KIND_RESET_RECEIVED)));
+        }
         Err(DecodeError::Truncated(n)) => assert!(n == len && n < TRANSITION_EVENT_SIZE),
         Err(DecodeError::Oversize(n)) => assert!(n == len && n > TRANSITION_EVENT_SIZE),
-        Err(DecodeError::UnknownFamily(f)) => {
-            assert_eq!(len, TRANSITION_EVENT_SIZE);
+        Err(DecodeError::UnknownKind(k)) => {
+            assert_eq!(kind, Some(k));
+            assert!(!matches!(
+                k,
+                KIND_TRANSITION | KIND_ABORT | KIND_RESET_RECEIVED
+            ));
+        }
+        Err(DecodeError::UnknownFamily(f)) if kind == Some(KIND_TRANSITION) => {
             assert_eq!(f, u16::from_ne_bytes([bytes[76], bytes[77]]));
             assert!(f != AF_INET && f != AF_INET6);
         }
-        Err(DecodeError::UnknownState(s)) => {
-            assert_eq!(len, TRANSITION_EVENT_SIZE);
+        Err(DecodeError::UnknownState(s)) if kind == Some(KIND_TRANSITION) => {
             assert!(s == bytes[78] || s == bytes[79]);
             assert!(TcpState::try_from(s).is_err());
+        }
+        // A reset record's family (its own layout) is checked by `event::reset`'s unit tests.
+        Err(e @ (DecodeError::UnknownFamily(_) | DecodeError::UnknownState(_))) => {
+            assert!(
+                matches!(kind, Some(KIND_ABORT | KIND_RESET_RECEIVED)),
+                "{e}"
+            );
         }
     }
 }
@@ -117,8 +139,8 @@ fn encode(t: &Transition) -> Vec<u8> {
     .to_vec()
 }
 
-/// `bytes` with the fields the decoder ignores zeroed: the reserved word, and for IPv4 the
-/// address bytes past the first four.
+/// `bytes` with the fields the decoder ignores zeroed: the reserved word (whose first byte, the
+/// record kind, is 0 for a transition), and for IPv4 the address bytes past the first four.
 fn canonical(bytes: &[u8]) -> Vec<u8> {
     let mut b = bytes.to_vec();
     b[84..88].fill(0);

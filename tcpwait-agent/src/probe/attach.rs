@@ -91,14 +91,13 @@ fn errno_in_chain(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 /// Loads and attaches the main program as a BTF tracepoint; returns its fd.
-pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<i32> {
-    let btf = aya::Btf::from_sys_fs()?;
+pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &str, btf: &aya::Btf) -> anyhow::Result<i32> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut("inet_sock_set_state_btf")
         .expect("the object defines inet_sock_set_state_btf")
         .try_into()
         .expect("inet_sock_set_state_btf is a BTF tracepoint program");
-    program.load(name, &btf)?;
+    program.load(name, btf)?;
     program.attach()?;
     Ok(program.fd()?.as_fd().as_raw_fd())
 }

@@ -9,6 +9,8 @@
 //! `skc_dport`/`skc_num` and the addresses sit inside anonymous unions of `struct sock_common`.
 use tcpwait_common::SockOffsets;
 
+mod resets;
+
 const BTF_MAGIC: u16 = 0xeb9f;
 
 /// Why offsets could not be read.
@@ -29,6 +31,8 @@ struct Type {
     /// For struct/union: where its members start in `Btf::type_data`, and how many.
     members_at: u32,
     vlen: u32,
+    /// The record's own count (members, enumerators, parameters), whatever its kind.
+    count: u32,
     /// Size for struct/union/int; referenced type id for typedef/const/volatile/...
     size_or_type: u32,
 }
@@ -72,6 +76,7 @@ impl Btf {
             kind_flag: false,
             members_at: 0,
             vlen: 0,
+            count: 0,
             size_or_type: 0,
         });
         let mut p = 0;
@@ -96,6 +101,7 @@ impl Btf {
             if p > types_bytes.len() {
                 return Err(BtfError::Malformed("type record out of bounds"));
             }
+            let count = vlen as u32;
             let vlen = if matches!(kind, 4 | 5) {
                 vlen as u32
             } else {
@@ -107,6 +113,7 @@ impl Btf {
                 kind_flag,
                 members_at,
                 vlen,
+                count,
                 size_or_type,
             });
         }

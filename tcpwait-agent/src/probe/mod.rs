@@ -25,6 +25,7 @@ mod attach;
 pub mod btf;
 mod flush;
 pub(crate) mod reorder;
+pub mod resets;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
@@ -114,6 +115,8 @@ pub struct Probe {
     counts_recursion: bool,
     /// The main program's statistics, kept by [`Probe::stop`] when it closes the program.
     stopped: Option<ProgStats>,
+    /// The reset programs (aborts and received resets).
+    resets: resets::Resets,
     /// Dropping `Ebpf` detaches the programs; the maps taken out of it live on.
     ebpf: Option<Ebpf>,
 }
@@ -132,8 +135,10 @@ impl Probe {
     pub fn attach(category: &str, name: &str, test: TestModes) -> Result<Self, ProbeError> {
         let TestModes { compare, no_netns } = test;
         raise_memlock();
+        let mut reset_plan = Err("no kernel BTF".to_owned());
         let (offsets, netns) = match btf::Btf::from_sys_fs() {
             Ok(b) => {
+                reset_plan = resets::plan(&b);
                 let netns = if no_netns {
                     Err("withheld for a test (--test-no-netns)".to_owned())
                 } else {
@@ -174,6 +179,9 @@ impl Probe {
         if let Some(g) = &global {
             loader.override_global("SOCK_OFFSETS", g, true);
         }
+        if let Ok((reset_offsets, _)) = &reset_plan {
+            loader.override_global("RESET_OFFSETS", reset_offsets, true);
+        }
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
@@ -191,10 +199,13 @@ impl Probe {
             }
         })?;
         let default = (category, name) == TRACEPOINT;
-        let btf_main = match (&offsets, default) {
-            (Ok(_), true) => attach_btf(&mut ebpf, name),
-            (Ok(_), false) => Err(anyhow::anyhow!("not the default tracepoint")),
-            (Err(e), _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
+        // Parsed once for every BTF program (a parse takes seconds under emulation).
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let btf_main = match (&offsets, default, &kernel_btf) {
+            (Ok(_), true, Ok(b)) => attach_btf(&mut ebpf, name, b),
+            (Ok(_), true, Err(e)) => Err(anyhow::anyhow!("no kernel BTF: {e}")),
+            (Ok(_), false, _) => Err(anyhow::anyhow!("not the default tracepoint")),
+            (Err(e), _, _) => Err(anyhow::anyhow!("no kernel BTF offsets: {e}")),
         };
         let mut attachment = Attachment {
             btf: true,
@@ -287,6 +298,9 @@ impl Probe {
         } else {
             None
         };
+        let resets =
+            resets::Resets::attach_planned(&mut ebpf, reset_plan, kernel_btf.as_ref().ok());
+        drop(kernel_btf);
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
             .map_err(|e| ProbeError::Load(e.into()))?;
@@ -313,6 +327,7 @@ impl Probe {
             reads_netns: netns.is_ok(),
             counts_recursion,
             stopped: None,
+            resets,
             ebpf: Some(ebpf),
         })
     }
@@ -332,6 +347,7 @@ impl Probe {
             return;
         }
         self.stopped = Some(self.prog_stats().unwrap_or_default());
+        self.resets.stop();
         self.flush = None;
         self.ebpf = None;
         // A program already running on another CPU when its link went finishes within
@@ -359,6 +375,11 @@ impl Probe {
         self.reads_netns
     }
 
+    /// The reset programs: where aborts are seen, their counters.
+    pub fn resets(&self) -> &resets::Resets {
+        &self.resets
+    }
+
     /// How the main program is attached.
     pub fn attachment(&self) -> Attachment {
         self.attachment
@@ -379,20 +400,20 @@ impl Probe {
     /// Returns how many were handed on.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let now = crate::output::clock_ns(libc::CLOCK_MONOTONIC);
-        match &mut self.flush {
+        match (&mut self.flush, &self.ebpf) {
             _ if self.stopped.is_some() => self.watermark = u64::MAX,
-            Some(flush) => {
+            (Some(flush), Some(ebpf)) => {
                 if now >= flush.last_ns + FLUSH_INTERVAL_NS {
                     flush.last_ns = now;
                     // The CPUs' stages are in the ring once this returns, unless one was busy (its
                     // older events may still be staged: wait for the next flush). If flushing
                     // fails, events are handed on all the same, the late ones counted.
-                    if flush.all_cpus() != Flushed::Busy {
+                    if flush.all_cpus(ebpf) != Flushed::Busy {
                         self.watermark = now.saturating_sub(IN_FLIGHT_NS);
                     }
                 }
             }
-            None => self.watermark = now.saturating_sub(IN_FLIGHT_NS),
+            _ => self.watermark = now.saturating_sub(IN_FLIGHT_NS),
         }
         let Self { ring, reorder, .. } = self;
         let ring = ring.get_mut();

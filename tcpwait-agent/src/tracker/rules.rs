@@ -12,7 +12,7 @@
 //! keeps an orphan or a timewait socket), so a rule on them only sees sockets still held
 //! through an fd (e.g. after `shutdown(SHUT_WR)`). Per-peer and host scopes are not built yet:
 //! the configuration refuses them rather than evaluating them per process.
-use super::{Tracker, table::state_index};
+use super::{Tracker, alerts::AlertChange, table::state_index};
 use crate::event::TcpState;
 
 /// Default age threshold of [`Rule::close_wait_leak`]: 60 s.
@@ -195,6 +195,19 @@ impl Tracker {
     /// The configured rules.
     pub fn rules(&self) -> &[Rule] {
         self.engine.rules()
+    }
+
+    /// Replaces the rule set at `now_ns` (a configuration reload): the table, the socket
+    /// ages and the owners stay; firing alerts of rules still there keep firing; the alerts
+    /// of rules that went are resolved and returned. The next [`Tracker::evaluate`] applies
+    /// the new thresholds to every process. Sockets already in a newly watched state get
+    /// their holders from the next reconciliation.
+    pub fn set_rules(&mut self, rules: Vec<Rule>, now_ns: u64) -> Vec<AlertChange> {
+        self.watched = [false; 12];
+        for r in &rules {
+            self.watched[state_index(r.state)] = true;
+        }
+        self.engine.replace_rules(rules, &self.procs, now_ns)
     }
 }
 

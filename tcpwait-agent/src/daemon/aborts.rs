@@ -1,0 +1,337 @@
+//! The daemon's side of resets: each decoded reset is tallied (`resets::tally`) with its owner
+//! as the agent knows it, handed to `tail` and the transition log as its own record kind, and
+//! the abort rule's alerts go to the same sinks as the others. `status` and `/metrics` render
+//! from the values built here.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::{Registry, Unit},
+};
+
+use super::delivery::AlertMessage;
+use crate::{
+    event::reset::Reset,
+    output::{OwnerView, WallTime, escape_control},
+    probe::{Probe, resets::ResetCounters},
+    resets::{
+        ResetRecord,
+        report::AbortsReport,
+        tally::{AbortAlert, AbortRule, Aborter, Tally},
+    },
+    tracker::Tracker,
+};
+
+/// What the daemon keeps about resets.
+pub(super) struct Aborts {
+    pub tally: Tally,
+    /// The kernel's `enum sk_rst_reason`.
+    reasons: Vec<(String, u32)>,
+    /// Where aborts are seen, or why not.
+    source: String,
+    /// The reset programs' counters as of the last tick.
+    pub counters: ResetCounters,
+}
+
+impl Aborts {
+    pub(super) fn new(rule: AbortRule, probe: &Probe) -> Self {
+        let resets = probe.resets();
+        Self {
+            tally: Tally::new(rule),
+            reasons: resets.reasons.clone(),
+            source: match &resets.aborts {
+                Ok(p) => p.name().to_owned(),
+                Err(e) => format!("not recorded: {e}"),
+            },
+            counters: ResetCounters::default(),
+        }
+    }
+
+    /// Tallies `r`; returns its record for `tail` and the transition log. The owner: the
+    /// socket's holder if the agent resolved it, else the caller of an abort that ran in its
+    /// context (the closing process holds the socket until close() returns), else the process
+    /// that called connect() or listen() for it (not confirmed in its fd table: the socket is
+    /// already gone when a reset is seen).
+    pub(super) fn on_reset(
+        &mut self,
+        r: &Reset,
+        tracker: &Tracker,
+        time: WallTime,
+    ) -> ResetRecord<'static> {
+        let known = tracker
+            .first_owner(r.sock)
+            .and_then(|k| tracker.process_info(&k))
+            .map(|p| OwnerView {
+                pid: p.key.pid,
+                comm: p.comm.clone(),
+                container: p.container.clone(),
+                pod_uid: p.pod_uid.clone(),
+            });
+        let owner = known
+            .or_else(|| {
+                r.caller().map(|(pid, comm)| OwnerView {
+                    pid,
+                    comm: comm.to_string_lossy().into_owned(),
+                    ..Default::default()
+                })
+            })
+            .or_else(|| {
+                let pid = *tracker.owner_query(r.sock)?.candidates.first()?;
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                Some(OwnerView {
+                    pid,
+                    comm: comm.trim_end().to_owned(),
+                    ..Default::default()
+                })
+            });
+        let record = ResetRecord::new(r, &self.reasons, owner.as_ref(), time);
+        let who = owner.map(|o| Aborter {
+            pid: o.pid,
+            comm: o.comm,
+        });
+        let reason = record.reason.clone().unwrap_or_default();
+        self.tally.add(r, &reason, who);
+        record
+    }
+
+    /// The `aborts` section of `status` at `now_ns`.
+    pub(super) fn report(&self, now_ns: u64) -> AbortsReport {
+        AbortsReport::new(&self.tally, &self.source, &self.counters, now_ns)
+    }
+
+    /// What `/metrics` shows, as of now.
+    pub(super) fn metrics(&self, top: usize) -> ResetMetrics {
+        let processes = self
+            .tally
+            .processes()
+            .into_iter()
+            .take(top)
+            .flat_map(|p| {
+                p.by_reason
+                    .iter()
+                    .map(|(reason, n)| (p.pid, p.comm.clone(), reason.clone(), *n))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ResetMetrics {
+            by_reason: self.tally.by_reason.clone().into_iter().collect(),
+            unsent_bytes: self.tally.unsent_bytes,
+            unread_bytes: self.tally.unread_bytes,
+            received: self.tally.received_total,
+            processes,
+            counters: self.counters,
+        }
+    }
+}
+
+/// The abort alert as an alert line (JSON or text) and a message for the delivery sinks.
+pub(super) fn alert(
+    a: &AbortAlert,
+    rule: &AbortRule,
+    instance: &str,
+    as_json: bool,
+) -> (String, AlertMessage) {
+    let status = if a.firing { "firing" } else { "resolved" };
+    let peers: Vec<String> = a
+        .aborts
+        .top_peers(5)
+        .iter()
+        .map(|(p, n)| format!("{p} ({n})"))
+        .collect();
+    let discarded = a.aborts.unsent_bytes + a.aborts.unread_bytes;
+    let json = serde_json::json!({
+        "alert": status,
+        "rule": rule.name,
+        "alertname": rule.alertname,
+        "severity": rule.severity,
+        "remedy": rule.remedy,
+        "pid": a.pid,
+        "comm": a.comm,
+        "count": a.count,
+        "window_s": rule.window_ns / 1_000_000_000,
+        "aborts_by_reason": a.aborts.by_reason,
+        "unsent_bytes": a.aborts.unsent_bytes,
+        "unread_bytes": a.aborts.unread_bytes,
+        "discarded_bytes": discarded,
+        "peers": a.aborts.top_peers(5),
+    });
+    let line = if as_json {
+        json.to_string()
+    } else {
+        format!(
+            "alert={status} rule={} pid={} comm={} aborts={} window={}s discarded_bytes={discarded} \
+             peers={} remedy={:?}",
+            rule.name,
+            a.pid,
+            escape_control(&a.comm),
+            a.count,
+            rule.window_ns / 1_000_000_000,
+            peers.join(","),
+            rule.remedy
+        )
+    };
+    let labels = [
+        ("alertname", rule.alertname.clone()),
+        ("rule", rule.name.clone()),
+        ("pid", a.pid.to_string()),
+        ("comm", a.comm.clone()),
+        ("instance", instance.to_owned()),
+        ("severity", rule.severity.clone()),
+    ];
+    let annotations = [
+        (
+            "summary",
+            format!(
+                "{} (pid {}) aborted {} connections in {}s, throwing away {discarded} bytes",
+                a.comm,
+                a.pid,
+                a.count,
+                rule.window_ns / 1_000_000_000
+            ),
+        ),
+        ("remedy", rule.remedy.clone()),
+        ("peers", peers.join(", ")),
+    ];
+    let msg = AlertMessage {
+        key: format!("{}/{}/{}", rule.name, a.pid, a.comm),
+        firing: a.firing,
+        starts_at: std::time::SystemTime::now(),
+        labels: labels.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        annotations: annotations
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        json,
+    };
+    (line, msg)
+}
+
+/// Reset figures for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub(super) struct ResetMetrics {
+    pub by_reason: Vec<(String, u64)>,
+    pub unsent_bytes: u64,
+    pub unread_bytes: u64,
+    pub received: u64,
+    /// `(pid, comm, reason, aborts)` of the top processes.
+    pub processes: Vec<(u32, String, String, u64)>,
+    pub counters: ResetCounters,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessReason {
+    pid: u32,
+    comm: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostReason {
+    reason: &'static str,
+}
+
+/// Registers the reset metrics. Per-process series exist for the `top_processes` processes
+/// with the most aborts only (like the per-state ones).
+pub(super) fn register(r: &mut Registry, m: &ResetMetrics) {
+    let aborts = Family::<Reason, Counter>::default();
+    for (reason, n) in &m.by_reason {
+        aborts
+            .get_or_create(&Reason {
+                reason: escape_control(reason).into_owned(),
+            })
+            .inc_by(*n);
+    }
+    r.register(
+        "tcpwait_aborts",
+        "Connections reset by their own socket on close (SO_LINGER 0, unread data, ...), by \
+         reason",
+        aborts,
+    );
+    let bytes = Family::<Queue, Counter>::default();
+    bytes
+        .get_or_create(&Queue { queue: "unsent" })
+        .inc_by(m.unsent_bytes);
+    bytes
+        .get_or_create(&Queue { queue: "unread" })
+        .inc_by(m.unread_bytes);
+    r.register_with_unit(
+        "tcpwait_abort_discarded",
+        "Data thrown away by aborts: written and never acknowledged (unsent), received and \
+         never read (unread)",
+        Unit::Bytes,
+        bytes,
+    );
+    let per_process = Family::<ProcessReason, Counter>::default();
+    for (pid, comm, reason, n) in &m.processes {
+        per_process
+            .get_or_create(&ProcessReason {
+                pid: *pid,
+                comm: escape_control(comm).into_owned(),
+                reason: escape_control(reason).into_owned(),
+            })
+            .inc_by(*n);
+    }
+    r.register(
+        "tcpwait_process_aborts",
+        "Aborts by process and reason, for the processes with the most aborts",
+        per_process,
+    );
+    let received = Counter::<u64>::default();
+    received.inc_by(m.received);
+    r.register(
+        "tcpwait_resets_received",
+        "Resets received from peers",
+        received,
+    );
+    let lost = Family::<LostReason, Counter>::default();
+    let c = &m.counters;
+    lost.get_or_create(&LostReason {
+        reason: "ring_full",
+    })
+    .inc_by(c.aborts_ring_full + c.received_ring_full);
+    // Absent where the kernel does not count them: unknown, never 0.
+    if let Some(n) = c.recursion_misses {
+        lost.get_or_create(&LostReason {
+            reason: "recursion_miss",
+        })
+        .inc_by(n);
+    }
+    r.register(
+        "tcpwait_resets_lost",
+        "Resets (aborts and received) lost in the kernel, by reason; malformed records count in \
+         tcpwait_events_lost_total{reason=\"malformed\"}",
+        lost,
+    );
+}
+
+impl super::Daemon {
+    /// Applies the abort rule at `now`: each change becomes an alert line on stdout and a
+    /// message for the delivery sinks, as the other rules' alerts do.
+    pub(super) fn evaluate_aborts(&mut self, now: u64) {
+        let changes = self.aborts.tally.evaluate(now);
+        for a in &changes {
+            let rule = self.aborts.tally.rule();
+            let (line, msg) = alert(a, rule, &self.instance, self.args.json);
+            let mut line = if self.args.json {
+                crate::output::escape_json(&line).into_owned()
+            } else {
+                line
+            };
+            line.push('\n');
+            self.sinks.stdout.send(line.into_bytes(), 1);
+            if a.firing {
+                tracing::info!(pid = a.pid, rule = %rule.name, count = a.count, "alert firing");
+            }
+            self.delivery.send(&msg);
+        }
+    }
+}

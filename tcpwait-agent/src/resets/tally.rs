@@ -1,0 +1,290 @@
+//! Who aborts connections, and what it costs: per-process tallies of aborts (by reason, bytes
+//! thrown away, peers, last time), resets received per process and peer, and the abort rule
+//! (data: a process that aborts more than `count` times within `window` fires an alert that
+//! says what to do instead). Pure: no clock, no I/O; time is an argument, so every threshold
+//! is tested exactly.
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::reset::{Reset, ResetKind};
+
+/// Processes tallied at most; past it the one whose last abort is oldest is forgotten (and
+/// counted in [`Tally::evicted`]). Aggregates by reason stay exact whatever the cap.
+pub const MAX_PROCESSES: usize = 1024;
+/// Peers kept per process; past it new peers count under [`OTHER_PEERS`].
+pub const MAX_PEERS: usize = 64;
+/// (process, peer) pairs of received resets kept; past it they count under an unknown owner.
+pub const MAX_RECEIVED: usize = 4096;
+/// The peer key of peers past [`MAX_PEERS`].
+pub const OTHER_PEERS: &str = "other";
+
+/// The abort rule: more than `count` aborts of the listed reasons by one process within
+/// `window_ns` fires; it resolves when the window holds `count` or fewer again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortRule {
+    pub name: String,
+    /// Reasons that count (`linger_0`, `unread_data`, a kernel reason); empty: every abort.
+    pub reasons: Vec<String>,
+    /// Fires above this many aborts in the window.
+    pub count: u32,
+    pub window_ns: u64,
+    pub alertname: String,
+    pub severity: String,
+    pub remedy: String,
+}
+
+impl AbortRule {
+    /// The embedded default: `discard_on_close`.
+    pub fn discard_on_close() -> Self {
+        Self {
+            name: "discard_on_close".into(),
+            reasons: vec!["linger_0".into(), "unread_data".into()],
+            count: 10,
+            window_ns: 60_000_000_000,
+            alertname: "TcpDiscardOnClose".into(),
+            severity: "warning".into(),
+            remedy: "the process resets connections on close and throws away data the peer never \
+                     got (SO_LINGER {1,0}) or it never read: close gracefully instead — \
+                     shutdown(SHUT_WR), read until EOF, then close(); if a linger is needed, \
+                     use a timeout above 0"
+                .into(),
+        }
+    }
+
+    fn counts(&self, reason: &str) -> bool {
+        self.reasons.is_empty() || self.reasons.iter().any(|r| r == reason)
+    }
+}
+
+/// A process as the abort events name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Aborter {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One process's aborts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessAborts {
+    pub pid: u32,
+    pub comm: String,
+    /// Aborts by reason.
+    pub by_reason: BTreeMap<String, u64>,
+    /// Bytes written and never acknowledged, summed over its aborts.
+    pub unsent_bytes: u64,
+    /// Bytes received and never read, summed.
+    pub unread_bytes: u64,
+    /// Aborts per peer address (at most [`MAX_PEERS`], then [`OTHER_PEERS`]).
+    pub peers: BTreeMap<String, u64>,
+    /// CLOCK_MONOTONIC ns of the last abort.
+    pub last_ns: u64,
+    /// Times of the aborts the rule counts, within its window.
+    #[serde(skip)]
+    recent: VecDeque<u64>,
+    #[serde(skip)]
+    firing: bool,
+}
+
+impl ProcessAborts {
+    /// All its aborts.
+    pub fn total(&self) -> u64 {
+        self.by_reason.values().sum()
+    }
+
+    /// Its peers, most aborts first, at most `n`.
+    pub fn top_peers(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self.peers.iter().map(|(p, c)| (p.clone(), *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+}
+
+/// An abort alert that fired or resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbortAlert {
+    pub firing: bool,
+    pub pid: u32,
+    pub comm: String,
+    /// Aborts the rule counted in its window.
+    pub count: u64,
+    /// The process's tallies when it changed.
+    pub aborts: ProcessAborts,
+}
+
+/// Everything tallied.
+#[derive(Debug)]
+pub struct Tally {
+    rule: AbortRule,
+    procs: HashMap<Aborter, ProcessAborts>,
+    /// Aborts by reason, every process.
+    pub by_reason: BTreeMap<String, u64>,
+    /// Aborts whose process is unknown (they ran outside any process's context).
+    pub unattributed: u64,
+    pub unsent_bytes: u64,
+    pub unread_bytes: u64,
+    /// Resets received, by (owner pid, owner comm) — `None` when unknown — and peer.
+    pub received: HashMap<(Option<Aborter>, IpAddr), u64>,
+    pub received_total: u64,
+    /// Processes forgotten at the cap.
+    pub evicted: u64,
+}
+
+impl Tally {
+    /// An empty tally under `rule`.
+    pub fn new(rule: AbortRule) -> Self {
+        Self {
+            rule,
+            procs: HashMap::new(),
+            by_reason: BTreeMap::new(),
+            unattributed: 0,
+            unsent_bytes: 0,
+            unread_bytes: 0,
+            received: HashMap::new(),
+            received_total: 0,
+            evicted: 0,
+        }
+    }
+
+    /// The rule.
+    pub fn rule(&self) -> &AbortRule {
+        &self.rule
+    }
+
+    /// Counts a reset. `reason` is the abort's (see `Reset::reason`); `owner` the socket's
+    /// holder as the agent knows it (for a received reset, whose on-CPU task is unrelated).
+    pub fn add(&mut self, r: &Reset, reason: &str, owner: Option<Aborter>) {
+        if r.kind == ResetKind::Received {
+            self.received_total += 1;
+            let owner = owner.or_else(|| {
+                r.caller().map(|(pid, c)| Aborter {
+                    pid,
+                    comm: c.to_string_lossy().into_owned(),
+                })
+            });
+            let key = if self.received.len() < MAX_RECEIVED {
+                (owner, r.daddr)
+            } else {
+                (None, r.daddr)
+            };
+            *self.received.entry(key).or_default() += 1;
+            return;
+        }
+        *self.by_reason.entry(reason.to_owned()).or_default() += 1;
+        self.unsent_bytes += u64::from(r.unsent.unwrap_or(0));
+        self.unread_bytes += u64::from(r.unread.unwrap_or(0));
+        // The closing process when the abort ran in its context, else the holder if known.
+        let who = r
+            .caller()
+            .map(|(pid, c)| Aborter {
+                pid,
+                comm: c.to_string_lossy().into_owned(),
+            })
+            .or(owner);
+        let Some(who) = who else {
+            self.unattributed += 1;
+            return;
+        };
+        if !self.procs.contains_key(&who) && self.procs.len() >= MAX_PROCESSES {
+            let oldest = self
+                .procs
+                .iter()
+                .filter(|(_, p)| !p.firing)
+                .min_by_key(|(_, p)| p.last_ns)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    self.procs.remove(&k);
+                    self.evicted += 1;
+                }
+                None => {
+                    self.evicted += 1;
+                    return;
+                }
+            }
+        }
+        let p = self
+            .procs
+            .entry(who.clone())
+            .or_insert_with(|| ProcessAborts {
+                pid: who.pid,
+                comm: who.comm.clone(),
+                ..Default::default()
+            });
+        *p.by_reason.entry(reason.to_owned()).or_default() += 1;
+        p.unsent_bytes += u64::from(r.unsent.unwrap_or(0));
+        p.unread_bytes += u64::from(r.unread.unwrap_or(0));
+        let peer = r.daddr.to_string();
+        let peer = if p.peers.len() < MAX_PEERS || p.peers.contains_key(&peer) {
+            peer
+        } else {
+            OTHER_PEERS.to_owned()
+        };
+        *p.peers.entry(peer).or_default() += 1;
+        p.last_ns = p.last_ns.max(r.ts_ns);
+        if self.rule.counts(reason) {
+            p.recent.push_back(r.ts_ns);
+        }
+    }
+
+    /// Applies the rule at `now_ns`: what fired or resolved since the last call.
+    pub fn evaluate(&mut self, now_ns: u64) -> Vec<AbortAlert> {
+        let (count, window) = (u64::from(self.rule.count), self.rule.window_ns);
+        let mut changes = Vec::new();
+        for p in self.procs.values_mut() {
+            // An abort at t counts while now < t + window.
+            while p
+                .recent
+                .front()
+                .is_some_and(|&t| t.saturating_add(window) <= now_ns)
+            {
+                p.recent.pop_front();
+            }
+            let n = p.recent.len() as u64;
+            if (n > count) != p.firing {
+                p.firing = n > count;
+                changes.push(AbortAlert {
+                    firing: p.firing,
+                    pid: p.pid,
+                    comm: p.comm.clone(),
+                    count: n,
+                    aborts: p.clone(),
+                });
+            }
+        }
+        changes.sort_by(|a, b| (a.pid, &a.comm).cmp(&(b.pid, &b.comm)));
+        changes
+    }
+
+    /// When the next firing alert may resolve (its oldest counted abort leaves the window).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.procs
+            .values()
+            .filter(|p| p.firing)
+            .filter_map(|p| {
+                p.recent
+                    .front()
+                    .map(|t| t.saturating_add(self.rule.window_ns))
+            })
+            .min()
+    }
+
+    /// Processes that aborted, most aborts first.
+    pub fn processes(&self) -> Vec<&ProcessAborts> {
+        let mut v: Vec<_> = self.procs.values().collect();
+        v.sort_by(|a, b| b.total().cmp(&a.total()).then(a.pid.cmp(&b.pid)));
+        v
+    }
+
+    /// Whether `pid`/`comm` has an abort alert firing.
+    pub fn firing(&self, who: &Aborter) -> bool {
+        self.procs.get(who).is_some_and(|p| p.firing)
+    }
+}
+
+#[cfg(test)]
+mod tests;
