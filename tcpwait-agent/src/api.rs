@@ -81,6 +81,15 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     serde_json::from_str(line).map_err(RequestError::Bad)
 }
 
+/// The answer to a refused request: `{"error": "<message>"}` and a newline. The message can
+/// quote the request (serde_json names an unknown key), so it is JSON-escaped and then rid of
+/// the raw controls, bidi and line-separator characters JSON would keep (`escape_json`): one
+/// line whatever the request held (found by the `api_request` fuzz target).
+pub fn refusal_line(message: &str) -> String {
+    let json = serde_json::json!({ "error": message }).to_string();
+    format!("{}\n", crate::output::escape_json(&json))
+}
+
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -454,12 +463,8 @@ async fn client(
     let request = match parse_request(&line) {
         Ok(r) => r,
         Err(e) => {
-            let msg = serde_json::json!({ "error": e.to_string() });
-            let _ = tokio::time::timeout(
-                WRITE_TIMEOUT,
-                write.write_all(format!("{msg}\n").as_bytes()),
-            )
-            .await;
+            let msg = refusal_line(&e.to_string());
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
             return match e {
                 RequestError::TooLong => Err(io::Error::other("request line too long")),
                 RequestError::Bad(_) => Ok(()),
@@ -531,6 +536,20 @@ mod tests {
         assert!(
             serde_json::from_str::<Request>(r#"{"tail":{"filter":{"states":["NOPE"]}}}"#).is_err()
         );
+    }
+
+    /// A request quoting a newline and a bidi override is refused in one line that holds
+    /// neither raw, and decodes to the parser's message.
+    #[test]
+    fn a_refusal_is_one_line_whatever_the_request_held() {
+        let err = parse_request("{\"ta\\n\u{202e}il\":{}}").expect_err("an unknown variant");
+        let message = err.to_string();
+        assert!(message.contains("ta\n\u{202e}il"), "{message}");
+        let line = refusal_line(&message);
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with('\n') && !line.contains('\u{202e}'), "{line}");
+        let back: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(back["error"], message.as_str());
     }
 
     #[test]

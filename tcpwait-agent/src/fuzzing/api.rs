@@ -3,8 +3,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::{
-    api::{MAX_REQUEST, Request, RequestError, StatusReport, TailLine, parse_request},
+    api::{
+        MAX_REQUEST, Request, RequestError, StatusReport, TailLine, parse_request, refusal_line,
+    },
     event::{Comm, SocketId, Task, TcpState, Transition},
+    output::must_escape,
 };
 
 /// One line, as the daemon reads it. Invariants: a line over [`MAX_REQUEST`] bytes is refused
@@ -34,7 +37,15 @@ pub fn run(bytes: &[u8]) {
         Err(e @ RequestError::Bad(_)) => {
             assert!(line.len() <= MAX_REQUEST);
             let message = e.to_string();
-            assert!(message.starts_with("bad request: ") && !message.contains('\n'));
+            assert!(message.starts_with("bad request: "));
+            // The message may quote the request; the line the client gets is one line with
+            // nothing a terminal would act on, and says the same.
+            let answer = refusal_line(&message);
+            let (body, end) = answer.split_at(answer.len() - 1);
+            assert_eq!(end, "\n");
+            assert!(!body.chars().any(must_escape), "{answer:?}");
+            let back: serde_json::Value = serde_json::from_str(body).expect("a JSON answer");
+            assert_eq!(back["error"], message.as_str());
         }
     }
     // The client side: whatever the daemon sent, parsing it returns.
