@@ -3,6 +3,7 @@
 //! owner snapshots from the resolver thread, API commands, and signals. Other tasks (API
 //! clients) talk to it through channels; nothing is shared behind a lock.
 mod budget;
+mod census;
 mod delivery;
 mod http;
 mod metrics;
@@ -13,6 +14,7 @@ mod settle;
 mod signals;
 mod sinks;
 mod stats;
+mod timewait;
 mod translog;
 
 use std::{
@@ -38,7 +40,7 @@ use crate::{
     output::{OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
-    tracker::{Tracker, TrackerConfig, alerts::AlertChange},
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange, timewait::PeerWatch},
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
@@ -99,6 +101,10 @@ struct Daemon {
     sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
+    /// TIME_WAIT sockets per peer and the peer rules (`timewait`).
+    timewait: PeerWatch,
+    /// The thread that counts TIME_WAIT sockets.
+    census: census::CensusThread,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
@@ -112,6 +118,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
         .context("start the owner resolver thread")?;
+    let census = census::CensusThread::spawn(
+        resolver::host_roots(probe.reads_netns()),
+        census::CENSUS_INTERVAL,
+    )
+    .context("start the TIME_WAIT census thread")?;
     let mut signals = signals::Signals::install()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (tail, _) = broadcast::channel(args.test_tail_backlog);
@@ -172,6 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .filter_map(|r| r.max_age_ns)
         .map(|ns| Duration::from_nanos(ns / 2))
         .fold(OWNER_SETTLE, Duration::min);
+    let timewait = PeerWatch::new(&tracker_config.rules);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
     let mut d = Daemon {
         tracker: Tracker::new(tracker_config),
@@ -204,6 +216,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         instance: String::new(),
         sinks,
         pending_tail: Vec::new(),
+        timewait,
+        census,
     };
     d.instance = if d.config.alertmanager.instance.is_empty() {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -240,6 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_snapshot(snapshot);
             }
+            Some(census) = d.census.censuses.recv() => d.on_census(census),
             Some(cmd) = cmd_rx.recv() => {
                 // A status answer includes every transition up to the request.
                 d.probe.flush_now();
@@ -320,6 +335,7 @@ impl Daemon {
             in_flight,
             edges,
             settling,
+            timewait,
             ..
         } = self;
         probe.drain(|bytes| match decode(bytes) {
@@ -349,6 +365,7 @@ impl Daemon {
                     };
                     left_during_snapshot.insert((t.netns, tuple), t.ts_ns);
                 }
+                timewait.note_close(&t);
                 let applied = tracker.apply(&t);
                 if applied.needs_owners {
                     settling.push(t.sock, t.ts_ns);
@@ -441,12 +458,21 @@ impl Daemon {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Status(reply) => {
-                let report = report::status(&self.tracker, &self.stats(), self.now_ns());
+            Command::Status(port, reply) => {
+                let now = self.now_ns();
+                let mut report = report::status(&self.tracker, &self.stats(), now);
+                report.timewait = Some(timewait::report(&self.timewait, now));
+                report.port =
+                    port.map(|p| timewait::port_report(&self.tracker, &self.timewait, p, now));
                 let _ = reply.send(report);
             }
             Command::Metrics(reply) => {
-                let _ = reply.send(metrics::render(&self.tracker, &self.stats(), self.now_ns()));
+                let _ = reply.send(metrics::render(
+                    &self.tracker,
+                    &self.stats(),
+                    &self.timewait,
+                    self.now_ns(),
+                ));
             }
         }
     }

@@ -101,6 +101,8 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64) -> StatusReport {
                 .map(|(name, _, n)| ((*name).to_owned(), *n))
                 .collect(),
         },
+        timewait: None,
+        port: None,
     }
 }
 
