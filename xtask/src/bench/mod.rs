@@ -13,6 +13,7 @@
 pub mod owners;
 mod owners_load;
 mod table;
+pub mod timewait;
 mod tracers;
 mod workload;
 
