@@ -132,6 +132,11 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
     let host_peak = samples.iter().map(|s| s.tw).max().unwrap_or(0);
     let census_at_peak = at_peak.iter().map(|s| s.census_s).fold(0.0, f64::max);
     let census_max = samples.iter().map(|s| s.census_s).fold(0.0, f64::max);
+    let slowest = samples
+        .iter()
+        .max_by(|a, b| a.status_s.total_cmp(&b.status_s))
+        .context("no sample")?;
+    let slowest_at = slowest.at.saturating_duration_since(started).as_secs_f64();
     let mut lat: Vec<f64> = samples.iter().map(|s| s.status_s).collect();
     lat.sort_by(f64::total_cmp);
     let rss_max = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
@@ -153,10 +158,15 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
         rss_max / 1024
     );
     println!(
-        "status answers: {} polls, median {:.3} s, max {:.3} s",
+        "status answers: {} polls, median {:.3} s, max {:.3} s ({slowest_at:.1} s after the \
+         load started, {} TIME_WAIT in the namespace then); host load average {}",
         lat.len(),
         lat[lat.len() / 2],
-        lat[lat.len() - 1]
+        lat[lat.len() - 1],
+        slowest.ns_tw,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
