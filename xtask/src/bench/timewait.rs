@@ -109,6 +109,9 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
     let mut samples = Vec::new();
     let mut load_line = None;
     let mut peak = 0u64;
+    // (agent, kernel) TIME_WAIT counts of the namespace, once settled after the load.
+    let mut settled: Option<(u64, u64)> = None;
+    let mut load_done: Option<Instant> = None;
     loop {
         let s = sample(&bin, &sock, pid, ns_inode)?;
         peak = peak.max(s.ns_tw);
@@ -116,6 +119,13 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
         samples.push(s);
         if let Ok(l) = done_rx.try_recv() {
             load_line = Some(l);
+            load_done = Some(Instant::now());
+        }
+        // Two censuses after the load, before the first socket expires: the agent's count
+        // against the kernel's own (`ss -s`: the namespace's sockstat counter).
+        if settled.is_none() && load_done.is_some_and(|t| t.elapsed() > Duration::from_secs(11)) {
+            let agent_count = sample(&bin, &sock, pid, ns_inode)?.ns_tw;
+            settled = Some((agent_count, kernel_time_wait()?));
         }
         if expired || started.elapsed() > Duration::from_secs(120) {
             break;
@@ -151,6 +161,12 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
          (other traffic of the host included); census at the peak: {census_at_peak:.3} s (max \
          {census_max:.3} s over the run)"
     );
+    if let Some((agent_count, kernel)) = settled {
+        println!(
+            "settled (2 censuses after the load): agent {agent_count}, kernel {kernel} (ss -s \
+             in the namespace)"
+        );
+    }
     println!(
         "agent CPU over {secs:.0} s (load, then the sockets expiring): {cpu:.1} % of one core, \
          census thread {census_cpu:.1} %; RSS idle {} MiB, max {} MiB",
@@ -176,6 +192,19 @@ pub fn main(root: &Path, a: Args) -> Result<()> {
         bail!("a status answer took more than 1 s");
     }
     Ok(())
+}
+
+/// The namespace's TIME_WAIT count as the kernel keeps it (`ss -s`, from sockstat).
+fn kernel_time_wait() -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", NETNS, "ss", "-s"])
+        .output()
+        .context("run ss -s")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("timewait ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .context("no timewait count in ss -s")
 }
 
 struct Namespace;
