@@ -447,3 +447,6 @@ pub(super) fn alert_message(
             .expect("alert_line renders JSON"),
     }
 }
+
+#[cfg(test)]
+mod tests;
