@@ -33,7 +33,7 @@ use crate::{
 };
 
 /// How often the TIME_WAIT sockets are counted. TIME_WAIT lasts 60 s, so a pile-up builds
-/// over tens of seconds; one census costs ≈ 0.5 µs per TIME_WAIT socket (BENCHMARKS.md).
+/// over tens of seconds; one census costs ≈ 1 µs of CPU per TIME_WAIT socket (BENCHMARKS.md).
 pub const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
