@@ -537,7 +537,6 @@ remedy = "reuse connections toward this peer"
             &t["labels"]["local"],
             &t["labels"]["remote"],
             &t["annotations"]["remedy"],
-            &t["annotations"]["count"]
         ),
         (
             &"TcpTimeWaitPileup".into(),
@@ -545,13 +544,18 @@ remedy = "reuse connections toward this peer"
             &"127.0.0.2".into(),
             &format!("127.0.0.1:{eof_port}").into(),
             &"reuse connections toward this peer".into(),
-            &"100".into()
         )
     );
+    // The figures of the census that fired it: one may land while the client still connects.
+    let count: u64 = t["annotations"]["count"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .expect("count");
+    assert!((51..=100).contains(&count), "{t}");
+    let closers = t["annotations"]["closers"].as_str().unwrap_or_default();
     assert!(
-        t["annotations"]["closers"]
-            .as_str()
-            .is_some_and(|c| c == format!("tw-am-closer (pid {}) 100 closes", closer.pid())),
+        closers.starts_with(&format!("tw-am-closer (pid {}) ", closer.pid()))
+            && closers.ends_with(" closes"),
         "{t}"
     );
 

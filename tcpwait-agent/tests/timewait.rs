@@ -218,21 +218,18 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
     assert_eq!(fired.len(), 1, "{fired:?}");
     let a = &fired[0];
     assert_eq!(
-        (
-            &a["alert"],
-            &a["alertname"],
-            &a["remedy"],
-            &a["count"],
-            &a["port"]
-        ),
+        (&a["alert"], &a["alertname"], &a["remedy"], &a["port"]),
         (
             &"firing".into(),
             &"TcpTimeWaitPileup".into(),
             &"reuse connections".into(),
-            &(N as u64).into(),
             &port.into()
         )
     );
+    // It carries the count of the census that fired it: a census may land while the client
+    // is still connecting, so anything past the threshold (more than 10 % of 28,232 ports).
+    let fired_count = a["count"].as_u64().expect("count");
+    assert!((2824..=N as u64).contains(&fired_count), "{a}");
     assert_eq!(a["closers"][0]["pid"], client.pid());
 
     // Kill the sockets (SOCK_DESTROY) rather than wait 60 s: the next census resolves it.
