@@ -5,7 +5,7 @@
 //! agent's state task (see `daemon::sinks` for stdout). When the queue is full the line is
 //! dropped and counted (`tcpwait_sink_dropped_total{sink="stderr"}`).
 use std::{
-    io::{self, Write as _},
+    io::{self, IsTerminal as _, Write as _},
     sync::{
         OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -46,6 +46,9 @@ pub fn init(verbose: u8) {
     let stderr = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(QueuedStderr)
+            // Colour only for a person at a terminal: a log file, a pipe or a container
+            // runtime's log would otherwise keep the escape codes (`NO_COLOR` is honoured).
+            .with_ansi(io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .with_target(false)
             .with_filter(filter())
     });

@@ -120,3 +120,30 @@ fn a_hostile_process_name_is_escaped_in_every_output() {
     );
     assert_eq!(raw_bad(body), vec![], "{series:?}");
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn log_lines_to_a_pipe_carry_no_colour_codes() {
+    // Colour is for a person at a terminal; a log file, a pipe or a container runtime's log
+    // (`kubectl logs`) would keep the escape codes raw. stderr is a pipe here.
+    require_root();
+    let sock = api_socket("escaping-log");
+    let mut tw = Tcpwait::start_with_env(
+        &["run", "--socket", &sock, "--metrics-listen", ""],
+        &[("TCPWAIT_LOG", "info")],
+        AGENT_READY,
+    );
+    assert_eq!(tw.stop(libc::SIGINT), 0);
+    let log = tw.stderr.snapshot();
+    // The structured line that tracing writes at a stop, plain.
+    let stopping = log
+        .iter()
+        .find(|l| l.contains("stopping"))
+        .unwrap_or_else(|| panic!("no log line at the stop in {log:?}"));
+    assert!(
+        stopping.contains(" INFO stopping signal=\"SIGINT\""),
+        "{stopping:?}"
+    );
+    let raw: Vec<&String> = log.iter().filter(|l| !raw_bad(l).is_empty()).collect();
+    assert_eq!(raw, Vec::<&String>::new());
+}
