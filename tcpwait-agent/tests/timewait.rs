@@ -188,6 +188,14 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
         )
     );
     assert_eq!(e["alerts"], serde_json::json!(["time_wait_pileup"]));
+    println!(
+        "peer 127.0.0.2 -> 127.0.0.1:{port} in netns {inode}: agent {} TIME_WAIT, ss {ss}, \
+         share {share} of {lo}-{hi}, closer pid {} ({}) with {} closes",
+        e["count"],
+        client.pid(),
+        closers[0]["comm"],
+        closers[0]["closes"]
+    );
 
     // The same figures in /metrics.
     let body = metrics(mport);
@@ -328,7 +336,7 @@ fn status_port_names_the_dead_listener_and_its_time_wait_sockets() {
         .filter(|s| s["netns"] == inode)
         .collect();
     assert_eq!(sockets.len(), N);
-    for s in sockets {
+    for s in &sockets {
         assert_eq!(
             (
                 &s["state"],
@@ -358,6 +366,15 @@ fn status_port_names_the_dead_listener_and_its_time_wait_sockets() {
             &false.into(),
             &inode.into()
         )
+    );
+    println!(
+        "port {port}: {N} TIME_WAIT sockets, seconds left {:?}; listener pid {server_pid} \
+         (tw-old-server), closed {} s ago",
+        sockets
+            .iter()
+            .map(|s| s["seconds_left"].clone())
+            .collect::<Vec<_>>(),
+        l["closed_ago_s"]
     );
     let free_in = report["time_wait_free_in_s"].as_f64().expect("free in");
     assert!(free_in > 40.0 && free_in <= 60.0, "{free_in}");
