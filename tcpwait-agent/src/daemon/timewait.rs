@@ -93,7 +93,7 @@ pub(super) fn report(w: &PeerWatch, now: u64) -> TimeWaitReport {
         census_seconds: w.last.map_or(0.0, |(_, s, _)| s),
         census_failed_namespaces: w.last.map_or(0, |(_, _, f)| f as u64),
         sockets: w.socket_count() as u64,
-        peers_total: w.groups().len() as u64,
+        peers_total: w.peers_total as u64,
         peers: w
             .groups()
             .iter()

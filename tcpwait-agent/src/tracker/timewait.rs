@@ -32,6 +32,8 @@ use crate::{
 /// ([`PeerWatch::close_overflow`]) and its closer stays unknown. Entries leave at the census
 /// after their TIME_WAIT sockets are gone (≈ 64 bytes + closers each).
 pub const MAX_CLOSE_PEERS: usize = 65_536;
+/// Peers whose full figures are kept per census (status and metrics show at most 20).
+pub const KEPT_PEERS: usize = 64;
 /// Closing processes remembered per peer (most closes first); the rest are summed.
 pub const MAX_CLOSERS: usize = 4;
 /// The kernel's default `net.ipv4.ip_local_port_range`, used for a namespace until a census
@@ -161,6 +163,8 @@ pub struct PeerWatch {
     /// Active closes not remembered because [`MAX_CLOSE_PEERS`] peers were.
     pub close_overflow: u64,
     groups: Vec<PeerGroup>,
+    /// Peers with TIME_WAIT sockets as of the last census.
+    pub peers_total: usize,
     sockets: Vec<TwSocket>,
     /// The last census's time, cost and failures.
     pub last: Option<(u64, f64, usize)>,
@@ -255,61 +259,78 @@ impl PeerWatch {
             e.0 += 1;
             e.1 = e.1.min(s.expires_ns);
         }
-        let mut groups: Vec<PeerGroup> = agg
-            .into_iter()
-            .map(|(key, (count, first_expiry_ns))| {
-                let range = self.range_of(key.netns);
-                let ports = u32::from(range.1.saturating_sub(range.0)) + 1;
-                let rec = self.closes.get(&key);
-                let mut closers = rec.map_or_else(Vec::new, |r| r.closers.clone());
-                closers.sort_by(|a, b| b.closes.cmp(&a.closes).then(a.pid.cmp(&b.pid)));
-                PeerGroup {
-                    key,
-                    count,
-                    range,
-                    share: f64::from(count) / f64::from(ports),
-                    rate_per_s: since.filter(|&t| now > t).map(|t| {
-                        let closes = rec.map_or(0, |r| r.total - r.at_census);
-                        closes as f64 / ((now - t) as f64 / 1e9)
-                    }),
-                    closers,
-                    first_expiry_ns,
-                }
-            })
-            .collect();
-        groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.key.cmp(&b.key)));
         // A peer's closes are kept while it has TIME_WAIT sockets, or closed since the last
         // census (its sockets may postdate the dump).
-        let live: HashSet<PeerKey> = groups.iter().map(|g| g.key).collect();
         self.closes
-            .retain(|k, r| live.contains(k) || since.is_none_or(|t| r.last_ns >= t));
+            .retain(|k, r| agg.contains_key(k) || since.is_none_or(|t| r.last_ns >= t));
+        // The rules look at every peer; full figures (closers, rate) are built only for the
+        // peers shown (the top KEPT_PEERS) and those a rule matches: a server that closes
+        // first leaves one TIME_WAIT socket per client port, 100,000 peers of one socket.
+        let mut matching: Vec<(usize, PeerKey)> = Vec::new();
+        for (key, &(count, _)) in &agg {
+            let range = self.range_of(key.netns);
+            for (i, rule) in self.rules.iter().enumerate() {
+                if matches_count(rule, count, range) {
+                    matching.push((i, *key));
+                }
+            }
+        }
+        self.peers_total = agg.len();
+        let mut top: Vec<(PeerKey, u32)> = agg.iter().map(|(k, &(n, _))| (*k, n)).collect();
+        let order = |a: &(PeerKey, u32), b: &(PeerKey, u32)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+        if top.len() > KEPT_PEERS {
+            top.select_nth_unstable_by(KEPT_PEERS - 1, order);
+            top.truncate(KEPT_PEERS);
+        }
+        top.sort_by(order);
+        let group = |key: PeerKey| {
+            let (count, first_expiry_ns) = agg[&key];
+            let range = self.range_of(key.netns);
+            let ports = u32::from(range.1.saturating_sub(range.0)) + 1;
+            let rec = self.closes.get(&key);
+            let mut closers = rec.map_or_else(Vec::new, |r| r.closers.clone());
+            closers.sort_by(|a, b| b.closes.cmp(&a.closes).then(a.pid.cmp(&b.pid)));
+            PeerGroup {
+                key,
+                count,
+                range,
+                share: f64::from(count) / f64::from(ports),
+                rate_per_s: since.filter(|&t| now > t).map(|t| {
+                    let closes = rec.map_or(0, |r| r.total - r.at_census);
+                    closes as f64 / ((now - t) as f64 / 1e9)
+                }),
+                closers,
+                first_expiry_ns,
+            }
+        };
+        let groups: Vec<PeerGroup> = top.iter().map(|&(k, _)| group(k)).collect();
+        let matched: Vec<(usize, PeerGroup)> =
+            matching.into_iter().map(|(i, k)| (i, group(k))).collect();
+        self.groups = groups;
         for r in self.closes.values_mut() {
             r.at_census = r.total;
         }
-        self.groups = groups;
         self.sockets = sockets;
         self.last = Some((now, census.seconds, census.failed.len()));
-        self.evaluate(now)
+        self.evaluate(matched, now)
     }
 
-    fn evaluate(&mut self, now: u64) -> Vec<PeerAlertChange> {
+    fn evaluate(&mut self, matched: Vec<(usize, PeerGroup)>, now: u64) -> Vec<PeerAlertChange> {
         let mut changes = Vec::new();
         let mut matching: HashSet<(usize, PeerKey)> = HashSet::new();
-        for (i, rule) in self.rules.iter().enumerate() {
-            for g in self.groups.iter().filter(|g| matches(rule, g)) {
-                matching.insert((i, g.key));
-                match self.firing.get_mut(&(i, g.key)) {
-                    Some(a) => a.group = g.clone(),
-                    None => {
-                        let a = PeerAlert {
-                            rule: rule.name.clone(),
-                            group: g.clone(),
-                            fired_at_ns: now,
-                            resolved_at_ns: None,
-                        };
-                        self.firing.insert((i, g.key), a.clone());
-                        changes.push(PeerAlertChange::Firing(a));
-                    }
+        for (i, g) in matched {
+            matching.insert((i, g.key));
+            match self.firing.get_mut(&(i, g.key)) {
+                Some(a) => a.group = g,
+                None => {
+                    let a = PeerAlert {
+                        rule: self.rules[i].name.clone(),
+                        group: g,
+                        fired_at_ns: now,
+                        resolved_at_ns: None,
+                    };
+                    self.firing.insert((i, a.group.key), a.clone());
+                    changes.push(PeerAlertChange::Firing(a));
                 }
             }
         }
@@ -328,7 +349,8 @@ impl PeerWatch {
         changes
     }
 
-    /// Peers with TIME_WAIT sockets as of the last census, most first.
+    /// The peers with the most TIME_WAIT sockets as of the last census (at most
+    /// [`KEPT_PEERS`]), most first.
     pub fn groups(&self) -> &[PeerGroup] {
         &self.groups
     }
@@ -358,13 +380,20 @@ impl PeerWatch {
 }
 
 /// Whether `g` matches a peer rule: more than `count` sockets, or more than `share` of the
-/// port range (exact integer arithmetic: count × 10⁶ > share_ppm × ports).
+/// port range.
+#[cfg(test)]
 pub fn matches(rule: &Rule, g: &PeerGroup) -> bool {
-    let by_count = rule.max_count.is_some_and(|max| g.count > max);
-    let ports = u64::from(g.range.1.saturating_sub(g.range.0)) + 1;
+    matches_count(rule, g.count, g.range)
+}
+
+/// Whether `count` TIME_WAIT sockets in port `range` match a peer rule (exact integer
+/// arithmetic: count × 10⁶ > share_ppm × ports).
+fn matches_count(rule: &Rule, count: u32, range: (u16, u16)) -> bool {
+    let by_count = rule.max_count.is_some_and(|max| count > max);
+    let ports = u64::from(range.1.saturating_sub(range.0)) + 1;
     let by_share = rule
         .max_share_ppm
-        .is_some_and(|ppm| u64::from(g.count) * 1_000_000 > u64::from(ppm) * ports);
+        .is_some_and(|ppm| u64::from(count) * 1_000_000 > u64::from(ppm) * ports);
     by_count || by_share
 }
 

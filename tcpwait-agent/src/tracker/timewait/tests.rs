@@ -221,3 +221,32 @@ fn closers_are_bounded_per_peer_and_peers_overall() {
     w.note_close(&passive);
     assert_eq!(w.close_overflow, 1);
 }
+
+#[test]
+fn many_one_socket_peers_keep_only_the_top_figures() {
+    // A server that closes first: one TIME_WAIT socket per client port (here 100 peers),
+    // and one client-closed peer with 10.
+    let mut w = PeerWatch::new(&[rule(Some(5), None)]);
+    let mut sockets: Vec<TwSocket> = (0..100u16)
+        .map(|i| TwSocket {
+            netns: NS,
+            tuple: Tuple {
+                saddr: ip(1),
+                sport: 8080,
+                daddr: ip(2),
+                dport: 50000 + i,
+            },
+            expires_ns: 60 * SEC,
+        })
+        .collect();
+    sockets.extend((40000..40010).map(|p| tw(p, 60 * SEC)));
+    let changes = w.apply_census(census(SEC, DEFAULT_PORT_RANGE, sockets));
+    assert_eq!((w.peers_total, w.groups().len()), (101, KEPT_PEERS));
+    assert_eq!((w.groups()[0].key.port, w.groups()[0].count), (8080, 10));
+    assert!(w.groups()[1..].iter().all(|g| g.count == 1));
+    let [PeerAlertChange::Firing(a)] = changes.as_slice() else {
+        panic!("{changes:?}");
+    };
+    assert_eq!((a.group.count, a.group.key.port), (10, 8080));
+    assert_eq!(w.socket_count(), 110);
+}
