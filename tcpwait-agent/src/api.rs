@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::{
     event::Transition,
     filter::Filter,
-    output::{OwnerView, TransitionRecord},
+    output::{OwnerView, TransitionRecord, WallTime},
 };
 
 /// Default path of the API socket.
@@ -64,6 +64,23 @@ pub enum Request {
     Tail { filter: Filter },
 }
 
+/// Why a request line was refused; the client is told the message.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request line over {MAX_REQUEST} bytes")]
+    TooLong,
+    #[error("bad request: {0}")]
+    Bad(#[source] serde_json::Error),
+}
+
+/// Parses a request line as read (at most [`MAX_REQUEST`] + 1 bytes, its newline included).
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_str(line).map_err(RequestError::Bad)
+}
+
 /// One line of a `tail` stream: a transition, or how many the client missed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -87,13 +104,28 @@ pub enum TailLine<'a> {
 #[derive(Clone, Debug)]
 pub struct TailItem {
     pub transition: Transition,
+    /// The transition's wall-clock time, by the daemon's clock.
+    pub time: WallTime,
     pub ns_in_old: Option<u64>,
     pub owner: Option<OwnerView>,
 }
 
+/// The version of the `status --json` schema.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
+
 /// The `status` answer.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The version of this schema ([`STATUS_SCHEMA_VERSION`]); 0 from an agent that
+    /// predates it. Raised when a key changes meaning or goes; new keys keep it.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// When the report was taken: CLOCK_MONOTONIC ns.
+    #[serde(default)]
+    pub now_ns: u64,
+    /// `now_ns` as wall-clock time.
+    #[serde(default)]
+    pub time: Option<WallTime>,
     /// Seconds since the daemon started.
     pub uptime_s: f64,
     /// Sockets in the daemon's table.
@@ -413,21 +445,19 @@ async fn client(
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    if line.len() > MAX_REQUEST {
-        let msg = format!("{{\"error\":\"request line over {MAX_REQUEST} bytes\"}}\n");
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(msg.as_bytes())).await;
-        return Err(io::Error::other("request line too long"));
-    }
-    let request: Request = match serde_json::from_str(&line) {
+    let request = match parse_request(&line) {
         Ok(r) => r,
         Err(e) => {
-            let msg = serde_json::json!({ "error": format!("bad request: {e}") });
+            let msg = serde_json::json!({ "error": e.to_string() });
             let _ = tokio::time::timeout(
                 WRITE_TIMEOUT,
                 write.write_all(format!("{msg}\n").as_bytes()),
             )
             .await;
-            return Ok(());
+            return match e {
+                RequestError::TooLong => Err(io::Error::other("request line too long")),
+                RequestError::Bad(_) => Ok(()),
+            };
         }
     };
     match request {
@@ -507,7 +537,12 @@ fn push_item(buf: &mut Vec<u8>, filter: &Filter, item: &TailItem) -> io::Result<
     if !filter.matches(&item.transition, owner) {
         return Ok(());
     }
-    let record = TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+    let record = TransitionRecord::new(
+        &item.transition,
+        item.ns_in_old,
+        item.owner.as_ref(),
+        item.time,
+    );
     crate::output::write_json_line(buf, &record).map_err(io::Error::other)
 }
 

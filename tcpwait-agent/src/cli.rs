@@ -212,8 +212,8 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 pub struct TraceArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// One JSON object per line (keys: ts_ns, skaddr, netns, pid, tid, comm, family, saddr, sport,
-    /// daddr, dport, old, new, ms_in_old).
+    /// One JSON object per line (keys: ts_ns, time, skaddr, netns, pid, tid, comm, family, saddr,
+    /// sport, daddr, dport, old, new, ms_in_old).
     #[arg(long)]
     pub json: bool,
     /// Attach to another tracepoint (CATEGORY:NAME). For tests of the error path only.
@@ -233,17 +233,25 @@ pub struct TraceArgs {
 /// Filters shared by `trace` and `tail`. Criteria combine with AND; repeated flags with OR.
 #[derive(Debug, Args, Clone)]
 pub struct FilterArgs {
-    /// Only transitions of this process id (on-CPU or owner). Repeatable.
-    #[arg(long, value_name = "PID")]
+    /// Only transitions of this process id (on-CPU or owner). Repeatable, or a comma list.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
     pub pid: Vec<u32>,
     /// Only transitions of this task name (exact; on-CPU or owner). Repeatable.
     #[arg(long, value_name = "NAME")]
     pub comm: Vec<String>,
-    /// Only sockets with this local or remote port. Repeatable.
-    #[arg(long, value_name = "PORT")]
+    /// Only sockets with this local or remote port. Repeatable, or a comma list (80,443).
+    #[arg(long, value_name = "PORT", value_delimiter = ',')]
     pub port: Vec<u16>,
-    /// Only transitions from or to this state (e.g. CLOSE_WAIT, case-insensitive). Repeatable.
-    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    /// Only sockets with this local port (as bcc's tcpstates -L). Repeatable, or a comma list.
+    #[arg(short = 'L', long, value_name = "PORT", value_delimiter = ',')]
+    pub lport: Vec<u16>,
+    /// Only sockets with this remote port (as bcc's tcpstates -D). Repeatable, or a comma
+    /// list.
+    #[arg(short = 'D', long, value_name = "PORT", value_delimiter = ',')]
+    pub rport: Vec<u16>,
+    /// Only transitions from or to this state (e.g. CLOSE_WAIT, case-insensitive). Repeatable,
+    /// or a comma list.
+    #[arg(long, value_name = "STATE", value_parser = parse_state, value_delimiter = ',')]
     pub state: Vec<TcpState>,
     /// Only IPv4 sockets.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -264,6 +272,8 @@ impl FilterArgs {
             pids: self.pid.clone(),
             comms: self.comm.clone(),
             ports: self.port.clone(),
+            lports: self.lport.clone(),
+            rports: self.rport.clone(),
             states: self.state.clone(),
             family: match (self.ipv4, self.ipv6) {
                 (true, _) => Some(4),
@@ -361,6 +371,38 @@ mod tests {
     }
 
     #[test]
+    fn ports_by_side_and_comma_lists() {
+        let cli = Cli::try_parse_from([
+            "tcpwait",
+            "tail",
+            "--port",
+            "80,443",
+            "-L",
+            "8080,8443",
+            "--lport",
+            "9000",
+            "-D",
+            "5432",
+            "--rport",
+            "6379,11211",
+            "--pid",
+            "1,2",
+            "--state",
+            "close_wait,last_ack",
+        ])
+        .expect("valid flags");
+        let Command::Tail(args) = cli.command else {
+            panic!("tail expected")
+        };
+        let f = args.filter.to_filter();
+        assert_eq!(f.ports, [80, 443]);
+        assert_eq!(f.lports, [8080, 8443, 9000]);
+        assert_eq!(f.rports, [5432, 6379, 11211]);
+        assert_eq!(f.pids, [1, 2]);
+        assert_eq!(f.states, [TcpState::CloseWait, TcpState::LastAck]);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("2"), Ok(std::time::Duration::from_secs(2)));
         assert_eq!(
@@ -380,6 +422,9 @@ mod tests {
         for bad in [
             vec!["tcpwait", "trace", "--state", "nope"],
             vec!["tcpwait", "trace", "--port", "70000"],
+            vec!["tcpwait", "trace", "--port", "80,x"],
+            vec!["tcpwait", "trace", "-L", "80,"],
+            vec!["tcpwait", "tail", "-D", "70000"],
             vec!["tcpwait", "trace", "-4", "-6"],
             vec!["tcpwait", "trace", "--netns", "0"],
             vec!["tcpwait", "trace", "--netns", "/nonexistent/ns"],

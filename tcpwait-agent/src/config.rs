@@ -47,7 +47,8 @@ top_processes = 20
 url = ""
 # Firing alerts are re-sent this often (1s ..= 1h), each with endsAt = now + 4 x this.
 resend_interval = "60s"
-# The `instance` label. "" means this host's name.
+# The `instance` label. "" means the metrics listener's host:port (what the bundled scrape
+# config names the agent's series with; the host name for 0.0.0.0/::, or without metrics).
 instance = ""
 
 [webhook]

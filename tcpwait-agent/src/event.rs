@@ -63,6 +63,26 @@ impl TcpState {
         }
     }
 
+    /// The name as a metric label value: lowercase, as node_exporter spells
+    /// `node_tcp_connection_states{state="close_wait"}`, so the two join without
+    /// `label_replace`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::SynSent => "syn_sent",
+            Self::SynRecv => "syn_recv",
+            Self::FinWait1 => "fin_wait1",
+            Self::FinWait2 => "fin_wait2",
+            Self::TimeWait => "time_wait",
+            Self::Close => "close",
+            Self::CloseWait => "close_wait",
+            Self::LastAck => "last_ack",
+            Self::Listen => "listen",
+            Self::Closing => "closing",
+            Self::NewSynRecv => "new_syn_recv",
+        }
+    }
+
     /// Parses a state name, case-insensitively, with or without `TCP_`, `-` for `_` allowed.
     pub fn from_name(s: &str) -> Option<Self> {
         let norm = s.trim().to_ascii_uppercase().replace('-', "_");
@@ -305,6 +325,14 @@ mod tests {
         b.extend_from_slice(&[0; 4]); // reserved
         assert_eq!(b.len(), TRANSITION_EVENT_SIZE);
         b
+    }
+
+    #[test]
+    fn metric_labels_are_the_kernel_names_lowercased() {
+        for st in TcpState::ALL {
+            assert_eq!(st.label(), st.name().to_ascii_lowercase(), "{st:?}");
+        }
+        assert_eq!(TcpState::CloseWait.label(), "close_wait");
     }
 
     #[test]

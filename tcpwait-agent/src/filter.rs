@@ -11,6 +11,10 @@ pub struct Filter {
     pub comms: Vec<String>,
     /// Local or remote port.
     pub ports: Vec<u16>,
+    /// Local port (`sport`).
+    pub lports: Vec<u16>,
+    /// Remote port (`dport`).
+    pub rports: Vec<u16>,
     /// Old or new state.
     pub states: Vec<TcpState>,
     /// 4 or 6.
@@ -35,6 +39,8 @@ impl Filter {
             && (self.ports.is_empty()
                 || self.ports.contains(&t.sport)
                 || self.ports.contains(&t.dport))
+            && (self.lports.is_empty() || self.lports.contains(&t.sport))
+            && (self.rports.is_empty() || self.rports.contains(&t.dport))
             && (self.states.is_empty()
                 || self.states.contains(&t.old)
                 || self.states.contains(&t.new))
@@ -100,6 +106,23 @@ mod tests {
         }));
         assert!(!f(Filter {
             ports: vec![80],
+            ..Default::default()
+        }));
+        // By side: 8080 is local, 5000 remote.
+        assert!(f(Filter {
+            lports: vec![80, 8080],
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            lports: vec![5000],
+            ..Default::default()
+        }));
+        assert!(f(Filter {
+            rports: vec![5000],
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            rports: vec![8080],
             ..Default::default()
         }));
         assert!(f(Filter {

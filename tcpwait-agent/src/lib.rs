@@ -1,7 +1,7 @@
 //! The `tcpwait` agent as a library: the module tree and the whole command line behind
 //! [`main`]. `src/main.rs` is only the binary's entry point; the library exists so the fuzz
-//! targets under `fuzz/` can reach the parsers. Nothing else is public, so the dead-code lints
-//! still see every unused item.
+//! targets under `fuzz/` can reach the parsers (`fuzzing`, built for them and for tests only).
+//! Nothing else is public, so the dead-code lints still see every unused item.
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -13,6 +13,9 @@ mod config;
 mod daemon;
 mod event;
 mod filter;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod logging;
 mod model;
 mod output;

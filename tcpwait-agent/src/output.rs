@@ -8,32 +8,100 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Transition;
 
-/// Converts kernel CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
+/// How often [`Clock::refresh`] measures the offset again: NTP slews CLOCK_REALTIME by at most
+/// 500 ppm (0.5 ms per second), and a step (`date -s`, a resumed VM) shows within a second.
+pub const CLOCK_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Converts kernel CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time, with
+/// one CLOCK_REALTIME − CLOCK_MONOTONIC offset measured at start and again at most every
+/// [`CLOCK_REFRESH_NS`] by [`Clock::refresh`]: two clock reads per refresh, none per event.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
-    /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns, measured once at start.
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns.
     offset_ns: i128,
+    /// When the offset was measured (CLOCK_MONOTONIC ns).
+    measured_ns: u64,
 }
 
 impl Clock {
     /// Measures the offset between the two clocks now.
     pub fn now() -> Self {
+        // The realtime read between two monotonic ones: the midpoint of those is the
+        // monotonic time it matches, within half their gap (tens of ns).
+        let before = clock_ns(libc::CLOCK_MONOTONIC);
         let real = clock_ns(libc::CLOCK_REALTIME);
-        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        let after = clock_ns(libc::CLOCK_MONOTONIC);
+        let mono = before + (after - before) / 2;
         Self {
             offset_ns: i128::from(real) - i128::from(mono),
+            measured_ns: mono,
+        }
+    }
+
+    /// Measures the offset again if it is [`CLOCK_REFRESH_NS`] old at `mono_now_ns`
+    /// (CLOCK_MONOTONIC ns): called once per batch of events, not per event.
+    pub fn refresh(&mut self, mono_now_ns: u64) {
+        if mono_now_ns >= self.measured_ns + CLOCK_REFRESH_NS {
+            *self = Self::now();
         }
     }
 
     /// A clock with a given offset, for tests.
     #[cfg(test)]
     pub fn with_offset(offset_ns: i128) -> Self {
-        Self { offset_ns }
+        Self {
+            offset_ns,
+            measured_ns: 0,
+        }
     }
 
     /// Wall-clock ns since the Unix epoch for a monotonic timestamp.
     pub fn wall_ns(&self, mono_ns: u64) -> i128 {
         i128::from(mono_ns) + self.offset_ns
+    }
+
+    /// The wall-clock time of a monotonic timestamp.
+    pub fn wall(&self, mono_ns: u64) -> WallTime {
+        WallTime(self.wall_ns(mono_ns))
+    }
+}
+
+/// A wall-clock time (ns since the Unix epoch) that serializes as RFC 3339, UTC, with
+/// microseconds (`2026-12-05T22:07:15.493015Z`): the `time` key of every JSON record, next to
+/// its CLOCK_MONOTONIC `ts_ns`, so a record can be placed in time after a reboot or on
+/// another machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WallTime(pub i128);
+
+impl WallTime {
+    /// As a [`std::time::SystemTime`] (the epoch for a time before it, which no clock gives).
+    pub fn system_time(self) -> std::time::SystemTime {
+        let ns = u64::try_from(self.0).unwrap_or(0);
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)
+    }
+}
+
+impl std::fmt::Display for WallTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_rfc3339_micros(self.system_time()).fmt(f)
+    }
+}
+
+impl Serialize for WallTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WallTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Cow::<'de, str>::deserialize(d)?;
+        let t = humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)?;
+        let ns = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(serde::de::Error::custom)?
+            .as_nanos();
+        Ok(Self(i128::try_from(ns).map_err(serde::de::Error::custom)?))
     }
 }
 
@@ -136,18 +204,11 @@ pub fn endpoint(addr: IpAddr, port: u16) -> String {
     }
 }
 
-/// `HH:MM:SS.uuuuuu` UTC for a wall-clock time in ns since the epoch.
+/// `HH:MM:SS.uuuuuu` UTC for a wall-clock time in ns since the epoch: the time of day of its
+/// RFC 3339 form (`2026-12-05T01:02:03.000004Z`).
 pub fn time_of_day(wall_ns: i128) -> String {
-    let us = wall_ns.div_euclid(1_000);
-    let day_us = us.rem_euclid(86_400 * 1_000_000);
-    let (s, frac) = (day_us / 1_000_000, day_us % 1_000_000);
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        frac
-    )
+    let rfc3339 = WallTime(wall_ns).to_string();
+    rfc3339[11..26].to_owned()
 }
 
 /// Who holds the socket, when known (filled by the daemon; `trace` leaves it empty).
@@ -166,6 +227,9 @@ pub struct OwnerView {
 pub struct TransitionRecord<'a> {
     /// CLOCK_MONOTONIC ns (the kernel's timestamp).
     pub ts_ns: u64,
+    /// `ts_ns` as wall-clock time; `null` in a record of an agent that predates it.
+    #[serde(default)]
+    pub time: Option<WallTime>,
     /// Kernel socket address, hex.
     pub skaddr: String,
     /// Inode number of the socket's network namespace; `null` when unknown (absent from a
@@ -205,10 +269,17 @@ pub struct TransitionRecord<'a> {
 }
 
 impl<'a> TransitionRecord<'a> {
-    /// Builds the record of a transition.
-    pub fn new(t: &'a Transition, ns_in_old: Option<u64>, owner: Option<&OwnerView>) -> Self {
+    /// Builds the record of a transition that happened at `time` (its `ts_ns` by a
+    /// [`Clock`]).
+    pub fn new(
+        t: &'a Transition,
+        ns_in_old: Option<u64>,
+        owner: Option<&OwnerView>,
+        time: WallTime,
+    ) -> Self {
         Self {
             ts_ns: t.ts_ns,
+            time: Some(time),
             skaddr: t.sock.to_string(),
             netns: (t.netns != 0).then_some(t.netns),
             pid: t.task.pid,
@@ -275,7 +346,8 @@ pub fn write_record(
             writeln!(
                 w,
                 "{} {:<7} {:<16} {:<47} {:<26} {ms}{owner}",
-                time_of_day(clock.wall_ns(r.ts_ns)),
+                // The record's own time when it has one (a daemon's clock), else this one's.
+                time_of_day(r.time.map_or_else(|| clock.wall_ns(r.ts_ns), |t| t.0)),
                 r.pid,
                 escape_control(&r.comm),
                 format!("{s} -> {d}"),
@@ -356,11 +428,14 @@ mod tests {
     #[test]
     fn json_has_the_documented_keys() {
         let t = sample();
-        let r = TransitionRecord::new(&t, Some(1_500_000), None);
+        // 2026-12-05 22:07:15.493015 UTC at ts_ns 5 s, 789 ns more than whole µs: truncated.
+        let clock = Clock::with_offset(1_796_508_435_493_015_789 - 5_000_000_000);
+        let r = TransitionRecord::new(&t, Some(1_500_000), None, clock.wall(t.ts_ns));
         let mut buf = Vec::new();
         write_record(&mut buf, Format::Json, &Clock::with_offset(0), &r).expect("write");
         let v: serde_json::Value = serde_json::from_slice(&buf).expect("valid JSON");
         assert_eq!(v["ts_ns"], 5_000_000_000u64);
+        assert_eq!(v["time"], "2026-12-05T22:07:15.493015Z");
         assert_eq!(v["pid"], 10);
         assert_eq!(v["comm"], "evil\u{1b}[");
         assert_eq!(v["family"], 6);
@@ -384,7 +459,7 @@ mod tests {
             ..sample()
         };
         let mut buf = Vec::new();
-        let r = TransitionRecord::new(&t, None, None);
+        let r = TransitionRecord::new(&t, None, None, WallTime(0));
         write_record(&mut buf, Format::Json, &Clock::with_offset(0), &r).expect("write");
         let v: serde_json::Value = serde_json::from_slice(&buf).expect("valid JSON");
         assert_eq!(v.get("netns"), Some(&serde_json::Value::Null));
@@ -398,11 +473,11 @@ mod tests {
     #[test]
     fn text_line_is_escaped_and_complete() {
         let t = sample();
-        let r = TransitionRecord::new(&t, None, None);
-        let mut buf = Vec::new();
-        // 1 h 2 min 3.000004 s after midnight.
+        // 1 h 2 min 3.000004 s after midnight, by the record's clock (the reader's differs).
         let clock = Clock::with_offset(3_723_000_004_000 - 5_000_000_000);
-        write_record(&mut buf, Format::Text, &clock, &r).expect("write");
+        let r = TransitionRecord::new(&t, None, None, clock.wall(t.ts_ns));
+        let mut buf = Vec::new();
+        write_record(&mut buf, Format::Text, &Clock::with_offset(0), &r).expect("write");
         let line = String::from_utf8(buf).expect("utf-8");
         assert!(
             line.starts_with("01:02:03.000004 10      evil\\x1b[ "),

@@ -69,7 +69,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut probe = Probe::attach(category, name, test)?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let clock = Clock::now();
+    let mut clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {
         writeln!(out, "{TEXT_HEADER}")?;
@@ -92,6 +92,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
+        clock.refresh(crate::output::clock_ns(libc::CLOCK_MONOTONIC));
         if let Err(e) = drain(
             &mut probe, &mut out, format, &clock, &filter, &mut ages, &mut stats,
         ) {
@@ -163,7 +164,12 @@ fn drain(
             let in_old = ages.observe(&t);
             if result.is_ok() && filter.matches(&t, None) {
                 stats.printed += 1;
-                result = write_record(out, format, clock, &TransitionRecord::new(&t, in_old, None));
+                result = write_record(
+                    out,
+                    format,
+                    clock,
+                    &TransitionRecord::new(&t, in_old, None, clock.wall(t.ts_ns)),
+                );
             }
         }
         Err(e) => stats.malformed.count(e),

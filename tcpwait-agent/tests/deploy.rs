@@ -331,6 +331,24 @@ fn dashboard_is_importable_and_queries_only_exported_metrics() {
             );
         }
     }
+    // State label values are spelled as the agent exports them, lowercase like node_exporter.
+    for (title, expr) in &queries {
+        for value in expr.split("state=\"").skip(1) {
+            let value = value.split('"').next().expect("split yields one");
+            assert_eq!(
+                value,
+                value.to_ascii_lowercase(),
+                "{title}: state=\"{value}\""
+            );
+        }
+    }
+    assert!(
+        queries
+            .iter()
+            .any(|(_, e)| e
+                .contains("tcpwait_sockets{instance=~\"$instance\",state=\"close_wait\"}")),
+        "CLOSE_WAIT sockets, by the lowercase label"
+    );
     // The panels the dashboard is for.
     let has = |needle: &str| queries.iter().any(|(_, e)| e.contains(needle));
     assert!(

@@ -68,6 +68,7 @@ fn systemd_unit_is_hardened_as_documented() {
         directive(&unit, "ExecStart"),
         ["/usr/local/bin/tcpwait run"]
     );
+    assert_eq!(directive(&unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
     for (key, value) in [
         ("Type", "simple"),
         ("Restart", "on-failure"),

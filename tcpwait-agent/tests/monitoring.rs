@@ -40,17 +40,27 @@ fn require(bin: &str) {
     );
 }
 
+/// Prometheus scraping the agent at `127.0.0.1:target_port` with the bundled scrape
+/// configuration (`deploy/prometheus/scrape-config.yml`), its port and interval (1 s) aside.
 fn prometheus(dir: &std::path::Path, target_port: u16) -> (Neighbour, u16) {
     require("prometheus");
     let port = free_port();
     let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tcpwait\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
-        ),
-    )
-    .expect("write prometheus.yml");
+    let bundled = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/scrape-config.yml"
+    ))
+    .expect("bundled scrape config");
+    let scrape = bundled
+        .replace("'127.0.0.1:9977'", &format!("'127.0.0.1:{target_port}'"))
+        .replace("scrape_interval: 15s", "scrape_interval: 1s");
+    assert!(
+        scrape.contains(&format!("'127.0.0.1:{target_port}'"))
+            && scrape.contains("scrape_interval: 1s"),
+        "the bundled scrape config changed shape: {bundled}"
+    );
+    std::fs::write(&config, format!("global:\n  scrape_interval: 1s\n{scrape}"))
+        .expect("write prometheus.yml");
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -196,6 +206,60 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
 }
 
 #[test]
+#[ignore = "needs root, the real kernel, Prometheus and Alertmanager; run by `cargo xtask test`"]
+fn the_alert_instance_is_the_scraped_targets_instance() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let am_port = free_port();
+    let _am = alertmanager(dir.path(), am_port);
+    assert!(wait_until(Duration::from_secs(20), || get(&format!(
+        "http://127.0.0.1:{am_port}/-/ready"
+    ))
+    .is_some()));
+    let metrics = free_port();
+    let sock = api_socket("instance");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+            "--close-wait-age",
+            "1",
+            "--alertmanager-url",
+            &format!("http://127.0.0.1:{am_port}"),
+        ],
+        AGENT_READY,
+    );
+    let (_srv, cli) = leak("tw-inst", 1);
+    let (_prom, port) = prometheus(dir.path(), metrics);
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{}%22%7D",
+        cli.pid()
+    );
+    let mut scraped = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let v: Value =
+                serde_json::from_str(&get(&query).unwrap_or_default()).unwrap_or(Value::Null);
+            scraped = v["data"]["result"][0]["metric"]["instance"].clone();
+            !scraped.is_null()
+        }),
+        "Prometheus never scraped pid {}",
+        cli.pid()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !am_alerts(am_port, cli.pid())
+            .is_empty()),
+        "alert not in Alertmanager"
+    );
+    let alert = &am_alerts(am_port, cli.pid())[0];
+    assert_eq!(alert["labels"]["instance"], scraped);
+    assert_eq!(scraped, format!("127.0.0.1:{metrics}").as_str());
+}
+
+#[test]
 #[ignore = "needs root, the real kernel and Alertmanager; run by `cargo xtask test`"]
 fn an_alert_raised_while_alertmanager_is_down_arrives_when_it_starts() {
     require_root();
@@ -293,7 +357,7 @@ fn promtool_accepts_the_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
     for name in [
-        "tcpwait_sockets{state=\"CLOSE_WAIT\"}",
+        "tcpwait_sockets{state=\"close_wait\"}",
         "tcpwait_transitions_total{",
         "tcpwait_process_oldest_close_wait_age_seconds{",
         "tcpwait_alerts_firing{rule=\"close_wait_leak\"} ",
@@ -401,6 +465,11 @@ fn webhook_receives_firing_and_resolved_alerts() {
         (&a["comm"], &a["count"], &a["rule"]),
         (&"tw-hooked".into(), &2.into(), &"close_wait_leak".into())
     );
+    // The body is the versioned alert JSON, placed in time.
+    let offset = realtime_offset_ns();
+    assert_eq!(a["schema_version"], 1);
+    assert_wall_time("webhook", &a["now_ns"], &a["time"], offset);
+    assert_wall_time("webhook", &a["fired_at_ns"], &a["fired_at"], offset);
     cli.send("close");
     cli.expect_line("closed");
     let all = wait_for("resolved");

@@ -218,3 +218,56 @@ fn tail_netns_keeps_exactly_one_namespaces_transitions() {
         assert_eq!(r["netns"], inside, "{r}");
     }
 }
+
+#[test]
+#[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
+fn local_and_remote_port_filters_take_one_side_each_and_comma_lists() {
+    require_root();
+    let sock = api_socket("tail-sides");
+    let _tw = daemon(&sock, &[]);
+    let port = free_port();
+    // A comma list with a port nobody uses: OR within the list.
+    let list = format!("{port},1");
+    let local = Tcpwait::start(
+        &["tail", "--json", "-L", &list, "--socket", &sock],
+        "following",
+    );
+    let remote = Tcpwait::start(
+        &["tail", "--json", "--rport", &list, "--socket", &sock],
+        "following",
+    );
+    let (mut srv, _) = server("tw-server", &format!("127.0.0.1:{port}"), 1);
+    let (_cli, _) = client(
+        "tw-sides",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        1,
+    );
+    srv.expect_line("accepted");
+    // The listener and the accepted socket have the port on their local side; the client's
+    // socket on its remote side. The server closed its end: the client's stays in CLOSE_WAIT.
+    let server_side = [
+        "CLOSE>LISTEN",
+        "LISTEN>SYN_RECV",
+        "SYN_RECV>ESTABLISHED",
+        "ESTABLISHED>FIN_WAIT1",
+        "FIN_WAIT1>FIN_WAIT2",
+        "FIN_WAIT2>CLOSE",
+    ];
+    let client_side = [
+        "CLOSE>SYN_SENT",
+        "SYN_SENT>ESTABLISHED",
+        "ESTABLISHED>CLOSE_WAIT",
+    ];
+    assert!(
+        wait_until(Duration::from_secs(10), || edges(&local.json()).len()
+            >= server_side.len()
+            && edges(&remote.json()).len() >= client_side.len()),
+        "-L got {:?}, --rport got {:?}",
+        edges(&local.json()),
+        edges(&remote.json())
+    );
+    assert_eq!(edges(&local.json()), server_side);
+    assert!(local.json().iter().all(|r| r["sport"] == port));
+    assert_eq!(edges(&remote.json()), client_side);
+    assert!(remote.json().iter().all(|r| r["dport"] == port));
+}

@@ -1,5 +1,6 @@
 //! Build and setup helpers, so a fresh machine needs two commands (see README.md):
-//! `cargo xtask run` (setup, build, start tcpwait) and `cargo xtask test` (setup, all tests).
+//! `cargo xtask run` (setup, build, start tcpwait) and `cargo xtask test` (setup, all tests,
+//! short fuzz runs).
 //!
 //! `setup` is idempotent: it installs the pinned toolchain's `rust-src` and a bpf-linker built
 //! against that toolchain's own LLVM into the ignored `.build/` area, and does nothing (in well
@@ -13,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -59,8 +61,9 @@ enum Cmd {
     /// Setup, build in release mode, and measure the TIME_WAIT census at 100,000 TIME_WAIT
     /// sockets: its duration, agent CPU and RSS, and `status` answer times (as root).
     BenchTimewait(bench::timewait::Args),
-    /// Setup, then run every test: unit tests and the privileged tests on the real kernel, then
-    /// the kernel tiers on Debian's 5.10, 6.1 and 6.12 under qemu (`vm-test`).
+    /// Setup, then run every test: unit tests and the privileged tests on the real kernel, a
+    /// short run of each fuzz target, then the kernel tiers on Debian's 5.10, 6.1 and 6.12 under
+    /// qemu (`vm-test`).
     Test {
         /// Skip the kernel matrix (said in the output).
         #[arg(long)]
@@ -69,6 +72,17 @@ enum Cmd {
         /// skipped then: it runs whole tiers).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the fuzz targets of `fuzz/` (cargo-fuzz, libFuzzer, AddressSanitizer, on the pinned
+    /// toolchain) and run each for a time; fails on a finding and names the input (README,
+    /// "Fuzzing").
+    Fuzz {
+        /// Only this target (repeatable): event, inet_diag, proc, config, api_request.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Setup, then boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the privileged
     /// tests that exercise the kernel inside each, plus the same on the host's kernel; one line
@@ -164,6 +178,15 @@ fn run() -> Result<()> {
                 },
             )
         }
+        Cmd::Fuzz { targets, seconds } => {
+            setup::setup(&root)?;
+            let targets = if targets.is_empty() {
+                fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect()
+            } else {
+                targets
+            };
+            fuzz::fuzz(&root, &targets, seconds)
+        }
         Cmd::Test { no_vm, args } => {
             setup::setup(&root)?;
             setup::install_test_packages()?;
@@ -176,6 +199,12 @@ fn run() -> Result<()> {
             let mut cmd = vec!["test", "--", "--include-ignored", "--test-threads=1"];
             cmd.extend(args.iter().map(String::as_str));
             cargo(&root, &cmd)?;
+            if args.is_empty() {
+                let all: Vec<String> = fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect();
+                fuzz::fuzz(&root, &all, FUZZ_TEST_SECONDS)?;
+            } else {
+                eprintln!("xtask: SKIPPED the fuzz targets' short runs: a test filter was given");
+            }
             if no_vm || !args.is_empty() {
                 eprintln!(
                     "xtask: SKIPPED the kernel matrix (5.10, 6.1, 6.12): {}",
@@ -200,6 +229,10 @@ fn run() -> Result<()> {
         }
     }
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test` (5 targets: under 2 minutes, plus the
+/// targets' first build).
+const FUZZ_TEST_SECONDS: u64 = 20;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

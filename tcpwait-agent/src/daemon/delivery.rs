@@ -79,7 +79,22 @@ pub struct Delivery {
 impl Delivery {
     /// Starts a thread per configured sink.
     pub fn start(config: &Config) -> std::io::Result<Self> {
-        let counts = Arc::new(Counts::default());
+        Self::start_counting(config, Arc::new(Counts::default()))
+    }
+
+    /// Replaces the sinks with those `config` names (a configuration reload); the counters
+    /// go on. The old sinks' queues close: each old thread makes its last attempt for what it
+    /// holds (counted as usual) and ends; [`Delivery::finish`] waits for those too. The new
+    /// sinks know no alert yet: the caller sends them the firing ones.
+    pub fn restart(&mut self, config: &Config) -> std::io::Result<()> {
+        let fresh = Self::start_counting(config, self.counts.clone())?;
+        // Dropping the old senders closes the old queues.
+        self.senders = fresh.senders;
+        self.threads.extend(fresh.threads);
+        Ok(())
+    }
+
+    fn start_counting(config: &Config, counts: Arc<Counts>) -> std::io::Result<Self> {
         let mut me = Self {
             senders: Vec::new(),
             threads: Vec::new(),

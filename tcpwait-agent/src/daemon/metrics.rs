@@ -103,7 +103,7 @@ pub(super) fn render(t: &Tracker, d: &Stats, peers: &PeerWatch, now: u64) -> Str
     for (i, n) in t.sockets_by_state().iter().enumerate() {
         sockets
             .get_or_create(&StateLabel {
-                state: TcpState::ALL[i].name(),
+                state: TcpState::ALL[i].label(),
             })
             .set(*n as i64);
     }
@@ -116,8 +116,8 @@ pub(super) fn render(t: &Tracker, d: &Stats, peers: &PeerWatch, now: u64) -> Str
             if n > 0 {
                 edges
                     .get_or_create(&EdgeLabels {
-                        from: from.name(),
-                        to: to.name(),
+                        from: from.label(),
+                        to: to.label(),
                     })
                     .inc_by(n);
             }
@@ -153,7 +153,7 @@ pub(super) fn render(t: &Tracker, d: &Stats, peers: &PeerWatch, now: u64) -> Str
                 cw_oldest.get_or_create(&labels).set(age);
             }
             let labels = StateProcessLabels {
-                state: state.name(),
+                state: state.label(),
                 process: labels,
             };
             count.get_or_create(&labels).set(i64::from(p.count));
@@ -418,11 +418,11 @@ mod render_tests {
                 "tcpwait_alerts_firing{rule=\"syn_sent_stuck\"} 1".to_owned(),
                 format!("tcpwait_process_close_wait_sockets{{{}}} 1", labels(10)),
                 format!(
-                    "tcpwait_process_oldest_age_seconds{{state=\"CLOSE_WAIT\",{}}} 2.0",
+                    "tcpwait_process_oldest_age_seconds{{state=\"close_wait\",{}}} 2.0",
                     labels(10)
                 ),
                 format!(
-                    "tcpwait_process_oldest_age_seconds{{state=\"SYN_SENT\",{}}} 2.0",
+                    "tcpwait_process_oldest_age_seconds{{state=\"syn_sent\",{}}} 2.0",
                     labels(20)
                 ),
                 format!(
@@ -430,16 +430,16 @@ mod render_tests {
                     labels(10)
                 ),
                 format!(
-                    "tcpwait_process_sockets{{state=\"CLOSE_WAIT\",{}}} 1",
+                    "tcpwait_process_sockets{{state=\"close_wait\",{}}} 1",
                     labels(10)
                 ),
                 format!(
-                    "tcpwait_process_sockets{{state=\"SYN_SENT\",{}}} 1",
+                    "tcpwait_process_sockets{{state=\"syn_sent\",{}}} 1",
                     labels(20)
                 ),
             ]
         );
-        assert!(text.contains("tcpwait_transitions_total{from=\"CLOSE\",to=\"SYN_SENT\"} 1\n"));
+        assert!(text.contains("tcpwait_transitions_total{from=\"close\",to=\"syn_sent\"} 1\n"));
         // K = 1: one process per state; the ESTABLISHED holder (pid 40) never appears.
         s.top_processes = 1;
         assert!(!render(&t, &s, &PeerWatch::default(), 2_000_000_000).contains("pid=\"40\""));

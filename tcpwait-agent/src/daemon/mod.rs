@@ -8,6 +8,7 @@ mod delivery;
 mod http;
 mod metrics;
 mod owning;
+mod reload;
 mod report;
 mod resolver;
 mod settle;
@@ -37,16 +38,16 @@ use crate::{
     config::Config,
     event::{DecodeErrors, decode},
     model::Tuple,
-    output::{OwnerView, TransitionRecord, clock_ns},
+    output::{Clock, OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
-    tracker::{Tracker, TrackerConfig, alerts::AlertChange, timewait::PeerWatch},
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule, timewait::PeerWatch},
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
 use owning::MIN_RESOLVE_INTERVAL;
 use resolver::Resolver;
-use settle::{OWNER_SETTLE, Settling};
+use settle::Settling;
 pub use sinks::STDOUT_QUEUE_BYTES;
 
 /// The shortest wait for the next settling socket: settle deadlines are served in groups, at
@@ -97,6 +98,8 @@ struct Daemon {
     last_cost: resolver::Cost,
     /// The `instance` label of delivered alerts.
     instance: String,
+    /// Where metrics are served (the port bound), if they are.
+    metrics_at: Option<std::net::SocketAddr>,
     /// Alert lines and the transition log, written by their own threads.
     sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
@@ -105,6 +108,8 @@ struct Daemon {
     timewait: PeerWatch,
     /// The thread that counts TIME_WAIT sockets.
     census: census::CensusThread,
+    /// Monotonic to wall-clock time, for every JSON record (refreshed by [`Daemon::drain`]).
+    clock: Clock,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
@@ -176,13 +181,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_sockets: usize::try_from(config.agent.max_sockets).unwrap_or(usize::MAX),
         rules: config.rules.rules(),
     };
-    // Half the shortest age threshold when shorter: the owner must be known before the alert.
-    let settle = tracker_config
-        .rules
-        .iter()
-        .filter_map(|r| r.max_age_ns)
-        .map(|ns| Duration::from_nanos(ns / 2))
-        .fold(OWNER_SETTLE, Duration::min);
+    let settle = settle::settle_time(&tracker_config.rules);
     let timewait = PeerWatch::new(&tracker_config.rules);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
     let mut d = Daemon {
@@ -214,18 +213,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery,
         edges: EdgeCounts::default(),
         instance: String::new(),
+        metrics_at,
         sinks,
         pending_tail: Vec::new(),
         timewait,
         census,
+        clock: Clock::now(),
     };
-    d.instance = if d.config.alertmanager.instance.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into())
-    } else {
-        d.config.alertmanager.instance.clone()
-    };
+    d.instance = report::instance(&d.config.alertmanager.instance, metrics_at);
     // Bootstrap: the sockets already in the watched states, with their owners.
     d.request_snapshot();
     // The bound address: with port 0 the kernel chose it.
@@ -261,10 +256,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_command(cmd);
             }
-            signal = signals.stop() => {
-                info!(signal, "stopping");
-                break;
-            }
+            received = signals.next() => match received {
+                signals::Received::Stop(signal) => {
+                    info!(signal, "stopping");
+                    break;
+                }
+                signals::Received::Reload => d.reload(),
+            },
         }
         d.drain();
         d.evaluate();
@@ -326,6 +324,8 @@ impl Daemon {
         let publish = self.tail.receiver_count() > 0;
         let record = publish || self.sinks.translog.is_some();
         let mut items = Vec::new();
+        self.clock.refresh(self.now_ns());
+        let clock = self.clock;
         let Self {
             probe,
             tracker,
@@ -385,6 +385,7 @@ impl Daemon {
                             })
                         });
                     items.push(Arc::new(TailItem {
+                        time: clock.wall(t.ts_ns),
                         transition: t,
                         ns_in_old,
                         owner,
@@ -399,8 +400,12 @@ impl Daemon {
             let mut lines = Vec::with_capacity(items.len() * 320);
             let mut n = 0;
             for item in &items {
-                let rec =
-                    TransitionRecord::new(&item.transition, item.ns_in_old, item.owner.as_ref());
+                let rec = TransitionRecord::new(
+                    &item.transition,
+                    item.ns_in_old,
+                    item.owner.as_ref(),
+                    item.time,
+                );
                 if crate::output::write_json_line(&mut lines, &rec).is_ok() {
                     n += 1;
                 }
@@ -460,7 +465,7 @@ impl Daemon {
         match cmd {
             Command::Status(port, reply) => {
                 let now = self.now_ns();
-                let mut report = report::status(&self.tracker, &self.stats(), now);
+                let mut report = report::status(&self.tracker, &self.stats(), now, &self.clock);
                 report.timewait = Some(timewait::report(&self.timewait, now));
                 report.port =
                     port.map(|p| timewait::port_report(&self.tracker, &self.timewait, p, now));
@@ -480,18 +485,22 @@ impl Daemon {
     fn evaluate(&mut self) {
         let now = self.now_ns();
         let changes = self.tracker.evaluate(now);
-        if changes.is_empty() {
-            return;
-        }
-        for change in &changes {
+        self.announce(&changes, now, &[]);
+    }
+
+    /// Prints each alert change and hands it to the delivery sinks. An alert's rule is looked
+    /// up in `gone` (the rules a reload replaced), then in the tracker's.
+    fn announce(&mut self, changes: &[AlertChange], now: u64, gone: &[Rule]) {
+        for change in changes {
             let a = match change {
                 AlertChange::Firing(a) | AlertChange::Resolved(a) => a,
             };
-            let rule = self
-                .tracker
-                .rule(&a.rule)
-                .expect("an alert's rule is one of the tracker's");
-            let line = report::alert_line(change, rule, now, self.args.json);
+            let rule = gone
+                .iter()
+                .find(|r| r.name == a.rule)
+                .or_else(|| self.tracker.rule(&a.rule))
+                .expect("an alert's rule is one of the tracker's, or one a reload replaced");
+            let line = report::alert_line(change, rule, now, &self.clock, self.args.json);
             let mut line = if self.args.json {
                 crate::output::escape_json(&line).into_owned()
             } else {
@@ -504,9 +513,14 @@ impl Daemon {
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
-            self.delivery
-                .send(&report::alert_message(change, rule, now, &self.instance));
+            self.deliver(change, rule, now);
         }
+    }
+
+    /// Hands an alert change to the delivery sinks.
+    fn deliver(&self, change: &AlertChange, rule: &Rule, now: u64) {
+        let message = report::alert_message(change, rule, now, &self.clock, &self.instance);
+        self.delivery.send(&message);
     }
 
     fn summary(&self) -> String {

@@ -5,8 +5,11 @@ use serde_json::json;
 
 use super::{delivery::AlertMessage, stats::Stats};
 use crate::{
-    api::{AlertReport, Counters, PeerReport, ProcessReport, SocketReport, StatusReport},
-    output::{endpoint, escape_control},
+    api::{
+        AlertReport, Counters, PeerReport, ProcessReport, STATUS_SCHEMA_VERSION, SocketReport,
+        StatusReport,
+    },
+    output::{Clock, endpoint, escape_control},
     tracker::{
         Tracker,
         alerts::{Alert, AlertChange},
@@ -42,10 +45,13 @@ fn socket(s: &SocketDetail) -> SocketReport {
 
 /// The `status` answer at `now`: every watched state's holders (kernel order), the sockets of
 /// those states whose holder is not known, the firing alerts, and the counters.
-pub(super) fn status(t: &Tracker, s: &Stats, now: u64) -> StatusReport {
+pub(super) fn status(t: &Tracker, s: &Stats, now: u64, clock: &Clock) -> StatusReport {
     let c = t.counters();
     let states = t.watched_states();
     StatusReport {
+        schema_version: STATUS_SCHEMA_VERSION,
+        now_ns: now,
+        time: Some(clock.wall(now)),
         uptime_s: s.uptime_s,
         tracked_sockets: t.len() as u64,
         watched_states: states.iter().map(|st| st.name().to_owned()).collect(),
@@ -130,16 +136,12 @@ pub(super) fn alert_message(
     change: &AlertChange,
     rule: &Rule,
     now: u64,
+    clock: &Clock,
     instance: &str,
 ) -> AlertMessage {
     let (firing, a) = match change {
         AlertChange::Firing(a) => (true, a),
         AlertChange::Resolved(a) => (false, a),
-    };
-    let mono_to_wall = |ns: u64| {
-        let wall = i128::from(ns)
-            + (crate::output::clock_ns(libc::CLOCK_REALTIME) as i128 - i128::from(now));
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(wall).unwrap_or(0))
     };
     let peers: Vec<String> = a
         .top_peers
@@ -213,17 +215,49 @@ pub(super) fn alert_message(
             a.rule, a.process.key.pid, a.process.key.start_ticks
         ),
         firing,
-        starts_at: mono_to_wall(a.fired_at_ns),
+        starts_at: clock.wall(a.fired_at_ns).system_time(),
         labels,
         annotations,
-        json: serde_json::from_str(&alert_line(change, rule, now, true))
+        json: serde_json::from_str(&alert_line(change, rule, now, clock, true))
             .expect("alert_line renders JSON"),
     }
 }
 
+/// The `instance` label of delivered alerts: `configured` when set, else what Prometheus
+/// names the agent's series with the bundled scrape configuration — the metrics listener's
+/// `host:port` (`127.0.0.1:9977` by default), so an alert and the scraped series join on it.
+/// A listener on every address (`0.0.0.0`, `::`) is scraped by the host's name or address,
+/// which the agent cannot know: the host name, with the port. Without metrics: the host name.
+pub(super) fn instance(configured: &str, metrics: Option<std::net::SocketAddr>) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into())
+    };
+    match metrics {
+        None => host(),
+        Some(a) if a.ip().is_unspecified() => format!("{}:{}", host(), a.port()),
+        Some(a) => a.to_string(),
+    }
+}
+
+/// The version of the alert JSON schema (the `run --json` alert line, the webhook payload, the
+/// alert file): raised when a key changes meaning or goes; new keys keep it.
+pub const ALERT_SCHEMA_VERSION: u32 = 1;
+
 /// One line for an alert that fired or resolved: logfmt-like text, or a JSON object (which
-/// also names the rule's `alertname`, `severity` and `remedy`).
-pub(super) fn alert_line(change: &AlertChange, rule: &Rule, now: u64, as_json: bool) -> String {
+/// also names the rule's `alertname`, `severity` and `remedy`, and the wall-clock times of
+/// `now`, the firing and the resolution by `clock`).
+pub(super) fn alert_line(
+    change: &AlertChange,
+    rule: &Rule,
+    now: u64,
+    clock: &Clock,
+    as_json: bool,
+) -> String {
     let (status, a) = match change {
         AlertChange::Firing(a) => ("firing", a),
         AlertChange::Resolved(a) => ("resolved", a),
@@ -231,6 +265,7 @@ pub(super) fn alert_line(change: &AlertChange, rule: &Rule, now: u64, as_json: b
     let age = secs(a.oldest_age_ns);
     if as_json {
         return json!({
+            "schema_version": ALERT_SCHEMA_VERSION,
             "alert": status,
             "rule": a.rule,
             "alertname": rule.alertname,
@@ -248,8 +283,11 @@ pub(super) fn alert_line(change: &AlertChange, rule: &Rule, now: u64, as_json: b
             "oldest_age_s": age,
             "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
             "fired_at_ns": a.fired_at_ns,
+            "fired_at": clock.wall(a.fired_at_ns),
             "resolved_at_ns": a.resolved_at_ns,
+            "resolved_at": a.resolved_at_ns.map(|ns| clock.wall(ns)),
             "now_ns": now,
+            "time": clock.wall(now),
             "peers": peers(&a.top_peers),
             "peer_processes": a.peer_holders.iter().map(|h| json!({
                 "pid": h.process.key.pid,
@@ -340,7 +378,7 @@ pub(super) mod tests {
             transitions: 7,
             ..Stats::default()
         };
-        let r = status(&t, &s, 2 * SEC);
+        let r = status(&t, &s, 2 * SEC, &Clock::with_offset(0));
         assert_eq!(r.watched_states, ["SYN_SENT", "CLOSE_WAIT"]);
         let procs: Vec<(&str, u32, u64, f64)> = r
             .processes
@@ -361,6 +399,20 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn instance_is_the_scrape_target_unless_configured() {
+        let at = |s: &str| Some(s.parse().expect("literal"));
+        assert_eq!(instance("", at("127.0.0.1:9977")), "127.0.0.1:9977");
+        assert_eq!(instance("", at("[::1]:9977")), "[::1]:9977");
+        assert_eq!(instance("web-1", at("127.0.0.1:9977")), "web-1");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+        assert_eq!(instance("", None), host.trim());
+        assert_eq!(
+            instance("", at("0.0.0.0:9977")),
+            format!("{}:9977", host.trim())
+        );
+    }
+
+    #[test]
     fn alert_labels_and_remedy_come_from_the_rule() {
         let mut t = tracker();
         let changes = t.evaluate(SEC);
@@ -368,7 +420,7 @@ pub(super) mod tests {
             panic!("expected the SYN_SENT alert alone, got {changes:?}");
         };
         let rule = t.rule(&a.rule).expect("its rule");
-        let m = alert_message(&changes[0], rule, SEC, "h1");
+        let m = alert_message(&changes[0], rule, SEC, &Clock::with_offset(0), "h1");
         let label = |k: &str| m.labels.get(k).map(String::as_str);
         assert_eq!(
             [
@@ -393,16 +445,40 @@ pub(super) mod tests {
             Some("p20 (pid 20) holds 1 SYN_SENT sockets, oldest 1s")
         );
         assert_eq!(m.key, "syn_sent_stuck/20/1");
+        // The JSON (webhook, alert file, `run --json`) is versioned and placed in time:
+        // CLOCK_MONOTONIC 1 s is 2026-12-05T22:07:16Z by this clock.
+        let clock = Clock::with_offset(1_796_508_435_000_000_000);
+        let json = alert_message(&changes[0], rule, SEC, &clock, "h1").json;
+        assert_eq!(
+            [
+                &json["schema_version"],
+                &json["now_ns"],
+                &json["time"],
+                &json["fired_at"],
+                &json["resolved_at"]
+            ],
+            [
+                &serde_json::json!(ALERT_SCHEMA_VERSION),
+                &serde_json::json!(SEC),
+                &serde_json::json!("2026-12-05T22:07:16.000000Z"),
+                &serde_json::json!("2026-12-05T22:07:16.000000Z"),
+                &serde_json::Value::Null
+            ]
+        );
+        assert_eq!(
+            m.starts_at,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1)
+        );
         // A rule without a remedy sends none; close_wait_leak keeps today's labels.
         let mut bare = rule.clone();
         bare.remedy.clear();
         assert!(
-            !alert_message(&changes[0], &bare, SEC, "h1")
+            !alert_message(&changes[0], &bare, SEC, &Clock::with_offset(0), "h1")
                 .annotations
                 .contains_key("remedy")
         );
         let cw = Rule::close_wait_leak();
-        let m = alert_message(&changes[0], &cw, SEC, "h1");
+        let m = alert_message(&changes[0], &cw, SEC, &Clock::with_offset(0), "h1");
         assert_eq!(m.labels["alertname"], "TcpCloseWaitLeak");
         assert_eq!(m.labels["severity"], "warning");
         assert!(m.annotations["remedy"].starts_with("the peer closed these connections"));

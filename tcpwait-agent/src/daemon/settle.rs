@@ -11,6 +11,16 @@ use crate::{event::SocketId, tracker::Tracker};
 /// Default settle time; the daemon uses half the age threshold when that is shorter.
 pub(super) const OWNER_SETTLE: Duration = Duration::from_millis(500);
 
+/// The settle time for `rules`: [`OWNER_SETTLE`], or half the shortest age threshold when that
+/// is shorter (the owner must be known before the alert).
+pub(super) fn settle_time(rules: &[crate::tracker::rules::Rule]) -> Duration {
+    rules
+        .iter()
+        .filter_map(|r| r.max_age_ns)
+        .map(|ns| Duration::from_nanos(ns / 2))
+        .fold(OWNER_SETTLE, Duration::min)
+}
+
 /// Sockets waiting to settle are remembered up to this many; past it a full reconciliation is
 /// taken as soon as the rate limit allows (it covers them all) and the queue starts over.
 const MAX_SETTLING: usize = 65_536;
@@ -30,6 +40,11 @@ impl Settling {
             overflowed: false,
             settle_ns: u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX),
         }
+    }
+
+    /// Changes the settle time (a rule reload); sockets already waiting keep their order.
+    pub(super) fn set_settle(&mut self, settle: Duration) {
+        self.settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
     }
 
     /// `sock` entered a watched state at `entered_ns` with no owner known.

@@ -1,9 +1,10 @@
 //! The signals a daemon receives, and what each does. SIGINT, SIGTERM and SIGQUIT stop the
 //! agent gracefully (detach, deliver what is owed, remove the socket, exit 0). SIGHUP — sent by
-//! `systemctl reload`, or when a controlling terminal goes away — does not stop it: reloading
-//! the configuration is not supported yet, and it says so. SIGUSR1 and SIGUSR2 have no use yet
-//! and are ignored with a log line (their default action would kill the agent). SIGPIPE is
-//! ignored by the Rust runtime: a closed pipe is an error on the write that met it.
+//! `systemctl reload`, logrotate's `postrotate`, or when a controlling terminal goes away —
+//! reloads: the transition log is reopened and the configuration file read again (see
+//! `daemon::reload`). SIGUSR1 and SIGUSR2 have no use yet and are ignored with a log line
+//! (their default action would kill the agent). SIGPIPE is ignored by the Rust runtime: a
+//! closed pipe is an error on the write that met it.
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::warn;
@@ -34,21 +35,27 @@ impl Signals {
         })
     }
 
-    /// Waits for a signal that stops the agent, and names it; the others are logged and
-    /// ignored. Cancel-safe: a signal is never consumed without its effect.
-    pub async fn stop(&mut self) -> &'static str {
+    /// Waits for a signal that stops the agent (named) or reloads it; the others are logged
+    /// and ignored. Cancel-safe: a signal is never consumed without its effect.
+    pub async fn next(&mut self) -> Received {
         loop {
             tokio::select! {
-                _ = self.int.recv() => return "SIGINT",
-                _ = self.term.recv() => return "SIGTERM",
-                _ = self.quit.recv() => return "SIGQUIT",
-                _ = self.hup.recv() => warn!(
-                    "SIGHUP received: configuration reload is not supported yet; the agent \
-                     keeps running with its current settings (restart it to apply changes)"
-                ),
+                _ = self.int.recv() => return Received::Stop("SIGINT"),
+                _ = self.term.recv() => return Received::Stop("SIGTERM"),
+                _ = self.quit.recv() => return Received::Stop("SIGQUIT"),
+                _ = self.hup.recv() => return Received::Reload,
                 _ = self.usr1.recv() => warn!("SIGUSR1 received: it has no use yet; ignored"),
                 _ = self.usr2.recv() => warn!("SIGUSR2 received: it has no use yet; ignored"),
             }
         }
     }
+}
+
+/// What a signal asks of the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Stop gracefully; the signal's name.
+    Stop(&'static str),
+    /// SIGHUP: reopen the files, reload the configuration.
+    Reload,
 }

@@ -137,6 +137,18 @@ impl LineQueue {
             SinkKind::TransitionLog,
             max_bytes,
             Box::new(move |bytes, _| {
+                if bytes.is_empty() {
+                    match log.reopen() {
+                        Ok(()) => crate::logging::print_line(&format!(
+                            "tcpwait: transition log {} reopened",
+                            log.path().display()
+                        )),
+                        Err(e) => {
+                            warn!(error = %e, "cannot reopen the transition log; writing on to the open file")
+                        }
+                    }
+                    return 0;
+                }
                 let (written, error) = log.write_batch(bytes);
                 if let Some(e) = error
                     && !std::mem::replace(&mut warned, true)
@@ -164,6 +176,17 @@ impl LineQueue {
         if !sent {
             self.counts.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.counts.dropped.fetch_add(lines, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the writer to reopen its file after what is queued (SIGHUP: logrotate renamed
+    /// it): an empty batch, which the stdout writer writes as nothing.
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Batch {
+                bytes: Vec::new(),
+                lines: 0,
+            });
         }
     }
 

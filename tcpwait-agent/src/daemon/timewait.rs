@@ -53,18 +53,31 @@ impl Daemon {
     /// Takes in one census: new counts, and the peer alerts that changed.
     pub(super) fn on_census(&mut self, census: Census) {
         let now = census.taken_ns;
-        for change in self.timewait.apply_census(census) {
-            let a = match &change {
+        let changes = self.timewait.apply_census(census);
+        let rules = self.timewait.rules().to_vec();
+        self.announce_peer(&changes, &rules, now);
+    }
+
+    /// A configuration reload: the new peer rules; alerts of peer rules that went resolve.
+    pub(super) fn set_peer_rules(&mut self, rules: &[Rule], now: u64) {
+        let old = self.timewait.rules().to_vec();
+        let resolved = self.timewait.set_rules(rules, now);
+        self.announce_peer(&resolved, &old, now);
+    }
+
+    fn announce_peer(&mut self, changes: &[PeerAlertChange], rules: &[Rule], now: u64) {
+        for change in changes {
+            let a = match change {
                 PeerAlertChange::Firing(a) | PeerAlertChange::Resolved(a) => a,
             };
-            let Some(rule) = self.timewait.rules().iter().find(|r| r.name == a.rule) else {
+            let Some(rule) = rules.iter().find(|r| r.name == a.rule) else {
                 continue;
             };
-            let mut line = alert_line(&change, rule, now, self.args.json);
+            let mut line = alert_line(change, rule, now, self.args.json);
             line.push('\n');
             self.sinks.stdout.send(line.into_bytes(), 1);
             self.delivery
-                .send(&alert_message(&change, rule, now, &self.instance));
+                .send(&alert_message(change, rule, now, &self.instance));
         }
     }
 }

@@ -6,6 +6,13 @@
 //! batch (per rotation), never per line. A failed write (a full disk) loses only whole lines:
 //! the file is cut back to the end of the last complete line, and the lines not written are
 //! counted, so lines in the files + lines failed + lines dropped = transitions, exactly.
+//!
+//! Not a rotation crate: `file-rotate` (the maintained one that rotates by size to `.1`, `.2`,
+//! …) cuts either at the exact byte count (`ContentLimit::Bytes`, mid-line) or after a write
+//! that went past it (`BytesSurpassed`, files over `max_bytes`), and its `Write` hides how
+//! many lines reached which file when a write fails part-way, which the exact accounting
+//! above needs; `tracing-appender` and `rolling-file` rotate by time. SIGHUP reopens the file
+//! ([`TransitionLog::reopen`]) for logrotate users.
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
@@ -45,6 +52,20 @@ impl TransitionLog {
             out,
             size,
         })
+    }
+
+    /// Opens `path` again (a new file if it was renamed or removed, as logrotate does), and
+    /// goes on appending there; on an error the open file stays.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        let out = Self::create(&self.path, self.mode)?;
+        self.size = out.metadata()?.len();
+        self.out = out;
+        Ok(())
+    }
+
+    /// The path it writes to.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn create(path: &Path, mode: u32) -> io::Result<File> {
@@ -183,6 +204,23 @@ mod tests {
             !d.path().join("t.jsonl.3").exists(),
             "only `keep` rotated files"
         );
+    }
+
+    #[test]
+    fn reopen_follows_a_rename_and_counts_the_new_file_from_zero() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("t.jsonl");
+        let mut log = TransitionLog::open(&path, 20, 2, 0o600).expect("open");
+        assert!(log.write_batch(b"{\"n\":001}\n").1.is_none());
+        // logrotate: rename, then SIGHUP.
+        std::fs::rename(&path, d.path().join("t.jsonl.old")).expect("rename");
+        log.reopen().expect("reopen");
+        // 10 + 10 bytes fit the new file's 20: no rotation counted against the old size.
+        assert!(log.write_batch(b"{\"n\":002}\n{\"n\":003}\n").1.is_none());
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        assert_eq!(read(&path), "{\"n\":002}\n{\"n\":003}\n");
+        assert_eq!(read(&d.path().join("t.jsonl.old")), "{\"n\":001}\n");
+        assert!(!d.path().join("t.jsonl.1").exists());
     }
 
     #[test]

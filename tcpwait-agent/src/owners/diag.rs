@@ -274,7 +274,10 @@ pub fn parse_datagram(bytes: &[u8], dump: &mut Dump) -> Result<Progress, DiagErr
                 }
             }
             NetlinkPayload::Done(done) if done.code < 0 => {
-                return Err(DiagError::Kernel(io::Error::from_raw_os_error(-done.code)));
+                // Saturating: `i32::MIN` in a malformed answer has no positive errno (found by
+                // the `inet_diag` fuzz target: a plain negation overflowed).
+                let errno = done.code.saturating_neg();
+                return Err(DiagError::Kernel(io::Error::from_raw_os_error(errno)));
             }
             NetlinkPayload::Done(_) => return Ok(Progress::Done),
             NetlinkPayload::Error(e) => {

@@ -332,7 +332,7 @@ fn scan_fds(
 }
 
 /// The inode in a `socket:[N]` fd link.
-fn socket_inode(link: &[u8]) -> Option<u64> {
+pub(crate) fn socket_inode(link: &[u8]) -> Option<u64> {
     let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
     if digits.is_empty() {
         return None;
@@ -364,7 +364,7 @@ fn read_all(proc: &Process, name: &str) -> Result<Vec<u8>, Skip> {
 /// `/proc/<pid>/cmdline` as one line: NUL-separated arguments joined by spaces, the trailing
 /// NULs dropped (one ends the last argument; `setproctitle` pads with more). Bytes are kept raw
 /// (control characters included) and invalid UTF-8 replaced: escape before printing.
-fn join_cmdline(raw: &[u8]) -> String {
+pub(crate) fn join_cmdline(raw: &[u8]) -> String {
     let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     let joined: Vec<u8> = raw[..end]
         .iter()

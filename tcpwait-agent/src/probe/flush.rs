@@ -1,19 +1,23 @@
 //! The flush program, seen from the agent: it runs `flush_stage` on every CPU so that what a
 //! quiet CPU has staged reaches the ring buffer (see `tcpwait_common::Stage`).
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
+use aya::{
+    Ebpf,
+    maps::Array,
+    programs::{ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun as _},
+    util::online_cpus,
 };
-
-use aya::{Ebpf, maps::Array, programs::RawTracePoint, util::online_cpus};
 use tcpwait_common::{FLUSH_BUSY, FLUSH_DONE, STAGE_MAX_AGE_NS};
 use tracing::warn;
 
+/// The name of the flush program in the object.
+const PROGRAM: &str = "flush_stage";
+
 /// The flush program (`flush_stage`), loaded but never attached: the agent runs it on each
-/// CPU in turn with `BPF_PROG_TEST_RUN` (`BPF_F_TEST_RUN_ON_CPU`, Linux 5.10), which hands
-/// that CPU's staged events to the ring buffer before it returns.
+/// CPU in turn with `BPF_PROG_TEST_RUN` (`BPF_F_TEST_RUN_ON_CPU`, Linux 5.10; aya's
+/// [`TestRun`](aya::programs::TestRun) with [`RawTracePointRunOptions::cpu`]), which hands that
+/// CPU's staged events to the ring buffer before it returns. The program itself stays in the
+/// [`Ebpf`] object, which is passed to each run.
 pub(super) struct Flush {
-    prog_fd: i32,
     cpus: Vec<u32>,
     /// When it last ran (CLOCK_MONOTONIC ns).
     pub(super) last_ns: u64,
@@ -28,19 +32,19 @@ impl Flush {
     /// `STAGE_MAX_AGE_NS` old, and at the latest when tcpwait stops.
     pub(super) fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let program: &mut RawTracePoint = ebpf
-            .program_mut("flush_stage")
+            .program_mut(PROGRAM)
             .expect("the object defines flush_stage")
             .try_into()
             .expect("flush_stage is a raw tracepoint program");
         program.load()?;
         let flush = Self {
-            prog_fd: program.fd()?.as_fd().as_raw_fd(),
             cpus: online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
             last_ns: 0,
             warned: false,
         };
+        let program = program_of(ebpf);
         for &cpu in &flush.cpus {
-            flush.run_on(cpu)?;
+            run_on(program, cpu)?;
         }
         let mut age: Array<_, u64> = Array::try_from(
             ebpf.map_mut("STAGE_AGE")
@@ -50,18 +54,18 @@ impl Flush {
         Ok(flush)
     }
 
-    /// Runs the program on every CPU (again, up to twice, on one where it found the main
-    /// program busy).
-    pub(super) fn all_cpus(&mut self) -> Flushed {
+    /// Runs the program (loaded in `ebpf` by [`Flush::load`]) on every CPU (again, up to
+    /// twice, on one where it found the main program busy).
+    pub(super) fn all_cpus(&mut self, ebpf: &Ebpf) -> Flushed {
+        let program = program_of(ebpf);
         let mut outcome = Flushed::All;
-        for i in 0..self.cpus.len() {
-            let cpu = self.cpus[i];
-            let mut result = self.run_on(cpu);
+        for &cpu in &self.cpus {
+            let mut result = run_on(program, cpu);
             for _ in 0..2 {
                 if !matches!(result, Ok(false)) {
                     break;
                 }
-                result = self.run_on(cpu);
+                result = run_on(program, cpu);
             }
             match result {
                 Ok(true) => {}
@@ -84,33 +88,37 @@ impl Flush {
         }
         outcome
     }
+}
 
-    /// Runs the program on `cpu`; true if it flushed, false if it found the main program busy.
-    fn run_on(&self, cpu: u32) -> io::Result<bool> {
-        // `union bpf_attr` for BPF_PROG_TEST_RUN: prog_fd at 0, retval at 4, flags at 64, cpu
-        // at 68; everything else zero (no data, no context: the program reads neither).
-        let mut attr = [0u32; 20];
-        attr[0] = self.prog_fd as u32;
-        attr[16] = BPF_F_TEST_RUN_ON_CPU;
-        attr[17] = cpu;
-        // SAFETY: `attr` is a valid, zero-filled prefix of `union bpf_attr`, sized as passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        match attr[1] as i32 {
-            FLUSH_DONE => Ok(true),
-            FLUSH_BUSY => Ok(false),
-            other => Err(io::Error::other(format!("flush program returned {other}"))),
-        }
+/// The flush program in `ebpf`.
+fn program_of(ebpf: &Ebpf) -> &RawTracePoint {
+    ebpf.program(PROGRAM)
+        .expect("the object defines flush_stage")
+        .try_into()
+        .expect("flush_stage is a raw tracepoint program")
+}
+
+/// Runs the program on `cpu`; true if it flushed, false if it found the main program busy.
+/// No arguments: the program reads none.
+fn run_on(program: &RawTracePoint, cpu: u32) -> Result<bool, FlushError> {
+    let mut options = RawTracePointRunOptions::new();
+    options.cpu = Some(cpu);
+    match program.test_run(options)?.return_value as i32 {
+        FLUSH_DONE => Ok(true),
+        FLUSH_BUSY => Ok(false),
+        other => Err(FlushError::Returned(other)),
     }
+}
+
+/// Why the flush program could not run on a CPU.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FlushError {
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("run the flush program: {0}")]
+    Run(#[from] ProgramError),
+    /// The program returned neither `FLUSH_DONE` nor `FLUSH_BUSY`.
+    #[error("the flush program returned {0}")]
+    Returned(i32),
 }
 
 /// What a flush of every CPU found.
@@ -123,8 +131,3 @@ pub(super) enum Flushed {
     /// The program could not run on a CPU.
     Failed,
 }
-
-/// `BPF_PROG_TEST_RUN`, the `bpf(2)` command.
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-/// Run the program on the CPU given (in interrupt context there, unless it is this one).
-const BPF_F_TEST_RUN_ON_CPU: u32 = 1;

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 mod attach;
 pub mod btf;
 mod flush;
-mod reorder;
+pub(crate) mod reorder;
 
 /// The tracepoint tcpwait attaches to.
 pub const TRACEPOINT: (&str, &str) = ("sock", "inet_sock_set_state");
@@ -379,20 +379,20 @@ impl Probe {
     /// Returns how many were handed on.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let now = crate::output::clock_ns(libc::CLOCK_MONOTONIC);
-        match &mut self.flush {
+        match (&mut self.flush, &self.ebpf) {
             _ if self.stopped.is_some() => self.watermark = u64::MAX,
-            Some(flush) => {
+            (Some(flush), Some(ebpf)) => {
                 if now >= flush.last_ns + FLUSH_INTERVAL_NS {
                     flush.last_ns = now;
                     // The CPUs' stages are in the ring once this returns, unless one was busy (its
                     // older events may still be staged: wait for the next flush). If flushing
                     // fails, events are handed on all the same, the late ones counted.
-                    if flush.all_cpus() != Flushed::Busy {
+                    if flush.all_cpus(ebpf) != Flushed::Busy {
                         self.watermark = now.saturating_sub(IN_FLIGHT_NS);
                     }
                 }
             }
-            None => self.watermark = now.saturating_sub(IN_FLIGHT_NS),
+            _ => self.watermark = now.saturating_sub(IN_FLIGHT_NS),
         }
         let Self { ring, reorder, .. } = self;
         let ring = ring.get_mut();

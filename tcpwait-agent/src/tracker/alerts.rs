@@ -111,6 +111,40 @@ impl Engine {
         &self.rules
     }
 
+    /// Replaces the rule set (a configuration reload). A firing alert whose rule is still
+    /// there (same name, same state) keeps firing, with its `fired_at_ns`; one whose rule went
+    /// or watches another state now resolves at `now_ns`, and is returned. Every process is
+    /// looked at again by the next `evaluate`, under the new thresholds, and its age
+    /// deadlines are recomputed: a socket's age is its own, so a lower age threshold fires at
+    /// once on sockets already older than it.
+    pub(super) fn replace_rules(
+        &mut self,
+        rules: Vec<Rule>,
+        procs: &Registry,
+        now_ns: u64,
+    ) -> Vec<AlertChange> {
+        let old = std::mem::replace(&mut self.rules, rules);
+        let mut resolved = Vec::new();
+        for ((key, i), mut alert) in std::mem::take(&mut self.firing) {
+            let same = |r: &Rule| r.name == old[i].name && r.state == old[i].state;
+            match self.rules.iter().position(same) {
+                Some(j) => {
+                    self.firing.insert((key, j), alert);
+                }
+                None => {
+                    alert.resolved_at_ns = Some(now_ns);
+                    resolved.push(AlertChange::Resolved(alert));
+                }
+            }
+        }
+        self.deadlines.clear();
+        self.deadline_of.clear();
+        for rec in procs.iter() {
+            self.touch(rec.info.key, Some(rec));
+        }
+        resolved
+    }
+
     /// Records that `key`'s sockets changed; `rec` is its record now (`None`: it has no socket
     /// left or was forgotten).
     pub(super) fn touch(&mut self, key: ProcessKey, rec: Option<&ProcRecord>) {

@@ -13,7 +13,7 @@
 //! TIME_WAIT sockets never have an owner: a [`Scope::Peer`] rule counts them per (namespace,
 //! local address → remote address:port) from the kernel's own lists (`tracker::timewait`).
 //! The host scope is not built yet: the configuration refuses it.
-use super::{Tracker, table::state_index};
+use super::{Tracker, alerts::AlertChange, table::state_index};
 use crate::event::TcpState;
 
 /// The remedy of [`Rule::time_wait_pileup`].
@@ -228,6 +228,24 @@ impl Tracker {
     /// The configured rules.
     pub fn rules(&self) -> &[Rule] {
         self.engine.rules()
+    }
+
+    /// Replaces the rule set at `now_ns` (a configuration reload): the table, the socket
+    /// ages and the owners stay; firing alerts of rules still there keep firing; the alerts
+    /// of rules that went are resolved and returned. The next [`Tracker::evaluate`] applies
+    /// the new thresholds to every process. Sockets already in a newly watched state get
+    /// their holders from the next reconciliation.
+    pub fn set_rules(&mut self, rules: Vec<Rule>, now_ns: u64) -> Vec<AlertChange> {
+        // Peer rules live in `timewait::PeerWatch`.
+        let rules: Vec<Rule> = rules
+            .into_iter()
+            .filter(|r| r.scope == Scope::Process)
+            .collect();
+        self.watched = [false; 12];
+        for r in &rules {
+            self.watched[state_index(r.state)] = true;
+        }
+        self.engine.replace_rules(rules, &self.procs, now_ns)
     }
 }
 

@@ -189,6 +189,27 @@ impl PeerWatch {
         &self.rules
     }
 
+    /// Replaces the peer rules of `rules` at `now` (a configuration reload): alerts of rules
+    /// still there keep firing (new thresholds apply at the next census); those of rules that
+    /// went are resolved and returned.
+    pub fn set_rules(&mut self, rules: &[Rule], now: u64) -> Vec<PeerAlertChange> {
+        let new = Self::new(rules).rules;
+        let mut gone = Vec::new();
+        for ((i, key), mut a) in std::mem::take(&mut self.firing) {
+            match new.iter().position(|r| r.name == self.rules[i].name) {
+                Some(j) => {
+                    self.firing.insert((j, key), a);
+                }
+                None => {
+                    a.resolved_at_ns = Some(now);
+                    gone.push(PeerAlertChange::Resolved(a));
+                }
+            }
+        }
+        self.rules = new;
+        gone
+    }
+
     /// Records the closer of an active close (ESTABLISHED → FIN_WAIT1). O(1), no allocation
     /// unless the peer or the closer is new.
     pub fn note_close(&mut self, t: &Transition) {

@@ -29,6 +29,13 @@ pub use kernel::*;
 pub use netns::{NetNs, netns_inode};
 pub use serde_json::Value;
 
+#[allow(
+    unused_imports,
+    reason = "each test binary uses a different part of this module"
+)]
+pub use clock::*;
+
+pub mod clock;
 pub mod kernel;
 pub mod netns;
 mod pending;

@@ -231,6 +231,22 @@ fn kernel_errors_are_reported_with_their_errno() {
     }
 }
 
+/// The most negative code has no positive errno: a kernel error, not an overflow panic (the
+/// `inet_diag` fuzz target's first finding, `fuzz/regressions/inet_diag/`).
+#[test]
+fn the_most_negative_error_code_is_a_kernel_error() {
+    let mut done = DoneMessage::default();
+    done.code = i32::MIN;
+    let mut nack = ErrorMessage::default();
+    nack.code = NonZeroI32::new(i32::MIN);
+    for payload in [NetlinkPayload::Done(done), NetlinkPayload::Error(nack)] {
+        match parse_datagram(&serialize(payload), &mut Dump::default()) {
+            Err(DiagError::Kernel(e)) => assert_eq!(e.raw_os_error(), Some(i32::MAX)),
+            other => panic!("expected a kernel error, got {other:?}"),
+        }
+    }
+}
+
 /// Built with the crate's types and round-tripped through its emit/parse: an older kernel's
 /// shorter tcp_info still gives last_ack_recv; one too short for it gives none.
 #[test]

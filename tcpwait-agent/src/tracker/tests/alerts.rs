@@ -289,3 +289,56 @@ fn a_fin_wait2_alert_names_the_local_process_holding_the_other_ends() {
         .collect();
     assert_eq!(holders, [(30, TcpState::CloseWait, 3)]);
 }
+
+#[test]
+fn a_rule_reload_keeps_ages_and_firing_alerts_and_applies_the_new_thresholds() {
+    // The default rule: CLOSE_WAIT at least 60 s old.
+    let mut t = Tracker::new(TrackerConfig::default());
+    close_wait(&mut t, 1, 10 * SEC, 10);
+    close_wait(&mut t, 2, 0, 20);
+    assert_eq!(firing_pids(&t.evaluate(60 * SEC)), [("firing", 20)]);
+    assert_eq!(t.next_deadline(), Some(70 * SEC));
+    // At 61 s the age threshold drops to 30 s: pid 10's socket, tracked since 10 s, is 51 s
+    // old and fires at the next evaluation; pid 20's alert keeps firing since 60 s.
+    let lower = Rule::new(
+        "close_wait_leak",
+        TcpState::CloseWait,
+        Some(30 * SEC),
+        Some(100),
+    );
+    assert_eq!(t.set_rules(vec![lower], 61 * SEC), []);
+    assert_eq!(
+        t.next_deadline(),
+        Some(40 * SEC),
+        "10 s + 30 s, already due"
+    );
+    let changes = t.evaluate(61 * SEC);
+    let [AlertChange::Firing(a)] = changes.as_slice() else {
+        panic!("expected pid 10 to fire, got {changes:?}");
+    };
+    assert_eq!(
+        (a.process.key.pid, a.oldest_age_ns, a.fired_at_ns),
+        (10, 51 * SEC, 61 * SEC)
+    );
+    let since: Vec<(u32, u64)> = t
+        .firing()
+        .iter()
+        .map(|a| (a.process.key.pid, a.fired_at_ns))
+        .collect();
+    assert_eq!(since, [(10, 61 * SEC), (20, 60 * SEC)]);
+    // A rule set without close_wait_leak resolves its alerts at once; the table stays.
+    let other = Rule::new("syn_sent_stuck", TcpState::SynSent, Some(5 * SEC), None);
+    let resolved = t.set_rules(vec![other], 62 * SEC);
+    assert_eq!(firing_pids(&resolved), [("resolved", 10), ("resolved", 20)]);
+    assert!(
+        resolved
+            .iter()
+            .all(|c| matches!(c, AlertChange::Resolved(a) if a.resolved_at_ns == Some(62 * SEC)))
+    );
+    assert_eq!(t.evaluate(62 * SEC), []);
+    assert_eq!(
+        (t.watches(TcpState::CloseWait), t.watches(TcpState::SynSent)),
+        (false, true)
+    );
+    assert_eq!(t.len(), 2);
+}
