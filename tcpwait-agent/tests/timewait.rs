@@ -136,20 +136,28 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
     );
     client.expect_line("closed");
     let filter = ["src", "127.0.0.2", "dst", &format!("127.0.0.1:{port}")];
-    // Every connection reaches TIME_WAIT once the server has read its EOF and closed.
+    // Nearly every connection reaches TIME_WAIT once the server has read its EOF and closed
+    // (under load a few do not: the kernel's own count is the reference); wait until ss's
+    // count stops moving.
+    let mut last = usize::MAX;
     assert!(
-        wait_until(Duration::from_secs(20), || ss_time_wait(&ns, &filter) == N),
-        "ss shows {} of {N}",
-        ss_time_wait(&ns, &filter)
+        wait_until(Duration::from_secs(20), || {
+            let now = ss_time_wait(&ns, &filter);
+            let settled = now == last && now > 2823;
+            last = now;
+            settled
+        }),
+        "ss shows {last} of {N}"
     );
+    let expected = last;
     // One census later (every 5 s) the agent counts the same sockets.
     let mut entry = None;
     assert!(
         wait_until(Duration::from_secs(15), || {
             entry = peer_entry(&status(&sock), inode, "127.0.0.2", port);
-            entry.as_ref().is_some_and(|e| e["count"] == N)
+            entry.as_ref().is_some_and(|e| e["count"] == expected)
         }),
-        "agent's peer entry: {entry:?}"
+        "agent's peer entry: {entry:?}, ss {expected}"
     );
     let e = entry.expect("peer entry");
     let ss = ss_time_wait(&ns, &filter);
@@ -207,10 +215,13 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
             .unwrap_or_else(|| panic!("{name}{labels} not in\n{body}"))
             .to_owned()
     };
-    assert_eq!(sample("tcpwait_peer_timewait_sockets"), format!("}} {N}"));
+    assert_eq!(
+        sample("tcpwait_peer_timewait_sockets"),
+        format!("}} {expected}")
+    );
     assert_eq!(
         sample("tcpwait_peer_timewait_port_share"),
-        format!("}} {}", N as f64 / (hi - lo + 1) as f64)
+        format!("}} {}", expected as f64 / (hi - lo + 1) as f64)
     );
     assert_eq!(
         sample("tcpwait_peer_timewait_closer_closes"),
@@ -237,7 +248,7 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
     // It carries the count of the census that fired it: a census may land while the client
     // is still connecting, so anything past the threshold (more than 10 % of 28,232 ports).
     let fired_count = a["count"].as_u64().expect("count");
-    assert!((2824..=N as u64).contains(&fired_count), "{a}");
+    assert!((2824..=expected as u64).contains(&fired_count), "{a}");
     assert_eq!(a["closers"][0]["pid"], client.pid());
 
     // Kill the sockets (SOCK_DESTROY) rather than wait 60 s: the next census resolves it.
