@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+pub mod timewait;
+
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -57,6 +59,8 @@ pub const STATUS_TURN_WAIT: Duration = Duration::from_secs(2);
 pub enum Request {
     /// Who holds sockets in the watched states (CLOSE_WAIT by default) now.
     Status,
+    /// [`Request::Status`], with what holds local port `port` (`status --port`).
+    PortStatus { port: u16 },
     /// Stream transitions that pass the filter.
     Tail { filter: Filter },
     /// Every socket the table tracks in one network namespace (inode), whatever its state:
@@ -160,6 +164,12 @@ pub struct StatusReport {
     /// Connections aborted on close and resets received (absent from an older agent).
     #[serde(default)]
     pub aborts: Option<crate::resets::report::AbortsReport>,
+    /// TIME_WAIT sockets per peer (absent from an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timewait: Option<timewait::TimeWaitReport>,
+    /// `status --port P`: what holds port P.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<timewait::PortReport>,
 }
 
 /// One process's sockets in one watched state.
@@ -286,7 +296,8 @@ pub struct Counters {
 /// Requests the API forwards to the daemon's state-owning task.
 #[derive(Debug)]
 pub enum Command {
-    Status(oneshot::Sender<StatusReport>),
+    /// The `status` answer; with a port, its [`StatusReport::port`] section too.
+    Status(Option<u16>, oneshot::Sender<StatusReport>),
     /// [`Request::Table`]: the sockets of one namespace.
     Table(u32, oneshot::Sender<Vec<SocketReport>>),
     /// The Prometheus rendering of every metric.
@@ -472,7 +483,11 @@ async fn client(
         }
     };
     match request {
-        Request::Status => {
+        Request::Status | Request::PortStatus { .. } => {
+            let port = match request {
+                Request::PortStatus { port } => Some(port),
+                _ => None,
+            };
             let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "status answer not taken");
             let Ok(turn) = tokio::time::timeout(STATUS_TURN_WAIT, status_turns.acquire()).await
             else {
@@ -485,7 +500,7 @@ async fn client(
             let _turn = turn.map_err(io::Error::other)?;
             let (tx, rx) = oneshot::channel();
             commands
-                .send(Command::Status(tx))
+                .send(Command::Status(port, tx))
                 .await
                 .map_err(|_| io::Error::other("daemon stopping"))?;
             let report = rx.await.map_err(|_| io::Error::other("daemon stopping"))?;

@@ -198,6 +198,10 @@ pub struct StatusArgs {
     /// The full report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// What holds local port PORT: its sockets in every state (TIME_WAIT with the seconds
+    /// left), its listeners (the last ones that closed too), whether a new listener can bind.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
     /// Give up when the agent has not answered within this time (e.g. a stopped agent).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
     pub timeout: std::time::Duration,

@@ -6,6 +6,8 @@ use std::{
     time::Duration,
 };
 
+mod timewait;
+
 use anyhow::Context as _;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -90,10 +92,19 @@ async fn connect(path: &Path, request: &Request) -> anyhow::Result<UnixStream> {
     }
 }
 
-/// `tcpwait status`.
-pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+/// `tcpwait status` (`--port P`: what holds local port P).
+pub async fn status(
+    path: &Path,
+    json: bool,
+    port: Option<u16>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let request = match port {
+        Some(port) => Request::PortStatus { port },
+        None => Request::Status,
+    };
     let line = within(path, timeout, async {
-        let stream = connect(path, &Request::Status).await?;
+        let stream = connect(path, &request).await?;
         let mut line = String::new();
         BufReader::new(stream)
             .read_line(&mut line)
@@ -109,8 +120,13 @@ pub async fn status(path: &Path, json: bool, timeout: Duration) -> anyhow::Resul
     if json {
         let text = serde_json::to_string_pretty(&report)?;
         writeln!(out, "{}", crate::output::escape_json(&text))?;
+    } else if let Some(p) = &report.port {
+        timewait::print_port(&mut out, p)?;
     } else {
         print_status(&mut out, &report)?;
+        if let Some(tw) = &report.timewait {
+            timewait::print_timewait(&mut out, tw)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

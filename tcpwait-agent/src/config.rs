@@ -115,7 +115,8 @@ name = "close_wait_leak"
 # The state watched: ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
 # LAST_ACK, LISTEN or CLOSING (case-insensitive).
 state = "CLOSE_WAIT"
-# What sockets are counted per: "process" ("peer" and "host" are not built yet).
+# What sockets are counted per: "process", or "peer" (TIME_WAIT only, below); "host" is
+# not built yet.
 scope = "process"
 # Alert when a process holds a socket in `state` at least this old (100ms ..= 30d); omit for none.
 age = "60s"
@@ -126,6 +127,21 @@ alertname = "TcpCloseWaitLeak"
 severity = "warning"
 # The `remedy` annotation of the alert: what to do about it ("" for none).
 remedy = "the peer closed these connections and the process never called close(): find the code path that drops a connection after read() returns 0 or an error without closing it"
+
+# TIME_WAIT pile-ups, per peer: the TIME_WAIT sockets of one (network namespace, local
+# address -> remote address:port), counted from the kernel's lists every 5 s. Each holds a
+# local port for 60 s; when they fill the namespace's ephemeral port range
+# (net.ipv4.ip_local_port_range), connect() toward that peer fails with EADDRNOTAVAIL.
+[[rules]]
+name = "time_wait_pileup"
+state = "TIME_WAIT"
+scope = "peer"
+# Alert when the peer's TIME_WAIT sockets take more than this share of the port range
+# (more than 0, at most 1); `count = N` (more than N sockets) works too.
+share = 0.5
+alertname = "TcpTimeWaitPileup"
+severity = "warning"
+remedy = "this process closes its connections to one peer first, and each close leaves a TIME_WAIT socket holding a local port for 60 s: reuse connections (HTTP keep-alive, a connection pool), let the server close first, or set net.ipv4.tcp_tw_reuse=1 (outgoing connections may then reuse TIME_WAIT ports)"
 
 # Opt-in (not a default yet: its cost on a busy host is not measured): uncomment to alert on
 # FIN_WAIT2 that never ends.

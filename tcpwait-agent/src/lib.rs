@@ -97,7 +97,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        cli::Command::Status(args) => client::status(&args.socket, args.json, args.timeout).await,
+        cli::Command::Status(args) => {
+            client::status(&args.socket, args.json, args.port, args.timeout).await
+        }
         cli::Command::Tail(args) => {
             let format = if args.json {
                 output::Format::Json

@@ -67,6 +67,9 @@ pub struct DiagSocket {
     /// entered it when the peer's FIN (which carries an ACK) arrived, so its age in CLOSE_WAIT
     /// is at least this.
     pub last_ack_recv_ms: Option<u32>,
+    /// `idiag_expires`: ms until the socket's pending timer fires; for a TIME_WAIT socket,
+    /// until it expires (0 when no timer runs).
+    pub expires_ms: u32,
 }
 
 /// A socket whose holders the owner resolver should find (see `Tracker::owner_query`).

@@ -14,7 +14,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 19] = [
+const METRICS: [(&str, Kind); 26] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_sockets", Kind::Gauge),
@@ -34,6 +34,13 @@ const METRICS: [(&str, Kind); 19] = [
     ("tcpwait_owner_namespace_failures_total", Kind::Counter),
     ("tcpwait_alert_deliveries_total", Kind::Counter),
     ("tcpwait_build_info", Kind::Gauge),
+    ("tcpwait_timewait_sockets", Kind::Gauge),
+    ("tcpwait_timewait_census_duration_seconds", Kind::Gauge),
+    ("tcpwait_peer_timewait_sockets", Kind::Gauge),
+    ("tcpwait_peer_timewait_port_share", Kind::Gauge),
+    ("tcpwait_peer_timewait_closes_per_second", Kind::Gauge),
+    ("tcpwait_peer_timewait_closer_closes", Kind::Gauge),
+    ("tcpwait_peer_alerts_firing", Kind::Gauge),
 ];
 
 /// The `tcpwait_*` names an expression uses, with the byte offset of each.
@@ -83,9 +90,10 @@ fn assert_metrics_used_right(expr: &str) -> Vec<String> {
 
 // ---- Prometheus ------------------------------------------------------------------------
 
-const RULES: [&str; 5] = [
+const RULES: [&str; 6] = [
     "TcpwaitCloseWaitLeak",
     "TcpwaitCloseWaitPileUp",
+    "TcpwaitTimeWaitPileUp",
     "TcpwaitEventsLost",
     "TcpwaitTableOverflow",
     "TcpwaitDown",
@@ -96,7 +104,7 @@ const RULES: [&str; 5] = [
 fn prometheus_rules_pass_promtool() {
     let path = deploy("prometheus/tcpwait-rules.yml");
     let out = check("promtool", &["check", "rules", utf8(&path)]);
-    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
 
     let doc = &yaml(&path)[0];
     let rules = doc["groups"][0]["rules"].as_vec().expect("groups[0].rules");
@@ -141,6 +149,10 @@ fn prometheus_rules_pass_promtool() {
     assert_eq!(
         by_name("TcpwaitCloseWaitPileUp")["expr"].as_str(),
         Some("tcpwait_process_close_wait_sockets > 100")
+    );
+    assert_eq!(
+        by_name("TcpwaitTimeWaitPileUp")["expr"].as_str(),
+        Some("tcpwait_peer_timewait_port_share > 0.5")
     );
     assert_eq!(
         by_name("TcpwaitEventsLost")["expr"].as_str(),
@@ -193,7 +205,7 @@ fn prometheus_config_with_the_scrape_snippet_and_rules_passes_promtool() {
         out.contains("is valid prometheus config file syntax"),
         "{out}"
     );
-    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
 }
 
 // ---- Alertmanager ----------------------------------------------------------------------
@@ -222,8 +234,10 @@ fn alertmanager_config_passes_amtool_and_routes_the_leak_alerts() {
     for alertname in [
         "TcpCloseWaitLeak",
         "TcpFinWait2Held",
+        "TcpTimeWaitPileup",
         "TcpwaitCloseWaitLeak",
         "TcpwaitCloseWaitPileUp",
+        "TcpwaitTimeWaitPileUp",
     ] {
         assert_eq!(route(alertname), "sockets-team", "{alertname}");
     }
@@ -356,6 +370,14 @@ fn dashboard_is_importable_and_queries_only_exported_metrics() {
     );
     assert!(has("tcpwait_alerts_firing"), "alerts firing");
     assert!(has("tcpwait_reconcile_repairs_total"), "reconcile repairs");
+    assert!(
+        has("topk(10, tcpwait_peer_timewait_sockets"),
+        "TIME_WAIT per peer"
+    );
+    assert!(
+        has("tcpwait_peer_timewait_port_share"),
+        "port range share per peer"
+    );
 
     // The template variable queries an exported metric.
     for v in d["templating"]["list"].as_array().expect("templating") {

@@ -479,3 +479,170 @@ fn webhook_receives_firing_and_resolved_alerts() {
         "one firing, one resolved: {all:?}"
     );
 }
+
+/// Alerts Alertmanager holds (active ones) with label `rule` = `rule` and `netns` = `netns`.
+fn am_alerts_of(port: u16, rule: &str, netns: u64) -> Vec<Value> {
+    let Some(body) = get(&format!("http://127.0.0.1:{port}/api/v2/alerts")) else {
+        return vec![];
+    };
+    let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+    all.into_iter()
+        .filter(|a| {
+            a["labels"]["rule"] == rule && a["labels"]["netns"] == netns.to_string().as_str()
+        })
+        .collect()
+}
+
+/// Each rule's own alertname, severity and remedy arrive in Alertmanager: a held FIN_WAIT2
+/// (process scope) and a TIME_WAIT pile-up (peer scope), each from this test's namespace.
+#[test]
+#[ignore = "needs root, the real kernel and Alertmanager; run by `cargo xtask test`"]
+fn alertmanager_receives_each_rules_alertname_and_remedy() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let am_port = free_port();
+    let _am = alertmanager(dir.path(), am_port);
+    assert!(wait_until(Duration::from_secs(20), || get(&format!(
+        "http://127.0.0.1:{am_port}/-/ready"
+    ))
+    .is_some()));
+    let config = dir.path().join("tcpwait.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[rules]]
+name = "fin_wait2_held"
+state = "FIN_WAIT2"
+age = "1s"
+alertname = "TcpFinWait2Held"
+severity = "critical"
+remedy = "the peer never closes: fix the peer"
+
+[[rules]]
+name = "time_wait_pileup"
+state = "TIME_WAIT"
+scope = "peer"
+count = 50
+alertname = "TcpTimeWaitPileup"
+severity = "warning"
+remedy = "reuse connections toward this peer"
+"#,
+    )
+    .expect("write config");
+    let sock = api_socket("am-rules");
+    let _tw = Tcpwait::start(
+        &[
+            "run",
+            "--socket",
+            &sock,
+            "--metrics-listen",
+            "",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--alertmanager-url",
+            &format!("http://127.0.0.1:{am_port}"),
+        ],
+        AGENT_READY,
+    );
+    let ns = common::netns::NetNs::new("amrules");
+    let inode = ns.inode();
+    // FIN_WAIT2 held: 2 sockets shut down for writing toward a server that never closes.
+    let mut hold = ns.spawn(
+        "server_hold",
+        "tw-hold",
+        &["127.0.0.1:0".into(), "2".into()],
+    );
+    let port: u16 = hold.expect_line("port").parse().expect("port");
+    let mut half = ns.spawn(
+        "half_close",
+        "tw-am-half",
+        &[format!("127.0.0.1:{port}"), "2".into()],
+    );
+    half.expect_line("half-closed");
+    // TIME_WAIT pile-up: 100 client-closed connections from 127.0.0.2 toward one port.
+    let mut eof = ns.spawn("eof_server", "tw-eof", &["127.0.0.1:0".into()]);
+    let eof_port: u16 = eof.expect_line("port").parse().expect("port");
+    let mut closer = ns.spawn(
+        "short_client",
+        "tw-am-closer",
+        &[
+            format!("127.0.0.1:{eof_port}"),
+            "127.0.0.2".into(),
+            "100".into(),
+        ],
+    );
+    closer.expect_line("closed");
+
+    let mut fw2 = Vec::new();
+    let mut tw2 = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            fw2 = am_alerts(am_port, half.pid());
+            tw2 = am_alerts_of(am_port, "time_wait_pileup", inode);
+            fw2.len() == 1 && tw2.len() == 1
+        }),
+        "FIN_WAIT2 {fw2:?}, TIME_WAIT {tw2:?}"
+    );
+    let f = &fw2[0];
+    assert_eq!(
+        (
+            &f["labels"]["alertname"],
+            &f["labels"]["rule"],
+            &f["labels"]["severity"],
+            &f["annotations"]["remedy"]
+        ),
+        (
+            &"TcpFinWait2Held".into(),
+            &"fin_wait2_held".into(),
+            &"critical".into(),
+            &"the peer never closes: fix the peer".into()
+        )
+    );
+    let t = &tw2[0];
+    assert_eq!(
+        (
+            &t["labels"]["alertname"],
+            &t["labels"]["severity"],
+            &t["labels"]["local"],
+            &t["labels"]["remote"],
+            &t["annotations"]["remedy"],
+        ),
+        (
+            &"TcpTimeWaitPileup".into(),
+            &"warning".into(),
+            &"127.0.0.2".into(),
+            &format!("127.0.0.1:{eof_port}").into(),
+            &"reuse connections toward this peer".into(),
+        )
+    );
+    // The figures of the census that fired it: one may land while the client still connects.
+    let count: u64 = t["annotations"]["count"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .expect("count");
+    assert!((51..=100).contains(&count), "{t}");
+    let closers = t["annotations"]["closers"].as_str().unwrap_or_default();
+    assert!(
+        closers.starts_with(&format!("tw-am-closer (pid {}) ", closer.pid()))
+            && closers.ends_with(" closes"),
+        "{t}"
+    );
+
+    // Both resolve: the server closes its ends, the TIME_WAIT sockets are destroyed.
+    hold.send("close");
+    hold.expect_line("closed");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-K", "state", "time-wait"])
+        .output()
+        .expect("ss -K");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || am_alerts(am_port, half.pid())
+            .is_empty()
+            && am_alerts_of(am_port, "time_wait_pileup", inode).is_empty()),
+        "still active: {:?} {:?}",
+        am_alerts(am_port, half.pid()),
+        am_alerts_of(am_port, "time_wait_pileup", inode)
+    );
+    drop((eof, closer));
+}

@@ -69,6 +69,9 @@ enum Cmd {
     /// Setup, build in release mode, and measure owner attribution latency and agent CPU on a
     /// host with ~110,000 fds, in the host namespace and over network namespaces (as root).
     BenchOwners(bench::owners::Args),
+    /// Setup, build in release mode, and measure the TIME_WAIT census at 100,000 TIME_WAIT
+    /// sockets: its duration, agent CPU and RSS, and `status` answer times (as root).
+    BenchTimewait(bench::timewait::Args),
     /// Setup, then run every test: unit tests and the privileged tests on the real kernel, a
     /// short run of each fuzz target, then the kernel tiers on Debian's 5.10, 6.1 and 6.12 under
     /// qemu (`vm-test`).
@@ -190,6 +193,7 @@ fn run() -> Result<()> {
             )
         }
         Cmd::BenchOwners(args) => bench::owners::main(&root, args),
+        Cmd::BenchTimewait(args) => bench::timewait::main(&root, args),
         Cmd::VmTest {
             only,
             accel,

@@ -29,7 +29,7 @@ pub struct RuleConfig {
     pub name: String,
     /// A TCP state name, case-insensitive (checked by `validate`).
     pub state: String,
-    /// `process` (the only scope built).
+    /// `process` or `peer` (TIME_WAIT only).
     #[serde(default = "default_scope")]
     pub scope: String,
     /// Age threshold (inclusive).
@@ -38,6 +38,9 @@ pub struct RuleConfig {
     /// Count threshold (exclusive: more than this).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
+    /// Peer rules: share of the ephemeral port range (exclusive: more than this), 0 < x <= 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
     /// The `alertname` label; "" derives it from the name.
     #[serde(default)]
     pub alertname: String,
@@ -53,6 +56,20 @@ fn default_scope() -> String {
     Scope::Process.name().to_owned()
 }
 
+fn parse_scope(s: &str) -> Option<Scope> {
+    [Scope::Process, Scope::Peer]
+        .into_iter()
+        .find(|sc| sc.name() == s)
+}
+
+/// The states a rule of `scope` may watch.
+fn allowed_states(scope: Scope) -> &'static [TcpState] {
+    match scope {
+        Scope::Process => &RULE_STATES,
+        Scope::Peer => &[TcpState::TimeWait],
+    }
+}
+
 fn default_severity() -> String {
     "warning".to_owned()
 }
@@ -66,6 +83,7 @@ impl From<&Rule> for RuleConfig {
             scope: r.scope.name().to_owned(),
             age: r.max_age_ns.map(dur),
             count: r.max_count,
+            share: r.max_share_ppm.map(|p| f64::from(p) / 1e6),
             alertname: r.alertname.clone(),
             severity: r.severity.clone(),
             remedy: r.remedy.clone(),
@@ -76,8 +94,9 @@ impl From<&Rule> for RuleConfig {
 impl RuleConfig {
     /// The rule this entry configures; `None` if it does not validate.
     pub fn to_rule(&self) -> Option<Rule> {
-        let state = TcpState::from_name(&self.state).filter(|s| RULE_STATES.contains(s))?;
-        let scope = (self.scope == Scope::Process.name()).then_some(Scope::Process)?;
+        let scope = parse_scope(&self.scope)?;
+        let state =
+            TcpState::from_name(&self.state).filter(|s| allowed_states(scope).contains(s))?;
         Some(Rule {
             name: self.name.clone(),
             state,
@@ -86,6 +105,8 @@ impl RuleConfig {
                 .age
                 .map(|d| u64::try_from(d.0.as_nanos()).unwrap_or(u64::MAX)),
             max_count: self.count,
+            // Checked to be within (0, 1]: at most 10⁶ ppm.
+            max_share_ppm: self.share.map(|x| (x * 1e6).round() as u32),
             alertname: if self.alertname.is_empty() {
                 default_alertname(&self.name)
             } else {
@@ -112,20 +133,42 @@ impl RuleConfig {
                 ),
             ));
         }
+        let Some(scope) = parse_scope(&self.scope) else {
+            let why = if self.scope == "host" {
+                "is not implemented yet"
+            } else {
+                "is not a scope"
+            };
+            return Err((
+                ".scope",
+                format!(
+                    "{:?} {why}: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
+                    self.scope
+                ),
+            ));
+        };
+        let allowed = allowed_states(scope);
         let states = || {
-            RULE_STATES
+            allowed
                 .iter()
                 .map(|s| s.name())
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         match TcpState::from_name(&self.state) {
-            Some(s) if RULE_STATES.contains(&s) => {}
+            Some(s) if allowed.contains(&s) => {}
             Some(s) => {
+                let why = match (scope, s) {
+                    (Scope::Process, TcpState::TimeWait) => {
+                        "no process holds a TIME_WAIT socket: use scope = \"peer\""
+                    }
+                    (Scope::Peer, _) => "a peer rule counts TIME_WAIT sockets only",
+                    _ => "no process holds a socket in it",
+                };
                 return Err((
                     ".state",
                     format!(
-                        "\"{}\" cannot be watched (no process holds a socket in it): allowed {}",
+                        "\"{}\" cannot be watched ({why}): allowed {}",
                         s.name(),
                         states()
                     ),
@@ -138,19 +181,25 @@ impl RuleConfig {
                 ));
             }
         }
-        if self.scope != Scope::Process.name() {
-            let why = if matches!(self.scope.as_str(), "peer" | "host") {
-                "is not implemented yet"
-            } else {
-                "is not a scope"
-            };
+        if scope == Scope::Peer && self.age.is_some() {
             return Err((
-                ".scope",
-                format!(
-                    "{:?} {why}: allowed \"process\" (\"peer\" and \"host\" are not built yet)",
-                    self.scope
-                ),
+                ".age",
+                "is not a peer threshold (TIME_WAIT lasts 60 s): use count or share".to_owned(),
             ));
+        }
+        if let Some(x) = self.share {
+            if scope != Scope::Peer {
+                return Err((
+                    ".share",
+                    "is a peer threshold: allowed only with scope = \"peer\"".to_owned(),
+                ));
+            }
+            if !(x > 0.0 && x <= 1.0) {
+                return Err((
+                    ".share",
+                    format!("{x} is out of range: allowed more than 0, at most 1 (0.5 = 50 %)"),
+                ));
+            }
         }
         if let Some(d) = self.age
             && !(AGE_MIN..=AGE_MAX).contains(&d.0)
@@ -171,8 +220,12 @@ impl RuleConfig {
                 format!("{n} is out of range: allowed 1 ..= {COUNT_MAX}"),
             ));
         }
-        if self.age.is_none() && self.count.is_none() {
-            return Err(("", "has no threshold: set age, count or both".to_owned()));
+        if self.age.is_none() && self.count.is_none() && self.share.is_none() {
+            let which = match scope {
+                Scope::Process => "age, count or both",
+                Scope::Peer => "count, share or both",
+            };
+            return Err(("", format!("has no threshold: set {which}")));
         }
         if self.severity.is_empty() {
             return Err((

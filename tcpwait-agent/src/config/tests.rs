@@ -14,11 +14,11 @@ fn the_documented_file_is_the_default() {
 }
 
 #[test]
-fn the_default_rule_is_close_wait_leak() {
+fn the_default_rules_are_close_wait_leak_and_time_wait_pileup() {
     use crate::tracker::rules::Rule;
     assert_eq!(
         Config::default().rules.rules(),
-        vec![Rule::close_wait_leak()]
+        vec![Rule::close_wait_leak(), Rule::time_wait_pileup()]
     );
 }
 
@@ -41,7 +41,7 @@ fn the_older_rules_table_sets_close_wait_leak() {
     assert_eq!(close_wait_thresholds(&c), (Some(90 * S), Some(100)));
     let c = Config::parse("[rules]\nclose_wait_count = 7\n", "t").expect("valid");
     assert_eq!(close_wait_thresholds(&c), (Some(60 * S), Some(7)));
-    assert_eq!(c.rules.rules().len(), 1);
+    assert_eq!(c.rules.rules().len(), 2);
 }
 
 #[test]
@@ -200,7 +200,7 @@ fn each_key_is_validated() {
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"time_wait\"\ncount = 1",
-            "f.toml: rules[0].state: \"TIME_WAIT\" cannot be watched (no process holds a socket in it): allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING",
+            "f.toml: rules[0].state: \"TIME_WAIT\" cannot be watched (no process holds a TIME_WAIT socket: use scope = \"peer\"): allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING",
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\n[[rules]]\nname = \"a\"\nstate = \"SYN_SENT\"\nage = 1",
@@ -212,11 +212,31 @@ fn each_key_is_validated() {
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"peer\"",
-            "f.toml: rules[0].scope: \"peer\" is not implemented yet: allowed \"process\" (\"peer\" and \"host\" are not built yet)",
+            "f.toml: rules[0].state: \"CLOSE_WAIT\" cannot be watched (a peer rule counts TIME_WAIT sockets only): allowed TIME_WAIT",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"host\"",
+            "f.toml: rules[0].scope: \"host\" is not implemented yet: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"pod\"",
-            "f.toml: rules[0].scope: \"pod\" is not a scope: allowed \"process\" (\"peer\" and \"host\" are not built yet)",
+            "f.toml: rules[0].scope: \"pod\" is not a scope: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"TIME_WAIT\"\nscope = \"peer\"\nshare = 1.5",
+            "f.toml: rules[0].share: 1.5 is out of range: allowed more than 0, at most 1 (0.5 = 50 %)",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"TIME_WAIT\"\nscope = \"peer\"\nage = 5",
+            "f.toml: rules[0].age: is not a peer threshold (TIME_WAIT lasts 60 s): use count or share",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"TIME_WAIT\"\nscope = \"peer\"",
+            "f.toml: rules[0]: has no threshold: set count, share or both",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\nshare = 0.5",
+            "f.toml: rules[0].share: is a peer threshold: allowed only with scope = \"peer\"",
         ),
         (
             "[[rules]]\nname = \"a b\"\nstate = \"CLOSE_WAIT\"\ncount = 1",
@@ -232,7 +252,7 @@ fn each_key_is_validated() {
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\nage = 1\nthreshold = 3",
-            "f.toml: rules[0].threshold: unknown field `threshold`, expected one of `name`, `state`, `scope`, `age`, `count`, `alertname`, `severity`, `remedy`",
+            "f.toml: rules[0].threshold: unknown field `threshold`, expected one of `name`, `state`, `scope`, `age`, `count`, `share`, `alertname`, `severity`, `remedy`",
         ),
         (
             "[[rules]]\nstate = \"CLOSE_WAIT\"\nage = 1",

@@ -7,7 +7,11 @@
 use std::sync::atomic::AtomicU64;
 
 use super::stats::Stats;
-use crate::{event::TcpState, output::escape_control, tracker::Tracker};
+use crate::{
+    event::TcpState,
+    output::escape_control,
+    tracker::{Tracker, timewait::PeerWatch},
+};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -92,7 +96,7 @@ fn counter(n: u64) -> Counter {
 }
 
 /// Renders every metric at `now` from the tracker and the daemon's counters.
-pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
+pub(super) fn render(t: &Tracker, d: &Stats, peers: &PeerWatch, now: u64) -> String {
     let mut r = Registry::default();
 
     let sockets = Family::<StateLabel, Gauge>::default();
@@ -333,6 +337,7 @@ pub(super) fn render(t: &Tracker, d: &Stats, now: u64) -> String {
         })
         .set(1);
     r.register("tcpwait_build_info", "Build information", build);
+    super::timewait::register(&mut r, peers);
 
     let mut out = String::new();
     encode(&mut out, &r).expect("writing into a String cannot fail");
@@ -396,7 +401,7 @@ mod render_tests {
             ..Stats::default()
         };
         s.edges.count(TcpState::Close, TcpState::SynSent);
-        let text = render(&t, &s, 2_000_000_000);
+        let text = render(&t, &s, &PeerWatch::default(), 2_000_000_000);
         // Series of one family come in no set order.
         let mut lines: Vec<&str> = text
             .lines()
@@ -439,6 +444,6 @@ mod render_tests {
         assert!(text.contains("tcpwait_transitions_total{from=\"close\",to=\"syn_sent\"} 1\n"));
         // K = 1: one process per state; the ESTABLISHED holder (pid 40) never appears.
         s.top_processes = 1;
-        assert!(!render(&t, &s, 2_000_000_000).contains("pid=\"40\""));
+        assert!(!render(&t, &s, &PeerWatch::default(), 2_000_000_000).contains("pid=\"40\""));
     }
 }

@@ -4,6 +4,7 @@
 //! clients) talk to it through channels; nothing is shared behind a lock.
 mod aborts;
 mod budget;
+mod census;
 mod delivery;
 mod http;
 mod metrics;
@@ -15,6 +16,7 @@ mod settle;
 mod signals;
 mod sinks;
 mod stats;
+mod timewait;
 mod translog;
 
 use std::{
@@ -37,7 +39,7 @@ use crate::{
     output::{Clock, OwnerView, TransitionRecord, clock_ns},
     probe::{KernelCounters, Probe, TRACEPOINT},
     trace::DRAIN_INTERVAL,
-    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule},
+    tracker::{Tracker, TrackerConfig, alerts::AlertChange, rules::Rule, timewait::PeerWatch},
 };
 use delivery::Delivery;
 use metrics::EdgeCounts;
@@ -99,6 +101,10 @@ struct Daemon {
     sinks: sinks::Sinks,
     /// Drained transitions not yet handed to `tail` clients.
     pending_tail: Vec<Arc<TailItem>>,
+    /// TIME_WAIT sockets per peer and the peer rules (`timewait`).
+    timewait: PeerWatch,
+    /// The thread that counts TIME_WAIT sockets.
+    census: census::CensusThread,
     /// Monotonic to wall-clock time, for every JSON record (refreshed by [`Daemon::drain`]).
     clock: Clock,
     /// Aborts and resets received: tallies, the abort rule.
@@ -142,6 +148,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (listener, _socket_file) = api::bind(&config.agent.socket).await?;
     let resolver = Resolver::spawn(resolver::host_roots(probe.reads_netns()))
         .context("start the owner resolver thread")?;
+    let census = census::CensusThread::spawn(
+        resolver::host_roots(probe.reads_netns()),
+        census::CENSUS_INTERVAL,
+    )
+    .context("start the TIME_WAIT census thread")?;
     let mut signals = signals::Signals::install()?;
     tokio::spawn(api::serve(
         listener,
@@ -177,6 +188,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         rules: config.rules.rules(),
     };
     let settle = settle::settle_time(&tracker_config.rules);
+    let timewait = PeerWatch::new(&tracker_config.rules);
     let now = clock_ns(libc::CLOCK_MONOTONIC);
     let aborts = aborts::Aborts::new(config.abort_rule.to_rule(), &probe);
     let mut d = Daemon {
@@ -210,6 +222,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics_at,
         sinks,
         pending_tail: Vec::new(),
+        timewait,
+        census,
         clock: Clock::now(),
         aborts,
     };
@@ -243,6 +257,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 d.drain();
                 d.on_snapshot(snapshot);
             }
+            Some(census) = d.census.censuses.recv() => d.on_census(census),
             Some(cmd) = cmd_rx.recv() => {
                 // A status answer includes every transition up to the request.
                 d.probe.flush_now();
@@ -337,6 +352,7 @@ impl Daemon {
             edges,
             settling,
             aborts,
+            timewait,
             ..
         } = self;
         probe.drain(|bytes| match decode_record(bytes) {
@@ -372,6 +388,7 @@ impl Daemon {
                     };
                     left_during_snapshot.insert((t.netns, tuple), t.ts_ns);
                 }
+                timewait.note_close(&t);
                 let applied = tracker.apply(&t);
                 if applied.needs_owners {
                     settling.push(t.sock, t.ts_ns);
@@ -477,10 +494,13 @@ impl Daemon {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Status(reply) => {
-                let mut report =
-                    report::status(&self.tracker, &self.stats(), self.now_ns(), &self.clock);
-                report.aborts = Some(self.aborts.report(self.now_ns()));
+            Command::Status(port, reply) => {
+                let now = self.now_ns();
+                let mut report = report::status(&self.tracker, &self.stats(), now, &self.clock);
+                report.timewait = Some(timewait::report(&self.timewait, now));
+                report.aborts = Some(self.aborts.report(now));
+                report.port =
+                    port.map(|p| timewait::port_report(&self.tracker, &self.timewait, p, now));
                 let _ = reply.send(report);
             }
             Command::Table(netns, reply) => {
@@ -494,7 +514,12 @@ impl Daemon {
                 );
             }
             Command::Metrics(reply) => {
-                let _ = reply.send(metrics::render(&self.tracker, &self.stats(), self.now_ns()));
+                let _ = reply.send(metrics::render(
+                    &self.tracker,
+                    &self.stats(),
+                    &self.timewait,
+                    self.now_ns(),
+                ));
             }
         }
     }

@@ -48,7 +48,15 @@ impl Daemon {
         }
         let now = self.now_ns();
         let rules = new.rules.rules();
-        let rules_changed = rules != self.tracker.rules();
+        if self.timewait.rules() != crate::tracker::timewait::PeerWatch::new(&rules).rules() {
+            self.set_peer_rules(&rules, now);
+        }
+        let process_rules: Vec<_> = rules
+            .iter()
+            .filter(|r| r.scope == crate::tracker::rules::Scope::Process)
+            .cloned()
+            .collect();
+        let rules_changed = process_rules != self.tracker.rules();
         if rules_changed {
             let gone = self.tracker.rules().to_vec();
             self.settling.set_settle(settle::settle_time(&rules));

@@ -110,6 +110,8 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64, clock: &Clock) -> StatusR
         },
         // Filled by the daemon, which owns the abort tallies.
         aborts: None,
+        timewait: None,
+        port: None,
     }
 }
 

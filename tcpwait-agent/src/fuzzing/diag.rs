@@ -78,5 +78,8 @@ fn answer(s: &DiagSocket) -> Vec<u8> {
     packet.finalize();
     let mut bytes = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut bytes);
+    // `idiag_expires`, which the crate does not carry for every timer (the parser reads it
+    // from the bytes): after the 16-byte netlink header, at offset 52 of `inet_diag_msg`.
+    bytes[16 + 52..16 + 56].copy_from_slice(&s.expires_ms.to_ne_bytes());
     bytes
 }

@@ -37,6 +37,12 @@ use crate::{
 /// last_data_sent, last_ack_sent, last_data_recv, last_ack_recv. Stable ABI since 2.6.
 const TCPI_LAST_ACK_RECV: usize = 56;
 
+/// Length of `struct nlmsghdr`, before each answer.
+const NLMSG_HDRLEN: usize = 16;
+/// Offset of `idiag_expires` in `struct inet_diag_msg` (include/uapi/linux/inet_diag.h):
+/// family, state, timer, retrans (u8 each), then the 48-byte `inet_diag_sockid`.
+const IDIAG_EXPIRES: usize = 52;
+
 /// Receive buffer for one datagram. The kernel sizes dump datagrams to what the reader asked
 /// for, capped at 32 KiB (`netlink_recvmsg`: `max_recvmsg_len`), so 64 KiB never truncates;
 /// a truncation is still detected (`MSG_TRUNC`) and reported, never parsed.
@@ -257,7 +263,12 @@ pub fn parse_datagram(bytes: &[u8], dump: &mut Dump) -> Result<Progress, DiagErr
             .map_err(|source| DiagError::Decode { offset, source })?;
         match msg.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                match to_diag_socket(&r) {
+                // The crate drops `idiag_expires` of timewait sockets: read it from the bytes.
+                let at = offset + NLMSG_HDRLEN + IDIAG_EXPIRES;
+                let expires_ms = bytes.get(at..at + 4).map_or(0, |b| {
+                    u32::from_ne_bytes(b.try_into().expect("a 4-byte range"))
+                });
+                match to_diag_socket(&r, expires_ms) {
                     Some(s) => dump.sockets.push(s),
                     None => dump.unknown_states += 1,
                 }
@@ -283,7 +294,7 @@ pub fn parse_datagram(bytes: &[u8], dump: &mut Dump) -> Result<Progress, DiagErr
 }
 
 /// Converts one answer; `None` for a state tcpwait does not know.
-fn to_diag_socket(r: &InetResponse) -> Option<DiagSocket> {
+fn to_diag_socket(r: &InetResponse, expires_ms: u32) -> Option<DiagSocket> {
     let h = &r.header;
     let state = TcpState::try_from(h.state).ok()?;
     let last_ack_recv_ms = r.nlas.iter().find_map(|nla| match nla {
@@ -318,6 +329,7 @@ fn to_diag_socket(r: &InetResponse) -> Option<DiagSocket> {
         send_q: h.send_queue,
         cookie: u64::from(high) << 32 | u64::from(low),
         last_ack_recv_ms,
+        expires_ms,
     })
 }
 

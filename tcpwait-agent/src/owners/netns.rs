@@ -171,8 +171,20 @@ impl Home {
     /// the thread enters the namespace, opens the socket and comes home before returning, so
     /// the dump on that socket runs from home. The home namespace needs no setns.
     pub fn socket_in(&self, inode: u32, paths: &[PathBuf]) -> Result<Socket, NsError> {
+        self.within(inode, paths, super::diag::open)
+    }
+
+    /// Runs `f` inside namespace `inode` (found through `paths`) and comes home: for what
+    /// answers for the namespace of the thread that opens it (a netlink socket, a
+    /// `/proc/sys/net` file). An error of `f` is reported as [`NsError::Socket`].
+    pub fn within<T>(
+        &self,
+        inode: u32,
+        paths: &[PathBuf],
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> Result<T, NsError> {
         if inode == self.inode {
-            return super::diag::open().map_err(|e| NsError::Socket(inode, e));
+            return f().map_err(|e| NsError::Socket(inode, e));
         }
         let mut last = None;
         for path in paths {
@@ -189,13 +201,13 @@ impl Home {
                 last = Some((path, io::Error::from(e)));
                 continue;
             }
-            let socket = super::diag::open();
+            let out = f();
             move_into_link_name_space(
                 rustix::fd::AsFd::as_fd(&self.file),
                 Some(LinkNameSpaceType::Network),
             )
             .map_err(|e| NsError::Return(e.into()))?;
-            return socket.map_err(|e| NsError::Socket(inode, e));
+            return out.map_err(|e| NsError::Socket(inode, e));
         }
         Err(match last {
             Some((path, source)) => NsError::Enter {

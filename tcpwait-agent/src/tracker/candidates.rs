@@ -4,21 +4,9 @@
 //! (CLOSE → LISTEN, kept per listener: the candidate owner of the sockets it accepts). Neither
 //! is trusted: the resolver confirms a candidate in its fd table before naming it.
 use super::Tracker;
-use crate::{
-    event::{SocketId, TcpState, Transition},
-    model::OwnerQuery,
-};
+use crate::{event::SocketId, model::OwnerQuery};
 
 impl Tracker {
-    /// Listeners come and go in their caller's context (`listen()`, `close()`).
-    pub(super) fn note_listener(&mut self, t: &Transition) {
-        if t.new == TcpState::Listen {
-            self.listeners.insert((t.netns, t.sport), t.task.pid);
-        } else if t.old == TcpState::Listen {
-            self.listeners.remove(&(t.netns, t.sport));
-        }
-    }
-
     /// What the owner resolver needs to find the holders of `sock`: its namespace and tuple, and
     /// the pids to check first — the process that called `connect()` on it, then the one that
     /// called `listen()` on the listener it came from (same namespace and local port). Neither
@@ -28,7 +16,11 @@ impl Tracker {
         let s = self.table.get(slot);
         let mut candidates = Vec::with_capacity(2);
         candidates.extend(self.table.hint(slot));
-        if let Some(&pid) = self.listeners.get(&(s.tuple.netns, s.tuple.local_port()))
+        if let Some(pid) = self
+            .listeners
+            .open
+            .get(&(s.tuple.netns, s.tuple.local_port()))
+            .map(|l| l.pid)
             && !candidates.contains(&pid)
         {
             candidates.push(pid);

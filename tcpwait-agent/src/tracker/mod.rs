@@ -14,9 +14,10 @@
 //!
 //! Files: `table` (compact socket slab + indices), `procs` (per-process indices), `rules`
 //! (rules as data), `alerts` (firing state, deadlines), `reconcile` (inet_diag truth),
-//! `snapshot` (status views).
+//! `snapshot` (status views), `timewait` (TIME_WAIT pile-ups per peer, peer rules).
 pub mod alerts;
 mod candidates;
+pub mod ports;
 mod procs;
 pub mod reconcile;
 pub mod rules;
@@ -24,8 +25,7 @@ pub mod snapshot;
 mod table;
 #[cfg(test)]
 pub(crate) mod tests;
-
-use std::collections::HashMap;
+pub mod timewait;
 
 use self::{
     alerts::{Alert, AlertChange, Engine},
@@ -143,26 +143,33 @@ pub struct Tracker {
     last_overflow_ns: Option<u64>,
     /// Listening sockets by (network namespace, local port) → the pid that called `listen()`
     /// (CLOSE → LISTEN runs in the caller's context). The candidate owner of the sockets it
-    /// accepts: one map entry per listener, so bounded by the host's listeners.
-    listeners: HashMap<(u32, u16), u32>,
+    /// accepts: one map entry per listener, so bounded by the host's listeners; and the last
+    /// listeners that closed (bounded, `ports`).
+    listeners: ports::Listeners,
 }
 
 impl Tracker {
     /// An empty tracker.
     pub fn new(config: TrackerConfig) -> Self {
+        // Peer rules count TIME_WAIT sockets from the kernel's lists (`timewait`), not owners.
+        let rules: Vec<Rule> = config
+            .rules
+            .into_iter()
+            .filter(|r| r.scope == rules::Scope::Process)
+            .collect();
         let mut watched = [false; 12];
-        for r in &config.rules {
+        for r in &rules {
             watched[state_index(r.state)] = true;
         }
         Self {
             max_sockets: config.max_sockets,
             table: Table::new(),
             procs: Registry::default(),
-            engine: Engine::new(config.rules),
+            engine: Engine::new(rules),
             counters: Counters::default(),
             watched,
             last_overflow_ns: None,
-            listeners: HashMap::new(),
+            listeners: ports::Listeners::default(),
         }
     }
 

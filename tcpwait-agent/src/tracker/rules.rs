@@ -5,15 +5,22 @@
 //! alert name, severity and remedy from it. A FIN_WAIT2 age rule or a SYN_SENT age rule is
 //! another value of the same type, not new code.
 //!
-//! Scope: every rule is evaluated **per process** ([`Scope::Process`]) — the sockets a process
-//! owns (as resolved through inet_diag + `/proc/<pid>/fd`) in the rule's state. Sockets without a
-//! known owner never match a rule; they are listed by `Tracker::unowned`. FIN_WAIT2 and
-//! TIME_WAIT sockets usually have no owner any more (the process called `close()`; the kernel
-//! keeps an orphan or a timewait socket), so a rule on them only sees sockets still held
-//! through an fd (e.g. after `shutdown(SHUT_WR)`). Per-peer and host scopes are not built yet:
-//! the configuration refuses them rather than evaluating them per process.
+//! Scopes: a [`Scope::Process`] rule is evaluated per process — the sockets a process owns (as
+//! resolved through inet_diag + `/proc/<pid>/fd`) in the rule's state. Sockets without a known
+//! owner never match one; they are listed by `Tracker::unowned`. FIN_WAIT2 sockets usually have
+//! no owner any more (the process called `close()`; the kernel keeps an orphan), so a process
+//! rule on them only sees sockets still held through an fd (after `shutdown(SHUT_WR)`).
+//! TIME_WAIT sockets never have an owner: a [`Scope::Peer`] rule counts them per (namespace,
+//! local address → remote address:port) from the kernel's own lists (`tracker::timewait`).
+//! The host scope is not built yet: the configuration refuses it.
 use super::{Tracker, alerts::AlertChange, table::state_index};
 use crate::event::TcpState;
+
+/// The remedy of [`Rule::time_wait_pileup`].
+pub const TIME_WAIT_REMEDY: &str = "this process closes its connections to one peer first, and \
+     each close leaves a TIME_WAIT socket holding a local port for 60 s: reuse connections \
+     (HTTP keep-alive, a connection pool), let the server close first, or set \
+     net.ipv4.tcp_tw_reuse=1 (outgoing connections may then reuse TIME_WAIT ports)";
 
 /// Default age threshold of [`Rule::close_wait_leak`]: 60 s.
 pub const DEFAULT_CLOSE_WAIT_MAX_AGE_NS: u64 = 60_000_000_000;
@@ -25,6 +32,8 @@ pub const DEFAULT_CLOSE_WAIT_MAX_COUNT: u32 = 100;
 pub enum Scope {
     /// The sockets one process holds (a socket shared by several processes counts for each).
     Process,
+    /// The TIME_WAIT sockets of one (network namespace, local address → remote address:port).
+    Peer,
 }
 
 impl Scope {
@@ -32,11 +41,12 @@ impl Scope {
     pub fn name(self) -> &'static str {
         match self {
             Self::Process => "process",
+            Self::Peer => "peer",
         }
     }
 }
 
-/// States a rule may watch: those a socket stays in while a process holds it. CLOSE is never
+/// States a process rule may watch: those a socket stays in while a process holds it. CLOSE is never
 /// tracked; TIME_WAIT is never entered by a transition (a timewait socket takes over, see
 /// DESIGN.md) and NEW_SYN_RECV is a request socket that no process holds.
 pub const RULE_STATES: [TcpState; 9] = [
@@ -67,6 +77,9 @@ pub struct Rule {
     pub max_age_ns: Option<u64>,
     /// Matches when the count is `>` this.
     pub max_count: Option<u32>,
+    /// Peer rules: matches when the count is more than this share of the namespace's
+    /// ephemeral port range, in parts per million (500000 = 50 %).
+    pub max_share_ppm: Option<u32>,
     /// The Alertmanager `alertname` label, e.g. `TcpCloseWaitLeak`.
     pub alertname: String,
     /// The `severity` label, e.g. `warning`.
@@ -81,7 +94,24 @@ impl Rule {
     /// settling and reconciliation, whose cost the default benchmark has not measured yet; it
     /// is one `[[rules]]` entry away (`config --print-default` shows it, commented out).
     pub fn defaults() -> Vec<Self> {
-        vec![Self::close_wait_leak()]
+        vec![Self::close_wait_leak(), Self::time_wait_pileup()]
+    }
+
+    /// The default peer rule: one (local address → remote address:port) holds TIME_WAIT
+    /// sockets on more than half of its namespace's ephemeral port range: new connections
+    /// toward that peer are about to fail with EADDRNOTAVAIL.
+    pub fn time_wait_pileup() -> Self {
+        Self {
+            name: "time_wait_pileup".to_owned(),
+            state: TcpState::TimeWait,
+            scope: Scope::Peer,
+            max_age_ns: None,
+            max_count: None,
+            max_share_ppm: Some(500_000),
+            alertname: "TcpTimeWaitPileup".to_owned(),
+            severity: "warning".to_owned(),
+            remedy: TIME_WAIT_REMEDY.to_owned(),
+        }
     }
 
     /// The default rule: CLOSE_WAIT for 60 s or more, or more than 100 CLOSE_WAIT sockets.
@@ -92,6 +122,7 @@ impl Rule {
             scope: Scope::Process,
             max_age_ns: Some(DEFAULT_CLOSE_WAIT_MAX_AGE_NS),
             max_count: Some(DEFAULT_CLOSE_WAIT_MAX_COUNT),
+            max_share_ppm: None,
             alertname: "TcpCloseWaitLeak".to_owned(),
             severity: "warning".to_owned(),
             remedy: "the peer closed these connections and the process never called close(): \
@@ -120,6 +151,7 @@ impl Rule {
             scope: Scope::Process,
             max_age_ns: Some(DEFAULT_CLOSE_WAIT_MAX_AGE_NS),
             max_count: None,
+            max_share_ppm: None,
             alertname: "TcpFinWait2Held".to_owned(),
             severity: "warning".to_owned(),
             remedy: "this process shut down its side and waits for the peer's FIN, which never \
@@ -143,6 +175,7 @@ impl Rule {
             scope: Scope::Process,
             max_age_ns,
             max_count,
+            max_share_ppm: None,
             alertname: default_alertname(name),
             severity: "warning".to_owned(),
             remedy: String::new(),
@@ -203,6 +236,11 @@ impl Tracker {
     /// the new thresholds to every process. Sockets already in a newly watched state get
     /// their holders from the next reconciliation.
     pub fn set_rules(&mut self, rules: Vec<Rule>, now_ns: u64) -> Vec<AlertChange> {
+        // Peer rules live in `timewait::PeerWatch`.
+        let rules: Vec<Rule> = rules
+            .into_iter()
+            .filter(|r| r.scope == Scope::Process)
+            .collect();
         self.watched = [false; 12];
         for r in &rules {
             self.watched[state_index(r.state)] = true;

@@ -39,6 +39,7 @@ pub mod clock;
 pub mod kernel;
 pub mod netns;
 mod pending;
+mod tw;
 
 /// The `tcpwait` binary built by cargo for this test run.
 pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
@@ -421,6 +422,7 @@ pub fn role_main() {
             unsafe { libc::kill(child, libc::SIGKILL) };
         }
         other if pending::role(other, &args, &mut out) => {}
+        other if tw::role(other, &args, &mut out) => {}
         other => panic!("unknown role {other}"),
     }
     std::process::exit(0);

@@ -13,6 +13,7 @@
 pub mod owners;
 mod owners_load;
 mod table;
+pub mod timewait;
 mod tracers;
 mod workload;
 
@@ -45,7 +46,9 @@ pub struct Settings {
 pub const BASE_SUFFIX: &str = "@base";
 
 /// The modes `--modes` accepts.
-const KNOWN_MODES: [&str; 4] = ["none", "trace", "run", "floor"];
+/// `run-fw2` is `run` with the opt-in rule fin_wait2_held added to the defaults: what watching
+/// FIN_WAIT2 (every active close passes through it) costs.
+const KNOWN_MODES: [&str; 5] = ["none", "trace", "run", "run-fw2", "floor"];
 
 /// The modes to run: those asked for (refusing unknown ones, and `floor` without bpftrace), or
 /// by default all of them, without `floor` if bpftrace is not installed (said on stdout); with

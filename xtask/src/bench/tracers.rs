@@ -82,6 +82,26 @@ impl Agent {
     }
 }
 
+/// The default rules plus fin_wait2_held (mode `run-fw2`).
+const FIN_WAIT2_CONFIG: &str = r#"
+[[rules]]
+name = "close_wait_leak"
+state = "CLOSE_WAIT"
+age = "60s"
+count = 100
+
+[[rules]]
+name = "time_wait_pileup"
+state = "TIME_WAIT"
+scope = "peer"
+share = 0.5
+
+[[rules]]
+name = "fin_wait2_held"
+state = "FIN_WAIT2"
+age = "60s"
+"#;
+
 pub(super) fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Agent> {
     if mode == "floor" {
         return start_floor(dir, run);
@@ -93,17 +113,19 @@ pub(super) fn start(bin: &Path, mode: &str, dir: &Path, run: usize) -> Result<Ag
         }
         _ => {
             let sock = dir.join(format!("bench-{run}.sock")).display().to_string();
-            (
-                vec![
-                    "run".into(),
-                    "--socket".into(),
-                    sock.clone(),
-                    "--metrics-listen".into(),
-                    String::new(),
-                ],
-                None,
-                Some(sock),
-            )
+            let mut args: Vec<String> = vec![
+                "run".into(),
+                "--socket".into(),
+                sock.clone(),
+                "--metrics-listen".into(),
+                String::new(),
+            ];
+            if mode == "run-fw2" {
+                let config = dir.join("fin-wait2.toml");
+                std::fs::write(&config, FIN_WAIT2_CONFIG).context("write the run-fw2 config")?;
+                args.extend(["--config".into(), config.display().to_string()]);
+            }
+            (args, None, Some(sock))
         }
     };
     let stdout = match &out {

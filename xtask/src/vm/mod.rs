@@ -48,6 +48,11 @@ const HOST_ONLY: &[(&str, &str)] = &[
          emulation; the daemon tier covers its kernel side",
     ),
     (
+        "timewait",
+        "3,000 connections, then waits for 5 s censuses: slow under emulation; the kernel \
+         facts it needs (timewait sockets in inet_diag, SOCK_DESTROY) are the host's",
+    ),
+    (
         "budget",
         "1,100 connections to the metrics port, timed: the agent's own limits, not the kernel's",
     ),

@@ -53,6 +53,7 @@ fn sock(
         send_q,
         cookie,
         last_ack_recv_ms,
+        expires_ms: 0,
     }
 }
 
@@ -96,10 +97,16 @@ fn parses_a_real_ipv4_dump_exactly() {
                 71887,
                 Some(352)
             ),
-            // Timewait sockets: no inode, no tcp_info.
-            sock(TimeWait, (lo, 40002), (lo, 40000), 0, 0, 0, 71890, None),
+            // Timewait sockets: no inode, no tcp_info; the ms left on their timer.
+            DiagSocket {
+                expires_ms: 59700,
+                ..sock(TimeWait, (lo, 40002), (lo, 40000), 0, 0, 0, 71890, None)
+            },
             // An orphan in FIN_WAIT2 is a timewait socket whose substate is FIN_WAIT2.
-            sock(FinWait2, (lo, 40000), (lo, 40001), 0, 0, 0, 71891, None),
+            DiagSocket {
+                expires_ms: 59692,
+                ..sock(FinWait2, (lo, 40000), (lo, 40001), 0, 0, 0, 71891, None)
+            },
         ]
     );
 }
@@ -133,8 +140,14 @@ fn parses_a_real_ipv6_dump_exactly() {
                 71889,
                 Some(300)
             ),
-            sock(TimeWait, (lo, 40012), (lo, 40010), 0, 0, 0, 71892, None),
-            sock(FinWait2, (lo, 40010), (lo, 40011), 0, 0, 0, 71893, None),
+            DiagSocket {
+                expires_ms: 59748,
+                ..sock(TimeWait, (lo, 40012), (lo, 40010), 0, 0, 0, 71892, None)
+            },
+            DiagSocket {
+                expires_ms: 59744,
+                ..sock(FinWait2, (lo, 40010), (lo, 40011), 0, 0, 0, 71893, None)
+            },
         ]
     );
 }

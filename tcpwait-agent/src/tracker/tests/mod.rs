@@ -118,6 +118,7 @@ fn diag(n: u64, state: TcpState, last_ack_recv_ms: Option<u32>) -> DiagSocket {
         send_q: 0,
         cookie: 7_000 + n,
         last_ack_recv_ms,
+        expires_ms: 0,
     }
 }
 
