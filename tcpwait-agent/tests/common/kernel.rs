@@ -43,9 +43,9 @@ pub fn no_loss_summary_counted(counted: bool) -> &'static str {
 /// recursion guard (DESIGN.md, "Kernel matrix").
 pub fn expected_programs() -> &'static str {
     if kernel_counts_recursion() {
-        "(sock:inet_sock_set_state, BTF tracepoint)"
+        "(sock:inet_sock_set_state, BTF tracepoint; aborts from "
     } else {
-        "(sock:inet_sock_set_state, BTF tracepoint, no rescue of nested transitions)"
+        "(sock:inet_sock_set_state, BTF tracepoint, no rescue of nested transitions; aborts from "
     }
 }
 
