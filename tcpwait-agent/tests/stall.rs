@@ -231,9 +231,10 @@ fn stalled_stdout_never_stalls_the_agent_and_drops_are_counted_exactly() {
     let filed: Vec<(u64, String)> = std::fs::read_to_string(&alert_file)
         .expect("alert file")
         .lines()
-        .map(|l| {
+        .filter_map(|l| {
             let v: Value = serde_json::from_str(l).expect("JSON");
-            (v["pid"].as_u64().expect("pid"), v["alert"].to_string())
+            // A peer-scope alert (the churn's own TIME_WAIT pile-up) names no process.
+            Some((v["pid"].as_u64()?, v["alert"].to_string()))
         })
         .filter(|(pid, _)| pids.iter().any(|p| u64::from(*p) == *pid))
         .collect();
