@@ -221,7 +221,7 @@ impl Probe {
         let counts_recursion = has_count && (attachment.btf || kernel_version() >= (6, 7));
         if !counts_recursion {
             warn!(
-                "this kernel keeps no recursion count for the main program (Linux < 5.12, or a                  classic tracepoint before 6.7): kernel recursion misses and tracepoint hits                  are reported as unknown; transitions the kernel skips as nested, if any, are                  lost uncounted"
+                "this kernel keeps no recursion count for the main program (Linux < 5.12, or a classic tracepoint before 6.7): kernel recursion misses and tracepoint hits are reported as unknown; transitions the kernel skips as nested, if any, are lost uncounted"
             );
         }
         let flush = if attachment.btf {
