@@ -111,18 +111,24 @@ impl Topology {
 /// A namespace's TCP settings for 100,000 connections in seconds: the whole port range for the
 /// clients, and the server's TIME_WAIT sockets (it closes first) reusable by a new SYN.
 fn tune(ns: &NetNs) {
-    for (key, value) in [
-        ("net.ipv4.ip_local_port_range", "1024 65535"),
-        ("net.ipv4.tcp_max_tw_buckets", "1000000"),
-        ("net.core.somaxconn", "4096"),
-    ] {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
-            .arg(format!("{key}={value}"))
-            .status()
-            .expect("run sysctl");
-        assert!(status.success(), "sysctl {key} in {}", ns.name);
-    }
+    // Written from a thread inside the namespace: a net sysctl file is the namespace of the
+    // task that opens it (and the kernel matrix's guests have no `sysctl` binary).
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on an fd this thread owns; only this thread moves.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        for (key, value) in [
+            ("net/ipv4/ip_local_port_range", "1024 65535"),
+            ("net/ipv4/tcp_max_tw_buckets", "1000000"),
+            ("net/core/somaxconn", "4096"),
+        ] {
+            std::fs::write(format!("/proc/sys/{key}"), value)
+                .unwrap_or_else(|e| panic!("write {key} in {}: {e}", path.display()));
+        }
+    })
+    .join()
+    .expect("tune the namespace");
 }
 
 /// Moves the calling thread into `ns` (only this thread: `setns` is per thread).
