@@ -41,7 +41,7 @@ fn start(args: &[&str], ready: &str) -> Tcpwait {
         stdout,
         stderr,
     };
-    if !tw.stderr.wait_for(ready, Duration::from_secs(120)) {
+    if !tw.stderr.wait_for(ready, Duration::from_secs(20)) {
         let _ = tw.child.kill();
         panic!(
             "tcpwait did not get ready; stderr: {:?}",

@@ -154,8 +154,7 @@ fn sockets_that_predate_the_agent_are_listed_with_an_age_bound() {
     assert!(listed, "not listed within 3 s: {}", status(&sock));
     // Start-up (BTF parsed, programs loaded) takes seconds under the kernel matrix's software
     // emulation (`tcpwait.vm` on the guest's command line).
-    let vm = std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.contains("tcpwait.vm"));
-    let bound = Duration::from_secs(if vm { 30 } else { 4 });
+    let bound = Duration::from_secs(if under_emulation() { 30 } else { 4 });
     assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     let asked = ready.elapsed().as_secs_f64();
     let p = process_in(&status(&sock), cli.pid()).expect("listed");

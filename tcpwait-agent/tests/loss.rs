@@ -37,8 +37,7 @@ fn common_role_entry() {
 /// kernel matrix's software emulation (`tcpwait.vm` on the guest's command line) a smaller
 /// run, which still nests transitions (DESIGN.md, "Kernel matrix").
 fn connections() -> usize {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if cmdline.contains("tcpwait.vm") {
+    if under_emulation() {
         10_000
     } else {
         100_000

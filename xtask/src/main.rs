@@ -110,6 +110,9 @@ enum Cmd {
         /// No row for the host's kernel.
         #[arg(long)]
         no_host: bool,
+        /// Only these test files (e.g. `--tests trace,sockfile`); default every kernel tier.
+        #[arg(long, value_delimiter = ',')]
+        tests: Vec<String>,
     },
 }
 
@@ -198,6 +201,7 @@ fn run() -> Result<()> {
             only,
             accel,
             no_host,
+            tests,
         } => {
             setup::setup(&root)?;
             setup::install_test_packages()?;
@@ -211,6 +215,7 @@ fn run() -> Result<()> {
                         _ => vm::Accel::Auto,
                     },
                     host: !no_host,
+                    tests,
                 },
             )
         }
@@ -260,6 +265,7 @@ fn run() -> Result<()> {
                     only: Vec::new(),
                     accel: vm::Accel::Auto,
                     host: true,
+                    tests: Vec::new(),
                 },
             )
         }

@@ -121,6 +121,15 @@ impl Probe {
             ring_bytes,
         } = test;
         raise_memlock();
+        // Each phase's duration, at debug level (`TCPWAIT_LOG=debug`): start-up takes seconds
+        // under emulation, and this says where.
+        let started = std::time::Instant::now();
+        let phase = |what: &str| {
+            debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "start-up: {what}"
+            )
+        };
         let mut reset_plan = Err("no kernel BTF".to_owned());
         let (offsets, netns) = match btf::Btf::from_sys_fs() {
             Ok(b) => {
@@ -137,6 +146,7 @@ impl Probe {
                 (Err(e), Err(why))
             }
         };
+        phase("kernel BTF parsed for offsets");
         // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
         // keeps freed heap memory unless asked to give it back.
         // SAFETY: malloc_trim only releases free heap pages.
@@ -174,6 +184,7 @@ impl Probe {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+        phase("object loaded (maps created)");
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             // The program logs nothing on its per-event path; no log map is the normal case.
             debug!(error = %e, "aya-log not initialised");
@@ -197,6 +208,7 @@ impl Probe {
         let default = (category, name) == TRACEPOINT;
         // Parsed once for every BTF program (a parse takes seconds under emulation).
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        phase("kernel BTF parsed for programs");
         let btf = match (&offsets, default) {
             (Ok(_), true) => kernel_btf.clone(),
             (Ok(_), false) => Err("not the default tracepoint".to_owned()),
@@ -210,6 +222,7 @@ impl Probe {
         };
         let programs = Programs::attach(&mut ebpf, (category, name), btf, compare, check_classic)?;
         let prog_fd = programs.main_fd;
+        phase("main programs loaded and attached");
         let mut attachment = programs.attachment;
         // The kernel counts skipped runs per program from Linux 5.12 (`recursion_misses` in
         // the fdinfo). The classic tracepoint's guard (`bpf_prog_active` in `trace_call_bpf`)
@@ -238,8 +251,10 @@ impl Probe {
         } else {
             None
         };
+        phase("flush program loaded and run");
         let resets =
             resets::Resets::attach_planned(&mut ebpf, reset_plan, kernel_btf.as_ref().ok());
+        phase("reset programs loaded and attached");
         drop(kernel_btf);
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))

@@ -44,9 +44,32 @@ mod tw;
 /// The `tcpwait` binary built by cargo for this test run.
 pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+/// Whether this runs in the kernel matrix's software emulation (`tcpwait.vm` on the guest's
+/// command line), where everything takes several times longer (DESIGN.md, "Kernel matrix").
+pub fn under_emulation() -> bool {
+    static VM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VM.get_or_init(|| {
+        std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.contains("tcpwait.vm"))
+    })
+}
+
+/// How much longer a bounded wait may take under emulation: `tcpwait trace` starts in 0.1 s
+/// on the host and in 17 s on Debian's 6.1 under TCG.
+pub const EMULATION_SLOWDOWN: u32 = 6;
+
+/// `d`, or `d` × [`EMULATION_SLOWDOWN`] under emulation: the bound of every poll here.
+pub fn scaled(d: Duration) -> Duration {
+    if under_emulation() {
+        d * EMULATION_SLOWDOWN
+    } else {
+        d
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes ([`scaled`] under emulation);
+/// returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if cond() {
             return true;

@@ -112,6 +112,8 @@ pub struct Options {
     pub accel: Accel,
     /// Add a row for the host's kernel (the same tiers run directly).
     pub host: bool,
+    /// Only these test files (`trace`, `sockfile`); empty: every kernel tier.
+    pub tests: Vec<String>,
 }
 
 /// Which qemu accelerator to use.
@@ -169,7 +171,16 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         }
     );
     crate::cargo(root, &["build", "--release", "--package", "tcpwait-agent"])?;
-    let targets = targets(root)?;
+    let mut targets = targets(root)?;
+    if let Some(bad) = opts.tests.iter().find(|t| !targets.contains(t)) {
+        bail!(
+            "--tests {bad}: not a kernel tier; the tiers are {}",
+            targets.join(", ")
+        );
+    }
+    if !opts.tests.is_empty() {
+        targets.retain(|t| opts.tests.contains(t));
+    }
     eprintln!(
         "xtask vm: test targets in the guests: {} (on the host only: {})",
         targets.join(", "),
@@ -288,12 +299,22 @@ fn run_script(root: &Path, bins: &[(String, PathBuf)]) -> String {
          OUT=$1\n\
          cd {root}\n\
          uname -r > $OUT/kernel\n\
-         {tcpwait} trace > /dev/null 2> $OUT/startup.log &\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         TCPWAIT_LOG=tcpwait_agent=debug {tcpwait} trace > /dev/null 2> $OUT/startup.log &\n\
          pid=$!\n\
          i=0\n\
-         while [ $i -lt 150 ] && ! grep -q 'tracing TCP\\|Error\\|error' $OUT/startup.log; do \
+         while [ $i -lt 300 ] && ! grep -q 'tracing TCP\\|Error\\|error' $OUT/startup.log; do \
            sleep 0.2; i=$((i+1)); done\n\
+         echo \"start-up: $t0 $(cut -d' ' -f1 /proc/uptime)\" > $OUT/startup-time\n\
          kill -INT $pid\n\
+         i=0\n\
+         while [ $i -lt 150 ] && kill -0 $pid 2>/dev/null; do sleep 0.2; i=$((i+1)); done\n\
+         if kill -0 $pid 2>/dev/null; then \
+           echo \"did not exit within 30 s of SIGINT\" >> $OUT/startup.log; \
+           for t in /proc/$pid/task/*; do echo \"thread $t: $(cat $t/comm) $(cut -d' ' -f3 $t/stat) \
+             wchan=$(cat $t/wchan) syscall=$(cat $t/syscall)\"; cat $t/stack; done \
+             > $OUT/hung-stacks 2>&1; \
+           kill -KILL $pid; fi\n\
          wait $pid\n\
          echo \"exit status $?\" >> $OUT/startup.log\n",
         root = root.display(),
@@ -378,10 +399,45 @@ fn read_results(out: &Path, secs: f64) -> Row {
     let notes = startup
         .lines()
         .filter(|l| {
-            l.contains("WARN") || l.contains("transitions seen") || l.contains("exit status")
+            l.contains("WARN")
+                || l.contains("transitions seen")
+                || l.contains("exit status")
+                || l.contains("did not exit")
         })
         .filter(|l| !l.ends_with("exit status 0"))
         .map(|l| l.trim().to_owned())
+        // Where a `tcpwait trace` that ignored SIGINT was stuck, thread by thread.
+        .chain(
+            read("hung-stacks")
+                .lines()
+                .filter(|l| l.starts_with("thread "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        )
+        // Where its start-up went (debug lines `start-up: <phase> ms=<since start>`).
+        .chain({
+            let phases: Vec<String> = startup
+                .lines()
+                .filter_map(|l| {
+                    let rest = l.split("start-up: ").nth(1)?;
+                    let (what, ms) = rest.rsplit_once(" ms=")?;
+                    Some(format!("{what} {ms}"))
+                })
+                .collect();
+            (!phases.is_empty())
+                .then(|| format!("start-up phases (ms since start): {}", phases.join(", ")))
+        })
+        // How long `tcpwait trace` took from exec to its "tracing" line (guest uptime).
+        .chain(
+            read("startup-time")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .get(1..3)
+                .and_then(|t| {
+                    let (a, b) = (t[0].parse::<f64>().ok()?, t[1].parse::<f64>().ok()?);
+                    Some(format!("start-up of `tcpwait trace`: {:.1} s", b - a))
+                }),
+        )
         // What the tests print about the kernel (the stress test: nested transitions seen).
         .chain(logs.iter().flat_map(|log| {
             read(log)
