@@ -35,11 +35,13 @@ pub use serde_json::Value;
 )]
 pub use clock::*;
 
+pub mod alertmanager;
 pub mod clock;
 pub mod kernel;
 pub mod netns;
 mod pending;
 mod tw;
+pub mod webhook;
 
 /// The `tcpwait` binary built by cargo for this test run.
 pub const TCPWAIT: &str = env!("CARGO_BIN_EXE_tcpwait");
