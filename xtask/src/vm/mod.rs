@@ -94,16 +94,6 @@ fn targets(root: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Kernels the matrix does not boot unless asked by name (`--kernel`), and why: an open
-/// defect, said on every run, never a silent pass.
-const KNOWN_BROKEN: &[(&str, &str)] = &[(
-    "5.10",
-    "OPEN DEFECT: `tcpwait trace` does not exit after SIGINT on Debian's 5.10 since the exact \
-     loss accounting landed (2026-12-06; not the abort programs: the same with a kprobe); the \
-     guest would wait forever at its start-up check. `cargo xtask vm-test --kernel 5.10` \
-     reproduces it",
-)];
-
 /// Options of `cargo xtask vm-test`.
 pub struct Options {
     /// Kernel series to boot (`5.10`, `6.1`, `6.12`); empty: all.
@@ -214,12 +204,6 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     }
     for k in &kernels {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == k.series) {
-            continue;
-        }
-        if let Some((_, why)) = KNOWN_BROKEN.iter().find(|(s, _)| *s == k.series)
-            && opts.only.is_empty()
-        {
-            eprintln!("xtask vm: NOT BOOTED {}: {why}", k.series);
             continue;
         }
         rows.push(boot::run(&vm, k, &busybox, &script, kvm)?);
