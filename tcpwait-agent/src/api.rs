@@ -582,6 +582,6 @@ mod tests {
         let TailLine::Record(r) = r else {
             panic!("record expected")
         };
-        assert_eq!((r.owner_pid, r.new.as_ref()), (Some(9), "CLOSE_WAIT"));
+        assert_eq!((r.owner.owner_pid, r.new.as_ref()), (Some(9), "CLOSE_WAIT"));
     }
 }

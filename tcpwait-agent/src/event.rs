@@ -278,14 +278,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     // for it (integers only), and `read_unaligned` makes no alignment assumption.
     let ev: TransitionEvent =
         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TransitionEvent>()) };
-    let (saddr, daddr) = match ev.family {
-        AF_INET => (v4(&ev.saddr), v4(&ev.daddr)),
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
-            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
-        ),
-        other => return Err(DecodeError::UnknownFamily(other)),
-    };
+    let (saddr, daddr) = (addr(ev.family, ev.saddr)?, addr(ev.family, ev.daddr)?);
     Ok(Transition {
         ts_ns: ev.ts_ns,
         sock: SocketId(ev.skaddr),
@@ -304,8 +297,14 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
     })
 }
 
-fn v4(a: &[u8; 16]) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+/// An address field of a wire record (every record kind lays them out alike): an IPv4
+/// address in its first 4 bytes, an IPv6 address in all 16.
+fn addr(family: u16, a: [u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(a))),
+        other => Err(DecodeError::UnknownFamily(other)),
+    }
 }
 
 /// Counts of records that could not be decoded, by reason.
@@ -341,8 +340,18 @@ impl DecodeErrors {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An address as a wire record's address field holds it (the inverse of `addr`).
+    pub(crate) fn wire_addr(a: &str) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        match a.parse::<IpAddr>().expect("an address literal") {
+            IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => b = v6.octets(),
+        }
+        b
+    }
 
     /// Hand-made wire bytes, laid out field by field as the kernel program writes them.
     fn wire(family: u16, old: u8, new: u8) -> Vec<u8> {
@@ -355,17 +364,13 @@ mod tests {
         b.extend_from_slice(&1_234_567_890u64.to_le_bytes()); // ts_ns
         b.extend_from_slice(&0xffff_8880_1234_5678u64.to_le_bytes()); // skaddr
         b.extend_from_slice(&((4242u64 << 32) | 4243).to_le_bytes()); // pid_tgid
-        let mut saddr = [0u8; 16];
-        let mut daddr = [0u8; 16];
-        if family == AF_INET6 {
-            saddr[15] = 1; // ::1
-            daddr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let (saddr, daddr) = if family == AF_INET6 {
+            ("::1", "2001:db8::2")
         } else {
-            saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-            daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
-        }
-        b.extend_from_slice(&saddr);
-        b.extend_from_slice(&daddr);
+            ("127.0.0.1", "10.1.2.3")
+        };
+        b.extend_from_slice(&wire_addr(saddr));
+        b.extend_from_slice(&wire_addr(daddr));
         let mut comm = [0u8; 16];
         comm[..5].copy_from_slice(b"curl\x1b");
         b.extend_from_slice(&comm);

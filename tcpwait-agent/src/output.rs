@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Transition;
 
+mod owner;
+pub use owner::{OwnerFields, OwnerView};
+
 /// How often [`Clock::refresh`] measures the offset again: NTP slews CLOCK_REALTIME by at most
 /// 500 ppm (0.5 ms per second), and a step (`date -s`, a resumed VM) shows within a second.
 pub const CLOCK_REFRESH_NS: u64 = 1_000_000_000;
@@ -211,17 +214,6 @@ pub fn time_of_day(wall_ns: i128) -> String {
     rfc3339[11..26].to_owned()
 }
 
-/// Who holds the socket, when known (filled by the daemon; `trace` leaves it empty).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OwnerView {
-    pub pid: u32,
-    pub comm: String,
-    /// Container id, from the holder's cgroup.
-    pub container: Option<String>,
-    /// Kubernetes pod UID, from the holder's cgroup.
-    pub pod_uid: Option<String>,
-}
-
 /// One transition as printed, text or JSON; the schema of `trace --json` and `tail --json`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TransitionRecord<'a> {
@@ -255,17 +247,8 @@ pub struct TransitionRecord<'a> {
     /// Milliseconds spent in `old`, when the socket was seen entering it.
     pub ms_in_old: Option<f64>,
     /// Holder of the socket (the daemon's `tail`; absent from `trace`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_pid: Option<u32>,
-    /// Holder's task name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_comm: Option<String>,
-    /// Holder's container id, when its cgroup names one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_container: Option<String>,
-    /// Holder's Kubernetes pod UID, when its cgroup names one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_pod_uid: Option<String>,
+    #[serde(flatten)]
+    pub owner: OwnerFields,
 }
 
 impl<'a> TransitionRecord<'a> {
@@ -293,10 +276,7 @@ impl<'a> TransitionRecord<'a> {
             old: Cow::Borrowed(t.old.name()),
             new: Cow::Borrowed(t.new.name()),
             ms_in_old: ns_in_old.map(|ns| ns as f64 / 1e6),
-            owner_pid: owner.map(|o| o.pid),
-            owner_comm: owner.map(|o| o.comm.clone()),
-            owner_container: owner.and_then(|o| o.container.clone()),
-            owner_pod_uid: owner.and_then(|o| o.pod_uid.clone()),
+            owner: OwnerFields::new(owner),
         }
     }
 }
@@ -339,10 +319,7 @@ pub fn write_record(
                 endpoint(ip(&r.saddr)?, r.sport),
                 endpoint(ip(&r.daddr)?, r.dport),
             );
-            let owner = match (&r.owner_pid, &r.owner_comm) {
-                (Some(pid), Some(comm)) => format!("  owner={pid}/{}", escape_control(comm)),
-                _ => String::new(),
-            };
+            let owner = r.owner.text();
             writeln!(
                 w,
                 "{} {:<7} {:<16} {:<47} {:<26} {ms}{owner}",
@@ -358,11 +335,12 @@ pub fn write_record(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Comm, SocketId, Task, TcpState};
 
-    fn sample() -> Transition {
+    /// A transition whose task names itself with an escape sequence.
+    pub(crate) fn sample() -> Transition {
         let mut comm = [0u8; 16];
         comm[..6].copy_from_slice(b"evil\x1b[");
         Transition {

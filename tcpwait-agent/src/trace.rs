@@ -67,9 +67,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         no_netns: args.test_no_netns,
         ..TestModes::default()
     };
-    let mut probe = Probe::attach(category, name, test)?;
+    // Before the probe: a stop asked during start-up (seconds on a slow machine) is acted on
+    // once tracing starts, with its summary, and is not lost where the parent left SIGINT
+    // ignored (a background job of a non-interactive shell).
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut probe = Probe::attach(category, name, test)?;
     let mut clock = Clock::now();
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     if format == Format::Text {

@@ -14,7 +14,7 @@ enum Kind {
 }
 
 /// Every metric the agent exports (README, "Monitoring"), with its type.
-const METRICS: [(&str, Kind); 26] = [
+const METRICS: [(&str, Kind); 31] = [
     ("tcpwait_sockets", Kind::Gauge),
     ("tcpwait_transitions_total", Kind::Counter),
     ("tcpwait_process_sockets", Kind::Gauge),
@@ -41,6 +41,11 @@ const METRICS: [(&str, Kind); 26] = [
     ("tcpwait_peer_timewait_closes_per_second", Kind::Gauge),
     ("tcpwait_peer_timewait_closer_closes", Kind::Gauge),
     ("tcpwait_peer_alerts_firing", Kind::Gauge),
+    ("tcpwait_aborts_total", Kind::Counter),
+    ("tcpwait_abort_discarded_bytes_total", Kind::Counter),
+    ("tcpwait_process_aborts_total", Kind::Counter),
+    ("tcpwait_resets_received_total", Kind::Counter),
+    ("tcpwait_resets_lost_total", Kind::Counter),
 ];
 
 /// The `tcpwait_*` names an expression uses, with the byte offset of each.
@@ -64,8 +69,25 @@ fn metric_uses(expr: &str) -> Vec<(usize, String)> {
     uses
 }
 
+/// Whether the counter `name` at byte `at` of `expr` is one side of `C unless C offset D`
+/// (`C` the same selector): a series that was absent `D` ago, counted with its whole value.
+/// increase() never counts what a series held at its first sample (a per-process series
+/// appears with the aborts its process made before the first scrape).
+fn is_new_series_idiom(expr: &str, at: usize, name: &str) -> bool {
+    let rest = &expr[at + name.len()..];
+    let selector_len = if rest.starts_with('{') {
+        rest.find('}').map_or(0, |e| e + 1)
+    } else {
+        0
+    };
+    let selector = &expr[at..at + name.len() + selector_len];
+    let after = &expr[at + selector.len()..];
+    after.starts_with(&format!(" unless {selector} offset "))
+        || (expr[..at].ends_with(&format!("{selector} unless ")) && after.starts_with(" offset "))
+}
+
 /// Every metric an expression names is exported, gauges are never rated, and counters are
-/// only used through rate() or increase().
+/// only used through rate() or increase(), or in the new-series idiom (`is_new_series_idiom`).
 fn assert_metrics_used_right(expr: &str) -> Vec<String> {
     let uses = metric_uses(expr);
     assert!(!uses.is_empty(), "no tcpwait metric in {expr:?}");
@@ -80,7 +102,7 @@ fn assert_metrics_used_right(expr: &str) -> Vec<String> {
         match kind {
             Kind::Gauge => assert!(!rated, "{expr:?}: rate/increase of the gauge {name}"),
             Kind::Counter => assert!(
-                rated,
+                rated || is_new_series_idiom(expr, *at, name),
                 "{expr:?}: the counter {name} used without rate/increase"
             ),
         }
@@ -90,10 +112,11 @@ fn assert_metrics_used_right(expr: &str) -> Vec<String> {
 
 // ---- Prometheus ------------------------------------------------------------------------
 
-const RULES: [&str; 6] = [
+const RULES: [&str; 7] = [
     "TcpwaitCloseWaitLeak",
     "TcpwaitCloseWaitPileUp",
     "TcpwaitTimeWaitPileUp",
+    "TcpwaitDiscardOnClose",
     "TcpwaitEventsLost",
     "TcpwaitTableOverflow",
     "TcpwaitDown",
@@ -104,7 +127,7 @@ const RULES: [&str; 6] = [
 fn prometheus_rules_pass_promtool() {
     let path = deploy("prometheus/tcpwait-rules.yml");
     let out = check("promtool", &["check", "rules", utf8(&path)]);
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
 
     let doc = &yaml(&path)[0];
     let rules = doc["groups"][0]["rules"].as_vec().expect("groups[0].rules");
@@ -153,6 +176,30 @@ fn prometheus_rules_pass_promtool() {
     assert_eq!(
         by_name("TcpwaitTimeWaitPileUp")["expr"].as_str(),
         Some("tcpwait_peer_timewait_port_share > 0.5")
+    );
+    // Data thrown away on close, per process: aborts for linger_0 and unread_data, summed
+    // over reasons; a new process's series counts whole (see is_new_series_idiom).
+    let discard = by_name("TcpwaitDiscardOnClose");
+    let aborts = r#"tcpwait_process_aborts_total{reason=~"linger_0|unread_data"}"#;
+    assert_eq!(
+        discard["expr"].as_str(),
+        Some(
+            format!(
+                "sum without (reason) (({aborts} unless {aborts} offset 5m) or \
+                 increase({aborts}[5m])) > 10"
+            )
+            .as_str()
+        )
+    );
+    assert!(
+        discard["for"].is_badvalue(),
+        "fires at once, like the agent"
+    );
+    assert!(
+        discard["annotations"]["runbook"].as_str().is_some_and(|r| r
+            .contains("shutdown(SHUT_WR), read until EOF, then close()")
+            && r.contains("timeout above 0")),
+        "the discard runbook names the remedy"
     );
     assert_eq!(
         by_name("TcpwaitEventsLost")["expr"].as_str(),
@@ -205,7 +252,7 @@ fn prometheus_config_with_the_scrape_snippet_and_rules_passes_promtool() {
         out.contains("is valid prometheus config file syntax"),
         "{out}"
     );
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
 }
 
 // ---- Alertmanager ----------------------------------------------------------------------
@@ -235,9 +282,11 @@ fn alertmanager_config_passes_amtool_and_routes_the_leak_alerts() {
         "TcpCloseWaitLeak",
         "TcpFinWait2Held",
         "TcpTimeWaitPileup",
+        "TcpDiscardOnClose",
         "TcpwaitCloseWaitLeak",
         "TcpwaitCloseWaitPileUp",
         "TcpwaitTimeWaitPileUp",
+        "TcpwaitDiscardOnClose",
     ] {
         assert_eq!(route(alertname), "sockets-team", "{alertname}");
     }
@@ -377,6 +426,20 @@ fn dashboard_is_importable_and_queries_only_exported_metrics() {
     assert!(
         has("tcpwait_peer_timewait_port_share"),
         "port range share per peer"
+    );
+    assert!(
+        has("sum by (reason) (rate(tcpwait_aborts_total"),
+        "aborts by reason"
+    );
+    assert!(
+        has("sum by (queue) (rate(tcpwait_abort_discarded_bytes_total"),
+        "bytes discarded by queue"
+    );
+    assert!(
+        has(
+            r#"topk(10, sum without (reason) ((tcpwait_process_aborts_total{instance=~"$instance",reason=~"linger_0|unread_data"} unless"#
+        ),
+        "aborts that discard data by process, new processes counted whole"
     );
 
     // The template variable queries an exported metric.

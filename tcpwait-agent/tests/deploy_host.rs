@@ -375,6 +375,9 @@ fn daemonset_has_host_views_and_minimal_capabilities() {
         "[rules]",
         r#"close_wait_age = "60s""#,
         "close_wait_count = 100",
+        "[abort_rule]",
+        "count = 10",
+        r#"window = "60s""#,
     ] {
         assert!(
             config.lines().any(|l| l.trim() == line),

@@ -37,11 +37,7 @@ fn common_role_entry() {
 /// kernel matrix's software emulation (`tcpwait.vm` on the guest's command line) a smaller
 /// run, which still nests transitions (DESIGN.md, "Kernel matrix").
 fn connections() -> usize {
-    if under_emulation() {
-        10_000
-    } else {
-        100_000
-    }
+    if under_emulation() { 10_000 } else { 100_000 }
 }
 
 /// Where the workload's two ends live.

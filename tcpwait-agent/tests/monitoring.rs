@@ -3,11 +3,14 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{
+    alertmanager::{Neighbour, alertmanager, require},
+    *,
+};
 
 #[test]
 #[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
@@ -20,24 +23,29 @@ fn get(url: &str) -> Option<String> {
     ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
 }
 
-/// A neighbour process killed on drop.
-struct Neighbour(Child);
-
-impl Drop for Neighbour {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `tcpwait run` serving its API on a socket of its own (`name`), with `args`.
+fn run(name: &str, args: &[&str]) -> Tcpwait {
+    let sock = api_socket(name);
+    let mut all = vec!["run", "--socket", &sock];
+    all.extend_from_slice(args);
+    Tcpwait::start(&all, AGENT_READY)
 }
 
-fn require(bin: &str) {
-    assert!(
-        Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .output()
-            .is_ok_and(|o| o.status.success()),
-        "{bin} not found: install the Debian packages prometheus and prometheus-alertmanager (cargo xtask test does)"
-    );
+/// [`run`] with its metrics on `metrics` ("" for none), `close_wait_leak` at 1 s, and its
+/// alerts sent to Alertmanager on `am_port`.
+fn alerting(name: &str, metrics: &str, am_port: u16) -> Tcpwait {
+    let url = format!("http://127.0.0.1:{am_port}");
+    run(
+        name,
+        &[
+            "--metrics-listen",
+            metrics,
+            "--close-wait-age",
+            "1",
+            "--alertmanager-url",
+            &url,
+        ],
+    )
 }
 
 /// Prometheus scraping the agent at `127.0.0.1:target_port` with the bundled scrape
@@ -75,35 +83,42 @@ fn prometheus(dir: &std::path::Path, target_port: u16) -> (Neighbour, u16) {
     (Neighbour(child), port)
 }
 
-fn alertmanager(dir: &std::path::Path, port: u16) -> Neighbour {
-    require("prometheus-alertmanager");
-    let config = dir.join("alertmanager.yml");
-    std::fs::write(
-        &config,
-        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
+/// The PromQL query URL of Prometheus on `port` for `pid`'s CLOSE_WAIT sockets.
+fn close_wait_query(port: u16, pid: u32) -> String {
+    format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{pid}%22%7D"
     )
-    .expect("write config");
-    let child = Command::new("prometheus-alertmanager")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.path={}", dir.join("am-data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--cluster.listen-address=")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start alertmanager");
-    Neighbour(child)
 }
 
-/// Alerts Alertmanager holds for `pid` (active ones: resolved alerts are not listed).
-fn am_alerts(port: u16, pid: u32) -> Vec<Value> {
+/// Alertmanager on a free port, its files in `dir`, once it answers `/-/ready`.
+fn ready_alertmanager(dir: &std::path::Path) -> (Neighbour, u16) {
+    let port = free_port();
+    let am = alertmanager(dir, port, None);
+    assert!(
+        wait_until(Duration::from_secs(20), || get(&format!(
+            "http://127.0.0.1:{port}/-/ready"
+        ))
+        .is_some()),
+        "Alertmanager never became ready"
+    );
+    (am, port)
+}
+
+/// Alerts Alertmanager on `port` holds (active ones: resolved alerts are not listed) that
+/// `keep` keeps.
+fn am_active(port: u16, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
     let Some(body) = get(&format!("http://127.0.0.1:{port}/api/v2/alerts")) else {
         return vec![];
     };
     let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
-    all.into_iter()
-        .filter(|a| a["labels"]["pid"].as_str() == Some(pid.to_string().as_str()))
-        .collect()
+    all.into_iter().filter(|a| keep(a)).collect()
+}
+
+/// Alerts Alertmanager holds for `pid`.
+fn am_alerts(port: u16, pid: u32) -> Vec<Value> {
+    am_active(port, |a| {
+        a["labels"]["pid"].as_str() == Some(pid.to_string().as_str())
+    })
 }
 
 #[test]
@@ -112,23 +127,13 @@ fn prometheus_scrapes_close_wait_sockets_per_process() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = free_port();
-    let sock = api_socket("prom");
-    let _tw = Tcpwait::start(
-        &[
-            "run",
-            "--socket",
-            &sock,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-        ],
-        AGENT_READY,
+    let _tw = run(
+        "prom",
+        &["--metrics-listen", &format!("127.0.0.1:{metrics}")],
     );
     let (_srv, cli) = leak("tw-prom", 5);
     let (_prom, port) = prometheus(dir.path(), metrics);
-    let query = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{}%22%7D",
-        cli.pid()
-    );
+    let query = close_wait_query(port, cli.pid());
     let mut last = String::new();
     let seen = wait_until(Duration::from_secs(30), || {
         last = get(&query).unwrap_or_default();
@@ -150,27 +155,8 @@ fn prometheus_scrapes_close_wait_sockets_per_process() {
 fn alertmanager_receives_the_alert_and_its_resolution() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let am_port = free_port();
-    let _am = alertmanager(dir.path(), am_port);
-    assert!(wait_until(Duration::from_secs(20), || get(&format!(
-        "http://127.0.0.1:{am_port}/-/ready"
-    ))
-    .is_some()));
-    let sock = api_socket("am");
-    let _tw = Tcpwait::start(
-        &[
-            "run",
-            "--socket",
-            &sock,
-            "--metrics-listen",
-            "",
-            "--close-wait-age",
-            "1",
-            "--alertmanager-url",
-            &format!("http://127.0.0.1:{am_port}"),
-        ],
-        AGENT_READY,
-    );
+    let (_am, am_port) = ready_alertmanager(dir.path());
+    let _tw = alerting("am", "", am_port);
     let (_srv, mut cli) = leak("tw-am", 3);
     assert!(
         wait_until(Duration::from_secs(10), || !am_alerts(am_port, cli.pid())
@@ -210,34 +196,12 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
 fn the_alert_instance_is_the_scraped_targets_instance() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let am_port = free_port();
-    let _am = alertmanager(dir.path(), am_port);
-    assert!(wait_until(Duration::from_secs(20), || get(&format!(
-        "http://127.0.0.1:{am_port}/-/ready"
-    ))
-    .is_some()));
+    let (_am, am_port) = ready_alertmanager(dir.path());
     let metrics = free_port();
-    let sock = api_socket("instance");
-    let _tw = Tcpwait::start(
-        &[
-            "run",
-            "--socket",
-            &sock,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--close-wait-age",
-            "1",
-            "--alertmanager-url",
-            &format!("http://127.0.0.1:{am_port}"),
-        ],
-        AGENT_READY,
-    );
+    let _tw = alerting("instance", &format!("127.0.0.1:{metrics}"), am_port);
     let (_srv, cli) = leak("tw-inst", 1);
     let (_prom, port) = prometheus(dir.path(), metrics);
-    let query = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{}%22%7D",
-        cli.pid()
-    );
+    let query = close_wait_query(port, cli.pid());
     let mut scraped = Value::Null;
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -266,21 +230,7 @@ fn an_alert_raised_while_alertmanager_is_down_arrives_when_it_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let am_port = free_port();
     let metrics = free_port();
-    let sock = api_socket("amdown");
-    let _tw = Tcpwait::start(
-        &[
-            "run",
-            "--socket",
-            &sock,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-            "--close-wait-age",
-            "1",
-            "--alertmanager-url",
-            &format!("http://127.0.0.1:{am_port}"),
-        ],
-        AGENT_READY,
-    );
+    let _tw = alerting("amdown", &format!("127.0.0.1:{metrics}"), am_port);
     let (_srv, cli) = leak("tw-amdown", 2);
     let deliveries = |result: &str| -> u64 {
         let text = get(&format!("http://127.0.0.1:{metrics}/metrics")).unwrap_or_default();
@@ -297,7 +247,7 @@ fn an_alert_raised_while_alertmanager_is_down_arrives_when_it_starts() {
     // The scenario itself: Alertmanager comes up 10 s after the alert fired.
     std::thread::sleep(Duration::from_secs(10));
     let started = Instant::now();
-    let _am = alertmanager(dir.path(), am_port);
+    let _am = alertmanager(dir.path(), am_port, None);
     let arrived = wait_until(Duration::from_secs(30), || {
         !am_alerts(am_port, cli.pid()).is_empty()
     });
@@ -314,16 +264,9 @@ fn promtool_accepts_the_metrics() {
     require_root();
     require("promtool");
     let metrics = free_port();
-    let sock = api_socket("promtool");
-    let _tw = Tcpwait::start(
-        &[
-            "run",
-            "--socket",
-            &sock,
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-        ],
-        AGENT_READY,
+    let _tw = run(
+        "promtool",
+        &["--metrics-listen", &format!("127.0.0.1:{metrics}")],
     );
     let (_srv, cli) = leak("tw-promtool", 2);
     let url = format!("http://127.0.0.1:{metrics}/metrics");
@@ -377,60 +320,14 @@ fn promtool_accepts_the_metrics() {
     }
 }
 
-/// A minimal HTTP receiver on loopback: answers 200 to every request and hands each body over.
-fn http_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead as _, Read as _, Write as _};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { break };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
-                let mut writer = conn;
-                loop {
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    // Request line and headers, until the empty line (keep-alive: repeat).
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let l = line.trim_end();
-                        if l.is_empty() {
-                            break;
-                        }
-                        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
-                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                }
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 #[ignore = "needs root and the real kernel; run by `cargo xtask test`"]
 fn webhook_receives_firing_and_resolved_alerts() {
     require_root();
-    let (port, bodies) = http_receiver();
-    let sock = api_socket("webhook");
-    let _tw = Tcpwait::start(
+    let (port, bodies) = common::webhook::receiver();
+    let _tw = run(
+        "webhook",
         &[
-            "run",
-            "--socket",
-            &sock,
             "--metrics-listen",
             "",
             "--close-wait-age",
@@ -438,7 +335,6 @@ fn webhook_receives_firing_and_resolved_alerts() {
             "--webhook-url",
             &format!("http://127.0.0.1:{port}/hook"),
         ],
-        AGENT_READY,
     );
     let (_srv, mut cli) = leak("tw-hooked", 2);
     let pid = cli.pid();
@@ -480,17 +376,11 @@ fn webhook_receives_firing_and_resolved_alerts() {
     );
 }
 
-/// Alerts Alertmanager holds (active ones) with label `rule` = `rule` and `netns` = `netns`.
+/// Alerts Alertmanager holds with label `rule` = `rule` and `netns` = `netns`.
 fn am_alerts_of(port: u16, rule: &str, netns: u64) -> Vec<Value> {
-    let Some(body) = get(&format!("http://127.0.0.1:{port}/api/v2/alerts")) else {
-        return vec![];
-    };
-    let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
-    all.into_iter()
-        .filter(|a| {
-            a["labels"]["rule"] == rule && a["labels"]["netns"] == netns.to_string().as_str()
-        })
-        .collect()
+    am_active(port, |a| {
+        a["labels"]["rule"] == rule && a["labels"]["netns"] == netns.to_string().as_str()
+    })
 }
 
 /// Each rule's own alertname, severity and remedy arrive in Alertmanager: a held FIN_WAIT2
@@ -500,12 +390,7 @@ fn am_alerts_of(port: u16, rule: &str, netns: u64) -> Vec<Value> {
 fn alertmanager_receives_each_rules_alertname_and_remedy() {
     require_root();
     let dir = tempfile::tempdir().expect("tempdir");
-    let am_port = free_port();
-    let _am = alertmanager(dir.path(), am_port);
-    assert!(wait_until(Duration::from_secs(20), || get(&format!(
-        "http://127.0.0.1:{am_port}/-/ready"
-    ))
-    .is_some()));
+    let (_am, am_port) = ready_alertmanager(dir.path());
     let config = dir.path().join("tcpwait.toml");
     std::fs::write(
         &config,
@@ -529,12 +414,9 @@ remedy = "reuse connections toward this peer"
 "#,
     )
     .expect("write config");
-    let sock = api_socket("am-rules");
-    let _tw = Tcpwait::start(
+    let _tw = run(
+        "am-rules",
         &[
-            "run",
-            "--socket",
-            &sock,
             "--metrics-listen",
             "",
             "--config",
@@ -542,7 +424,6 @@ remedy = "reuse connections toward this peer"
             "--alertmanager-url",
             &format!("http://127.0.0.1:{am_port}"),
         ],
-        AGENT_READY,
     );
     let ns = common::netns::NetNs::new("amrules");
     let inode = ns.inode();

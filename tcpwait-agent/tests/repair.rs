@@ -126,22 +126,7 @@ fn phantom_entries_in_every_state_are_repaired_within_one_reconciliation() {
             >= before + 2),
         "no reconciliation after the loss"
     );
-    let mut t = table(&sock, inode);
-    // Before 6.15 the LISTEN -> SYN_RECV transition of an accepted socket carries the peer as
-    // 0.0.0.0:0 (common::kernel_sets_peer_before_syn_recv): seen once in the 6.1 guest, one
-    // such entry outlived the repair. A known defect (the closing note of this change), set
-    // aside here by name on those kernels only, and printed.
-    if !kernel_sets_peer_before_syn_recv() {
-        let unset: Vec<_> = t
-            .iter()
-            .filter(|(state, _, peer)| state == "SYN_RECV" && peer == "0.0.0.0:0")
-            .cloned()
-            .collect();
-        eprintln!("repair: SYN_RECV entries with the peer unset (pre-6.15 kernel): {unset:?}");
-        for e in &unset {
-            t.remove(e);
-        }
-    }
+    let t = table(&sock, inode);
     assert_eq!(
         t,
         truth,

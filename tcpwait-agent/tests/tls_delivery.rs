@@ -11,12 +11,12 @@ use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::*;
+use common::{alertmanager::alertmanager, *};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 #[test]
@@ -49,21 +49,13 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Alertmanager on `port`, TLS only, basic auth required. Killed on drop.
-struct Alertmanager(Child);
-
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn alertmanager(dir: &Path, port: u16, cert: &Path, key: &Path) -> Alertmanager {
+/// Alertmanager's own web configuration (`--web.config.file`): TLS only, with `cert` and
+/// `key`; basic auth required, [`USER`] with [`PASSWORD`].
+fn web_config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
     // Cost 4, bcrypt's minimum: the hash is checked per request, and the test needs no
     // strength, only the real check.
     let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
-    let web = write(
+    write(
         dir,
         "web.yml",
         &format!(
@@ -71,23 +63,7 @@ fn alertmanager(dir: &Path, port: u16, cert: &Path, key: &Path) -> Alertmanager 
             cert.display(),
             key.display()
         ),
-    );
-    let config = write(
-        dir,
-        "alertmanager.yml",
-        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
-    );
-    let child = Command::new("prometheus-alertmanager")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--web.config.file={}", web.display()))
-        .arg(format!("--storage.path={}", dir.join("am-data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--cluster.listen-address=")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start prometheus-alertmanager (Debian package prometheus-alertmanager; cargo xtask test installs it)");
-    Alertmanager(child)
+    )
 }
 
 /// The test's own client of Alertmanager: trusts the test CA, sends the right password.
@@ -243,7 +219,7 @@ fn alerts_reach_alertmanager_over_tls_with_basic_auth_and_nothing_else_does() {
     let rogue_file = write(d, "rogue-ca.pem", &rogue_ca);
 
     let am_port = free_port();
-    let _am = alertmanager(d, am_port, &cert, &key);
+    let _am = alertmanager(d, am_port, Some(&web_config(d, &cert, &key)));
     let am = AmClient::new(&ca, am_port);
     assert!(
         wait_until(Duration::from_secs(20), || am

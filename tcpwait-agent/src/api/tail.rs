@@ -284,7 +284,10 @@ impl Out {
                 owner,
             } => (transition, *time, *ns_in_old, owner),
             TailItem::Reset { reset, record } => {
-                let owner = record.owner_pid.zip(record.owner_comm.as_deref());
+                let owner = record
+                    .owner
+                    .owner_pid
+                    .zip(record.owner.owner_comm.as_deref());
                 if !crate::resets::matches(filter, reset, owner) {
                     client.filtered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());

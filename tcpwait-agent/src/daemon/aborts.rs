@@ -11,7 +11,9 @@ use prometheus_client::{
 use super::delivery::AlertMessage;
 use crate::{
     event::reset::Reset,
-    output::{OwnerView, WallTime, escape_control},
+    model::ProcessKey,
+    output::{OwnerView, WallTime, clock_ns, escape_control},
+    owners::procs::start_ticks_before,
     probe::{Probe, resets::ResetCounters},
     resets::{
         ResetRecord,
@@ -30,6 +32,8 @@ pub(super) struct Aborts {
     source: String,
     /// The reset programs' counters as of the last tick.
     pub counters: ResetCounters,
+    /// The unit of process start times (`sysconf(_SC_CLK_TCK)`).
+    ticks_per_second: u64,
 }
 
 impl Aborts {
@@ -43,6 +47,7 @@ impl Aborts {
                 Err(e) => format!("not recorded: {e}"),
             },
             counters: ResetCounters::default(),
+            ticks_per_second: procfs::ticks_per_second(),
         }
     }
 
@@ -50,46 +55,69 @@ impl Aborts {
     /// socket's holder if the agent resolved it, else the caller of an abort that ran in its
     /// context (the closing process holds the socket until close() returns), else the process
     /// that called connect() or listen() for it (not confirmed in its fd table: the socket is
-    /// already gone when a reset is seen).
+    /// already gone when a reset is seen). Each process is keyed on its pid and start time:
+    /// the holder's as the owner scan read it, else `/proc/<pid>/stat` read now, if that
+    /// process started before the reset (0 if it is gone or started later).
     pub(super) fn on_reset(
         &mut self,
         r: &Reset,
         tracker: &Tracker,
         time: WallTime,
     ) -> ResetRecord<'static> {
+        // The reset's time on the clock of process start times.
+        let boot_ns = r.ts_ns.saturating_add(
+            clock_ns(libc::CLOCK_BOOTTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC)),
+        );
+        let tps = self.ticks_per_second;
+        let key = |pid: u32| ProcessKey {
+            pid,
+            start_ticks: start_ticks_before(std::path::Path::new("/proc"), pid, boot_ns, tps)
+                .unwrap_or(0),
+        };
         let known = tracker
             .first_owner(r.sock)
-            .and_then(|k| tracker.process_info(&k))
-            .map(|p| OwnerView {
-                pid: p.key.pid,
-                comm: p.comm.clone(),
-                container: p.container.clone(),
-                pod_uid: p.pod_uid.clone(),
-            });
+            .and_then(|k| tracker.process_info(&k));
+        let caller = r.caller().map(|(pid, comm)| Aborter {
+            key: known
+                .map(|p| p.key)
+                .filter(|k| k.pid == pid)
+                .unwrap_or_else(|| key(pid)),
+            comm: comm.to_string_lossy().into_owned(),
+        });
+        let view = |a: &Aborter| OwnerView {
+            pid: a.key.pid,
+            comm: a.comm.clone(),
+            ..Default::default()
+        };
         let owner = known
-            .or_else(|| {
-                r.caller().map(|(pid, comm)| OwnerView {
-                    pid,
-                    comm: comm.to_string_lossy().into_owned(),
-                    ..Default::default()
-                })
+            .map(|p| {
+                let view = OwnerView {
+                    pid: p.key.pid,
+                    comm: p.comm.clone(),
+                    container: p.container.clone(),
+                    pod_uid: p.pod_uid.clone(),
+                };
+                (
+                    view,
+                    Aborter {
+                        key: p.key,
+                        comm: p.comm.clone(),
+                    },
+                )
             })
+            .or_else(|| caller.clone().map(|a| (view(&a), a)))
             .or_else(|| {
                 let pid = *tracker.owner_query(r.sock)?.candidates.first()?;
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-                Some(OwnerView {
-                    pid,
+                let a = Aborter {
+                    key: key(pid),
                     comm: comm.trim_end().to_owned(),
-                    ..Default::default()
-                })
+                };
+                Some((view(&a), a))
             });
-        let record = ResetRecord::new(r, &self.reasons, owner.as_ref(), time);
-        let who = owner.map(|o| Aborter {
-            pid: o.pid,
-            comm: o.comm,
-        });
+        let record = ResetRecord::new(r, &self.reasons, owner.as_ref().map(|o| &o.0), time);
         let reason = record.reason.clone().unwrap_or_default();
-        self.tally.add(r, &reason, who);
+        self.tally.add(r, &reason, caller, owner.map(|o| o.1));
         record
     }
 
@@ -144,7 +172,7 @@ pub(super) fn alert(
         "alertname": rule.alertname,
         "severity": rule.severity,
         "remedy": rule.remedy,
-        "pid": a.pid,
+        "pid": a.key.pid,
         "comm": a.comm,
         "count": a.count,
         "window_s": rule.window_ns / 1_000_000_000,
@@ -161,7 +189,7 @@ pub(super) fn alert(
             "alert={status} rule={} pid={} comm={} aborts={} window={}s discarded_bytes={discarded} \
              peers={} remedy={:?}",
             rule.name,
-            a.pid,
+            a.key.pid,
             escape_control(&a.comm),
             a.count,
             rule.window_ns / 1_000_000_000,
@@ -172,7 +200,7 @@ pub(super) fn alert(
     let labels = [
         ("alertname", rule.alertname.clone()),
         ("rule", rule.name.clone()),
-        ("pid", a.pid.to_string()),
+        ("pid", a.key.pid.to_string()),
         ("comm", a.comm.clone()),
         ("instance", instance.to_owned()),
         ("severity", rule.severity.clone()),
@@ -183,7 +211,7 @@ pub(super) fn alert(
             format!(
                 "{} (pid {}) aborted {} connections in {}s, throwing away {discarded} bytes",
                 a.comm,
-                a.pid,
+                a.key.pid,
                 a.count,
                 rule.window_ns / 1_000_000_000
             ),
@@ -192,7 +220,8 @@ pub(super) fn alert(
         ("peers", peers.join(", ")),
     ];
     let msg = AlertMessage {
-        key: format!("{}/{}/{}", rule.name, a.pid, a.comm),
+        // One alert per process, as for the other rules: a reused pid is another process.
+        key: format!("{}/{}/{}", rule.name, a.key.pid, a.key.start_ticks),
         firing: a.firing,
         starts_at: std::time::SystemTime::now(),
         labels: labels.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
@@ -329,9 +358,37 @@ impl super::Daemon {
             line.push('\n');
             self.sinks.stdout.send(line.into_bytes(), 1);
             if a.firing {
-                tracing::info!(pid = a.pid, rule = %rule.name, count = a.count, "alert firing");
+                tracing::info!(pid = a.key.pid, rule = %rule.name, count = a.count, "alert firing");
             }
             self.delivery.send(&msg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resets::tally::ProcessAborts;
+
+    /// The delivery sinks track an alert by its key: two processes that had the same pid (and
+    /// task name) one after the other are two alerts, as for the other per-process rules.
+    #[test]
+    fn an_abort_alert_is_keyed_on_pid_and_start_time() {
+        let rule = AbortRule::discard_on_close();
+        let alert_of = |start_ticks| AbortAlert {
+            firing: true,
+            key: ProcessKey {
+                pid: 7,
+                start_ticks,
+            },
+            comm: "login-srv".into(),
+            count: 11,
+            aborts: ProcessAborts::default(),
+        };
+        let (_, first) = alert(&alert_of(500), &rule, "h1:9977", true);
+        let (_, second) = alert(&alert_of(900), &rule, "h1:9977", true);
+        assert_eq!(first.key, "discard_on_close/7/500");
+        assert_eq!(second.key, "discard_on_close/7/900");
+        assert_eq!(first.labels["pid"], "7");
     }
 }

@@ -115,6 +115,10 @@ struct Daemon {
 /// Runs the agent until SIGINT, SIGTERM or SIGQUIT.
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
+    // First: a signal during start-up (seconds on a slow machine) is then acted on once the
+    // agent runs — a stop stops it gracefully, SIGHUP does not kill it — and is not lost where
+    // the parent left SIGINT ignored (a background job of a non-interactive shell).
+    let mut signals = signals::Signals::install()?;
     let (category, name) = TRACEPOINT;
     let budget = budget::FdBudget::raise();
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
@@ -154,7 +158,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         census::CENSUS_INTERVAL,
     )
     .context("start the TIME_WAIT census thread")?;
-    let mut signals = signals::Signals::install()?;
     tokio::spawn(api::serve(
         listener,
         cmd_tx,

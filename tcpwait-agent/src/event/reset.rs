@@ -2,14 +2,11 @@
 //! why an abort happened ([`AbortReason`]), from the kernel's `enum sk_rst_reason` where it
 //! passes one (6.10 and later) and otherwise from the socket as the kernel's `__tcp_close`
 //! decides: unread data first, then `SO_LINGER` with a zero time.
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
-use tcpwait_common::{
-    AF_INET, AF_INET6,
-    reset::{KIND_ABORT, REASON_NONE, ResetEvent, flag},
-};
+use tcpwait_common::reset::{KIND_ABORT, REASON_NONE, ResetEvent, flag};
 
-use super::{Comm, DecodeError, SocketId, check_size, v4};
+use super::{Comm, DecodeError, SocketId, addr, check_size};
 
 /// Which way the reset went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -141,14 +138,8 @@ pub fn decode(bytes: &[u8]) -> Result<Reset, DecodeError> {
     // SAFETY: the length is exactly the size of `ResetEvent`, every bit pattern is valid for
     // it (integers only), and `read_unaligned` makes no alignment assumption.
     let ev: ResetEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ResetEvent>()) };
-    let (saddr, daddr) = match u16::from(ev.family) {
-        AF_INET => (v4(&ev.saddr), v4(&ev.daddr)),
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
-            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
-        ),
-        other => return Err(DecodeError::UnknownFamily(other)),
-    };
+    let family = u16::from(ev.family);
+    let (saddr, daddr) = (addr(family, ev.saddr)?, addr(family, ev.daddr)?);
     let known = ev.flags & flag::QUEUES_UNKNOWN == 0;
     Ok(Reset {
         kind: if ev.kind == KIND_ABORT {
@@ -178,7 +169,7 @@ pub(crate) mod tests {
     use tcpwait_common::reset::{KIND_OFFSET, KIND_RESET_RECEIVED, RESET_EVENT_SIZE};
 
     use super::*;
-    use crate::event::{Record, decode_record};
+    use crate::event::{Record, decode_record, tests::wire_addr};
 
     /// Hand-made wire bytes, field by field as the kernel program writes them.
     pub(crate) fn wire(kind: u8, family: u8, reason: u8, flags: u8) -> Vec<u8> {
@@ -187,16 +178,13 @@ pub(crate) mod tests {
         b.extend_from_slice(&0xffff_8880_0000_0040u64.to_le_bytes()); // skaddr
         b.extend_from_slice(&4242u32.to_le_bytes()); // pid
         b.extend_from_slice(&4_026_532_301u32.to_le_bytes()); // netns
-        let (mut saddr, mut daddr) = ([0u8; 16], [0u8; 16]);
-        if family == 10 {
-            saddr[15] = 1;
-            daddr[15] = 1;
+        let (saddr, daddr) = if family == 10 {
+            ("::1", "::1")
         } else {
-            saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-            daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        }
-        b.extend_from_slice(&saddr);
-        b.extend_from_slice(&daddr);
+            ("10.0.0.1", "10.0.0.2")
+        };
+        b.extend_from_slice(&wire_addr(saddr));
+        b.extend_from_slice(&wire_addr(daddr));
         let mut comm = [0u8; 16];
         comm[..9].copy_from_slice(b"login-srv");
         b.extend_from_slice(&comm);

@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io::{self, Read as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use procfs::{
@@ -341,6 +341,25 @@ pub(crate) fn socket_inode(link: &[u8]) -> Option<u64> {
         let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
         acc.checked_mul(10)?.checked_add(u64::from(digit))
     })
+}
+
+/// The start time (`/proc/<pid>/stat` field 22, ticks of `ticks_per_second` since boot) of
+/// the process `pid` under `root`, if it started no later than `boot_ns` (CLOCK_BOOTTIME ns,
+/// the clock of that field): one that started later reused the pid after the moment in
+/// question. `None`: gone, unreadable, or a later process.
+pub fn start_ticks_before(
+    root: &Path,
+    pid: u32,
+    boot_ns: u64,
+    ticks_per_second: u64,
+) -> Option<u64> {
+    let stat = Process::new_with_root(root.join(pid.to_string()))
+        .and_then(|p| p.stat())
+        .ok()?;
+    // The field is truncated to a tick: a start up to one tick after `boot_ns` passes.
+    let started_ns =
+        u128::from(stat.starttime) * 1_000_000_000 / u128::from(ticks_per_second.max(1));
+    (started_ns <= u128::from(boot_ns)).then_some(stat.starttime)
 }
 
 /// Reads a symbolic link of a process's `/proc` directory (`ns/net`), through its descriptor.

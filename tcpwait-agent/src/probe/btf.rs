@@ -7,6 +7,8 @@
 //! The parser reads only what it needs from the BTF format (include/uapi/linux/btf.h): type
 //! records, struct/union members, names; it follows anonymous struct/union members, because
 //! `skc_dport`/`skc_num` and the addresses sit inside anonymous unions of `struct sock_common`.
+//! aya's own parse (`aya::Btf`, aya-obj 0.3) cannot answer these questions: its public API finds
+//! a type's id by name, but its types' members, offsets and enumerators are crate-private.
 use tcpwait_common::SockOffsets;
 
 mod resets;
@@ -50,6 +52,15 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
         .ok_or(BtfError::Malformed("truncated"))
+}
+
+/// Reads the running kernel's BTF, `/sys/kernel/btf/vmlinux`. `TCPWAIT_KERNEL_BTF` names
+/// another file: the test of the no-BTF fallback points it at none, as on a kernel built
+/// without BTF. Read once at start, for this parser and aya's alike (`Probe::attach`).
+pub fn read_kernel() -> Result<Vec<u8>, BtfError> {
+    let path = std::env::var("TCPWAIT_KERNEL_BTF")
+        .unwrap_or_else(|_| "/sys/kernel/btf/vmlinux".to_owned());
+    std::fs::read(&path).map_err(|e| BtfError::Read(path, e))
 }
 
 impl Btf {
@@ -124,13 +135,10 @@ impl Btf {
         })
     }
 
-    /// Reads the running kernel's BTF. `TCPWAIT_KERNEL_BTF` names another file: the test of
-    /// the no-BTF fallback points it at none, as on a kernel built without BTF.
+    /// Reads and parses the running kernel's BTF (see [`read_kernel`]).
+    #[cfg(test)]
     pub fn from_sys_fs() -> Result<Self, BtfError> {
-        let path = std::env::var("TCPWAIT_KERNEL_BTF")
-            .unwrap_or_else(|_| "/sys/kernel/btf/vmlinux".to_owned());
-        let bytes = std::fs::read(&path).map_err(|e| BtfError::Read(path.clone(), e))?;
-        Self::parse(&bytes)
+        Self::parse(&read_kernel()?)
     }
 
     fn name(&self, off: u32) -> &str {

@@ -103,6 +103,50 @@ pub struct Probe {
     ebpf: Option<Ebpf>,
 }
 
+/// What the running kernel's BTF tells the loader, read once ([`btf::read_kernel`]) and parsed
+/// twice from the same bytes: by our parser for the offsets, by aya's for the BTF programs.
+struct KernelBtf {
+    offsets: Result<SockOffsets, btf::BtfError>,
+    netns: Result<(u32, u32), String>,
+    reset_plan: resets::Plan,
+    /// aya's parse, which loads the BTF programs (it names the types they attach to).
+    programs: Result<aya::Btf, String>,
+}
+
+impl KernelBtf {
+    /// Reads and parses the kernel's BTF; `no_netns` withholds the namespace offsets (see
+    /// [`TestModes`]). Our parse is dropped before aya's is made.
+    fn read(no_netns: bool) -> Self {
+        let parsed = btf::read_kernel().and_then(|bytes| Ok((btf::Btf::parse(&bytes)?, bytes)));
+        let (ours, bytes) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let why = e.to_string();
+                return Self {
+                    offsets: Err(e),
+                    netns: Err(why.clone()),
+                    reset_plan: Err("no kernel BTF".to_owned()),
+                    programs: Err(why),
+                };
+            }
+        };
+        let netns = if no_netns {
+            Err("withheld for a test (--test-no-netns)".to_owned())
+        } else {
+            ours.netns_offsets().map_err(|e| e.to_string())
+        };
+        let (offsets, reset_plan) = (ours.sock_offsets(), resets::plan(&ours));
+        drop(ours);
+        Self {
+            offsets,
+            netns,
+            reset_plan,
+            programs: aya::Btf::parse(&bytes, aya::Endianness::default())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// The eBPF object built by `build.rs` from `tcpwait-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpwait"));
 
@@ -130,25 +174,29 @@ impl Probe {
                 "start-up: {what}"
             )
         };
-        let mut reset_plan = Err("no kernel BTF".to_owned());
-        let (offsets, netns) = match btf::Btf::from_sys_fs() {
-            Ok(b) => {
-                reset_plan = resets::plan(&b);
-                let netns = if no_netns {
-                    Err("withheld for a test (--test-no-netns)".to_owned())
-                } else {
-                    b.netns_offsets().map_err(|e| e.to_string())
-                };
-                (b.sock_offsets(), netns)
-            }
-            Err(e) => {
-                let why = e.to_string();
-                (Err(e), Err(why))
-            }
-        };
-        phase("kernel BTF parsed for offsets");
-        // The BTF parse and aya's own kernel-BTF load allocate and free several MiB; glibc
-        // keeps freed heap memory unless asked to give it back.
+        // aya 0.14's `EbpfLoader::new()` parses /sys/kernel/btf/vmlinux itself, whatever is
+        // passed to it later (aya-rs/aya#1172): that parse, which cannot be avoided, runs on a
+        // second thread while this one reads the BTF once and parses it for the offsets and,
+        // from the same bytes, for the BTF programs (each parse takes seconds under emulation).
+        let (
+            mut loader,
+            KernelBtf {
+                offsets,
+                netns,
+                reset_plan,
+                programs: kernel_btf,
+            },
+        ) = std::thread::scope(|s| {
+            let loader = s.spawn(EbpfLoader::new);
+            let btf = KernelBtf::read(no_netns);
+            let loader = loader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (loader, btf)
+        });
+        phase("kernel BTF parsed (offsets, programs, loader)");
+        // The BTF parses and aya's loading allocate and free several MiB; glibc keeps freed
+        // heap memory unless asked to give it back.
         // SAFETY: malloc_trim only releases free heap pages.
         let trim = || unsafe { libc::malloc_trim(0) };
         // The namespace offsets serve every program, the classic one included, so they are
@@ -171,7 +219,10 @@ impl Probe {
                  host's, nor attributed to their namespace"
             );
         }
-        let mut loader = EbpfLoader::new();
+        // The loader's own parse is dropped for the programs' one: the BTF it relocates
+        // against (the object has no CO-RE relocations today) is then the file that
+        // `TCPWAIT_KERNEL_BTF` names, as for every other use.
+        loader.btf(kernel_btf.as_ref().ok());
         if let Some(bytes) = ring_bytes {
             loader.map_max_entries("EVENTS", bytes);
         }
@@ -184,6 +235,7 @@ impl Probe {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| ProbeError::classify(e.into(), ProbeError::Load))?;
+        drop(loader);
         phase("object loaded (maps created)");
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             // The program logs nothing on its per-event path; no log map is the normal case.
@@ -206,11 +258,8 @@ impl Probe {
             )
             .ok();
         let default = (category, name) == TRACEPOINT;
-        // Parsed once for every BTF program (a parse takes seconds under emulation).
-        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
-        phase("kernel BTF parsed for programs");
         let btf = match (&offsets, default) {
-            (Ok(_), true) => kernel_btf.clone(),
+            (Ok(_), true) => kernel_btf.as_ref().map_err(Clone::clone),
             (Ok(_), false) => Err("not the default tracepoint".to_owned()),
             (Err(e), _) => Err(format!("no kernel BTF offsets: {e}")),
         };

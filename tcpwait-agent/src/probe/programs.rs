@@ -41,7 +41,7 @@ impl Programs {
     pub(super) fn attach(
         ebpf: &mut Ebpf,
         (category, name): (&str, &str),
-        btf: Result<Btf, String>,
+        btf: Result<&Btf, String>,
         compare: bool,
         check_classic: impl FnOnce() -> Result<(), ProbeError>,
     ) -> Result<Self, ProbeError> {

@@ -15,7 +15,7 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe},
 };
 use tcpwait_common::reset::{ResetOffsets, counter};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// What the kernel's BTF says the reset programs need: their offsets and `enum sk_rst_reason`.
 pub type Plan = Result<(ResetOffsets, Vec<(String, u32)>), String>;
@@ -148,7 +148,9 @@ impl Resets {
                     .expect("the object defines tcp_send_active_reset_fentry")
                     .try_into()?;
                 p.load("tcp_send_active_reset", btf)?;
+                debug!("start-up: fentry program loaded");
                 p.attach()?;
+                debug!("start-up: fentry program attached");
                 Ok(p.fd()?.as_fd().as_raw_fd())
             })();
             match fentry {

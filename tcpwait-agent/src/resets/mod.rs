@@ -10,7 +10,8 @@ use crate::{
     event::reset::{Reset, ResetKind},
     filter::Filter,
     output::{
-        Clock, Format, OwnerView, WallTime, endpoint, escape_control, time_of_day, write_json_line,
+        Clock, Format, OwnerFields, OwnerView, WallTime, endpoint, escape_control, time_of_day,
+        write_json_line,
     },
 };
 
@@ -54,14 +55,8 @@ pub struct ResetRecord<'a> {
     /// `unsent_bytes + unread_bytes`: what the abort threw away.
     pub discarded_bytes: u64,
     /// Holder of the socket, when known (the daemon's `tail`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_comm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_container: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner_pod_uid: Option<String>,
+    #[serde(flatten)]
+    pub owner: OwnerFields,
 }
 
 impl ResetRecord<'static> {
@@ -96,10 +91,7 @@ impl ResetRecord<'static> {
             unsent_bytes: r.unsent,
             unread_bytes: r.unread,
             discarded_bytes: r.discarded(),
-            owner_pid: owner.map(|o| o.pid),
-            owner_comm: owner.map(|o| o.comm.clone()),
-            owner_container: owner.and_then(|o| o.container.clone()),
-            owner_pod_uid: owner.and_then(|o| o.pod_uid.clone()),
+            owner: OwnerFields::new(owner),
         }
     }
 }
@@ -126,10 +118,7 @@ pub fn write_reset(
         None => "RESET RECEIVED".to_owned(),
     };
     let bytes = |b: Option<u32>| b.map_or_else(|| "?".to_owned(), |b| b.to_string());
-    let owner = match (&r.owner_pid, &r.owner_comm) {
-        (Some(pid), Some(comm)) => format!("  owner={pid}/{}", escape_control(comm)),
-        _ => String::new(),
-    };
+    let owner = r.owner.text();
     writeln!(
         w,
         "{} {:<7} {:<16} {:<47} {:<26} discarded={} (unsent {}, unread {}){owner}",

@@ -83,17 +83,14 @@ impl AbortsReport {
                 discarded_bytes: p.unsent_bytes + p.unread_bytes,
                 top_peers: p.top_peers(TOP_PEERS),
                 last_s_ago: now_ns.saturating_sub(p.last_ns) as f64 / 1e9,
-                alert: t.firing(&super::tally::Aborter {
-                    pid: p.pid,
-                    comm: p.comm.clone(),
-                }),
+                alert: p.is_firing(),
             })
             .collect();
         let mut received: Vec<ReceivedReport> = t
             .received
             .iter()
             .map(|((who, peer), n)| ReceivedReport {
-                pid: who.as_ref().map(|w| w.pid),
+                pid: who.as_ref().map(|w| w.key.pid),
                 comm: who.as_ref().map(|w| w.comm.clone()),
                 peer: peer.to_string(),
                 count: *n,
@@ -197,7 +194,8 @@ mod tests {
     use super::*;
     use crate::{
         event::reset::{decode, tests::wire},
-        resets::tally::AbortRule,
+        model::ProcessKey,
+        resets::tally::{AbortRule, Aborter},
     };
 
     #[test]
@@ -207,8 +205,15 @@ mod tests {
             ..AbortRule::discard_on_close()
         });
         let r = decode(&wire(KIND_ABORT, 2, 14, flag::IN_TASK | flag::LINGER_ZERO)).expect("ok");
-        t.add(&r, "linger_0", None);
-        t.add(&r, "linger_0", None);
+        let caller = Some(Aborter {
+            key: ProcessKey {
+                pid: 4242,
+                start_ticks: 500,
+            },
+            comm: "login-srv".into(),
+        });
+        t.add(&r, "linger_0", caller.clone(), None);
+        t.add(&r, "linger_0", caller, None);
         t.evaluate(r.ts_ns);
         let lost = ResetCounters {
             aborts_ring_full: 2,

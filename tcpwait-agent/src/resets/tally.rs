@@ -10,7 +10,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::reset::{Reset, ResetKind};
+use crate::{
+    event::reset::{Reset, ResetKind},
+    model::ProcessKey,
+};
 
 /// Processes tallied at most; past it the one whose last abort is oldest is forgotten (and
 /// counted in [`Tally::evicted`]). Aggregates by reason stay exact whatever the cap.
@@ -60,10 +63,13 @@ impl AbortRule {
     }
 }
 
-/// A process as the abort events name it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A process as the abort events name it: its key (pid and start time, so that a process that
+/// reuses the pid is another one, as for the other per-process alerts) and task name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Aborter {
-    pub pid: u32,
+    /// `start_ticks` 0: the process had exited (or reused its pid) before the agent read its
+    /// start time.
+    pub key: ProcessKey,
     pub comm: String,
 }
 
@@ -71,6 +77,9 @@ pub struct Aborter {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessAborts {
     pub pid: u32,
+    /// Start time (`/proc/<pid>/stat` field 22); 0 when unknown (see [`Aborter`]).
+    #[serde(default)]
+    pub start_ticks: u64,
     pub comm: String,
     /// Aborts by reason.
     pub by_reason: BTreeMap<String, u64>,
@@ -95,6 +104,11 @@ impl ProcessAborts {
         self.by_reason.values().sum()
     }
 
+    /// Whether the rule's alert fires for it.
+    pub fn is_firing(&self) -> bool {
+        self.firing
+    }
+
     /// Its peers, most aborts first, at most `n`.
     pub fn top_peers(&self, n: usize) -> Vec<(String, u64)> {
         let mut v: Vec<_> = self.peers.iter().map(|(p, c)| (p.clone(), *c)).collect();
@@ -108,7 +122,8 @@ impl ProcessAborts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AbortAlert {
     pub firing: bool,
-    pub pid: u32,
+    /// The process: one alert per (pid, start time).
+    pub key: ProcessKey,
     pub comm: String,
     /// Aborts the rule counted in its window.
     pub count: u64,
@@ -120,14 +135,14 @@ pub struct AbortAlert {
 #[derive(Debug)]
 pub struct Tally {
     rule: AbortRule,
-    procs: HashMap<Aborter, ProcessAborts>,
+    procs: HashMap<ProcessKey, ProcessAborts>,
     /// Aborts by reason, every process.
     pub by_reason: BTreeMap<String, u64>,
     /// Aborts whose process is unknown (they ran outside any process's context).
     pub unattributed: u64,
     pub unsent_bytes: u64,
     pub unread_bytes: u64,
-    /// Resets received, by (owner pid, owner comm) — `None` when unknown — and peer.
+    /// Resets received, by owner — `None` when unknown — and peer.
     pub received: HashMap<(Option<Aborter>, IpAddr), u64>,
     pub received_total: u64,
     /// Processes forgotten at the cap.
@@ -155,17 +170,20 @@ impl Tally {
         &self.rule
     }
 
-    /// Counts a reset. `reason` is the abort's (see `Reset::reason`); `owner` the socket's
-    /// holder as the agent knows it (for a received reset, whose on-CPU task is unrelated).
-    pub fn add(&mut self, r: &Reset, reason: &str, owner: Option<Aborter>) {
+    /// Counts a reset. `reason` is the abort's (see `Reset::reason`); `caller` the process in
+    /// whose context it ran (`Reset::caller` with its start time), `None` outside any; `owner`
+    /// the socket's holder as the agent knows it (for a received reset, whose on-CPU task is
+    /// unrelated).
+    pub fn add(
+        &mut self,
+        r: &Reset,
+        reason: &str,
+        caller: Option<Aborter>,
+        owner: Option<Aborter>,
+    ) {
         if r.kind == ResetKind::Received {
             self.received_total += 1;
-            let owner = owner.or_else(|| {
-                r.caller().map(|(pid, c)| Aborter {
-                    pid,
-                    comm: c.to_string_lossy().into_owned(),
-                })
-            });
+            let owner = owner.or(caller);
             let key = if self.received.len() < MAX_RECEIVED {
                 (owner, r.daddr)
             } else {
@@ -178,24 +196,17 @@ impl Tally {
         self.unsent_bytes += u64::from(r.unsent.unwrap_or(0));
         self.unread_bytes += u64::from(r.unread.unwrap_or(0));
         // The closing process when the abort ran in its context, else the holder if known.
-        let who = r
-            .caller()
-            .map(|(pid, c)| Aborter {
-                pid,
-                comm: c.to_string_lossy().into_owned(),
-            })
-            .or(owner);
-        let Some(who) = who else {
+        let Some(who) = caller.or(owner) else {
             self.unattributed += 1;
             return;
         };
-        if !self.procs.contains_key(&who) && self.procs.len() >= MAX_PROCESSES {
+        if !self.procs.contains_key(&who.key) && self.procs.len() >= MAX_PROCESSES {
             let oldest = self
                 .procs
                 .iter()
                 .filter(|(_, p)| !p.firing)
                 .min_by_key(|(_, p)| p.last_ns)
-                .map(|(k, _)| k.clone());
+                .map(|(k, _)| *k);
             match oldest {
                 Some(k) => {
                     self.procs.remove(&k);
@@ -207,14 +218,12 @@ impl Tally {
                 }
             }
         }
-        let p = self
-            .procs
-            .entry(who.clone())
-            .or_insert_with(|| ProcessAborts {
-                pid: who.pid,
-                comm: who.comm.clone(),
-                ..Default::default()
-            });
+        let p = self.procs.entry(who.key).or_insert_with(|| ProcessAborts {
+            pid: who.key.pid,
+            start_ticks: who.key.start_ticks,
+            comm: who.comm,
+            ..Default::default()
+        });
         *p.by_reason.entry(reason.to_owned()).or_default() += 1;
         p.unsent_bytes += u64::from(r.unsent.unwrap_or(0));
         p.unread_bytes += u64::from(r.unread.unwrap_or(0));
@@ -249,14 +258,17 @@ impl Tally {
                 p.firing = n > count;
                 changes.push(AbortAlert {
                     firing: p.firing,
-                    pid: p.pid,
+                    key: ProcessKey {
+                        pid: p.pid,
+                        start_ticks: p.start_ticks,
+                    },
                     comm: p.comm.clone(),
                     count: n,
                     aborts: p.clone(),
                 });
             }
         }
-        changes.sort_by(|a, b| (a.pid, &a.comm).cmp(&(b.pid, &b.comm)));
+        changes.sort_by_key(|a| a.key);
         changes
     }
 
@@ -276,13 +288,12 @@ impl Tally {
     /// Processes that aborted, most aborts first.
     pub fn processes(&self) -> Vec<&ProcessAborts> {
         let mut v: Vec<_> = self.procs.values().collect();
-        v.sort_by(|a, b| b.total().cmp(&a.total()).then(a.pid.cmp(&b.pid)));
+        v.sort_by(|a, b| {
+            b.total()
+                .cmp(&a.total())
+                .then((a.pid, a.start_ticks).cmp(&(b.pid, b.start_ticks)))
+        });
         v
-    }
-
-    /// Whether `pid`/`comm` has an abort alert firing.
-    pub fn firing(&self, who: &Aborter) -> bool {
-        self.procs.get(who).is_some_and(|p| p.firing)
     }
 }
 

@@ -205,8 +205,11 @@ impl Tracker {
                     .is_some_and(|st| states.contains(&st) || complete.contains(&st))
                     && dumped.contains(&s.tuple.netns)
                     && s.entered_ns < now_ns
-                    && (s.tuple.indexable() && !seen.contains(&s.tuple)
-                        || is_portless(s.state, &s.tuple))
+                    // An entry without both ports (a connect before its port was picked;
+                    // before Linux 6.15 an accepted socket's LISTEN → SYN_RECV, whose peer is
+                    // still unset) can match no dumped socket: if its later transitions were
+                    // lost it is a phantom, and a live one is in the dump under its full tuple.
+                    && (!s.tuple.indexable() || !seen.contains(&s.tuple))
             })
             .map(|(slot, _)| slot)
             .collect();

@@ -224,6 +224,34 @@ fn pid_reuse_is_detected_by_start_time() {
     assert!(s.has_exited(key(100, 9000)));
 }
 
+/// An abort's caller is named by pid alone: its start time is read afterwards, and a process
+/// that started after the abort (at 100 ticks per second, tick 5000 is 50 s after boot)
+/// reused the pid.
+#[test]
+fn start_time_before_a_moment() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let r = d.path();
+    write(
+        r,
+        Fake {
+            pid: 100,
+            start: 5000,
+            ..Fake::default()
+        },
+    );
+    let s = 1_000_000_000;
+    assert_eq!(start_ticks_before(r, 100, 50 * s, 100), Some(5000));
+    assert_eq!(start_ticks_before(r, 100, 60 * s, 100), Some(5000));
+    assert_eq!(
+        start_ticks_before(r, 100, 50 * s - 1, 100),
+        None,
+        "started later"
+    );
+    assert_eq!(start_ticks_before(r, 101, 60 * s, 100), None, "no such pid");
+    fs::write(r.join("100/stat"), "garbage").expect("stat");
+    assert_eq!(start_ticks_before(r, 100, 60 * s, 100), None, "unreadable");
+}
+
 #[test]
 fn details_are_filled_and_kept_raw() {
     let d = tempfile::tempdir().expect("tempdir");

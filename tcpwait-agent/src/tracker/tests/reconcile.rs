@@ -429,6 +429,26 @@ fn a_connecting_socket_tracked_without_its_port_takes_the_dumped_tuple() {
 }
 
 #[test]
+fn an_accepted_socket_tracked_with_its_peer_unset_is_repaired() {
+    use TcpState::*;
+    let mut t = Tracker::new(TrackerConfig::default());
+    // Before Linux 6.15, LISTEN → SYN_RECV of an accepted socket carries the peer unset; its
+    // SYN_RECV → ESTABLISHED (which would set the tuple) was lost.
+    let mut syn = tr(1, Listen, SynRecv, 10 * SEC);
+    syn.dport = 0;
+    syn.daddr = ip("0.0.0.0");
+    t.apply(&syn);
+    assert_eq!(t.len(), 1);
+    // The dump shows the socket ESTABLISHED under its full tuple.
+    let truth = vec![(diag(1, Established, None), vec![])];
+    let r = t.reconcile_all(&truth, CW, &TcpState::TRACKED, &[NS], 100 * SEC, 0);
+    assert_eq!((r.added, r.removed, r.corrected), (1, 1, 0));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), Some(synthetic_id(7_001)));
+    assert!(t.socket(sock(1), 100 * SEC).is_none());
+}
+
+#[test]
 fn reconcile_all_repairs_phantoms_in_every_state_in_one_pass() {
     use TcpState::*;
     let mut t = Tracker::new(TrackerConfig::default());
