@@ -137,26 +137,27 @@ impl Tracker {
                 oldest.map(|(e, _)| e),
                 now_ns,
             );
-            let measured = HostAlert {
-                rule: rule.name.clone(),
-                state: rule.state,
-                count,
-                oldest_entered_ns: oldest.map(|(e, _)| e),
-                oldest_is_lower_bound: oldest.is_some_and(|(_, s)| self.table.get(s).lower_bound()),
-                as_of_ns: now_ns,
-                fired_at_ns: now_ns,
-                resolved_at_ns: None,
-            };
+            let lower_bound = oldest.is_some_and(|(_, s)| self.table.get(s).lower_bound());
             match (matching, self.host.firing.get_mut(&i)) {
                 (true, Some(a)) => {
-                    a.count = measured.count;
-                    a.oldest_entered_ns = measured.oldest_entered_ns;
-                    a.oldest_is_lower_bound = measured.oldest_is_lower_bound;
+                    a.count = count;
+                    a.oldest_entered_ns = oldest.map(|(e, _)| e);
+                    a.oldest_is_lower_bound = lower_bound;
                     a.as_of_ns = now_ns;
                 }
                 (true, None) => {
-                    self.host.firing.insert(i, measured.clone());
-                    changes.push(HostAlertChange::Firing(measured));
+                    let a = HostAlert {
+                        rule: rule.name.clone(),
+                        state: rule.state,
+                        count,
+                        oldest_entered_ns: oldest.map(|(e, _)| e),
+                        oldest_is_lower_bound: lower_bound,
+                        as_of_ns: now_ns,
+                        fired_at_ns: now_ns,
+                        resolved_at_ns: None,
+                    };
+                    self.host.firing.insert(i, a.clone());
+                    changes.push(HostAlertChange::Firing(a));
                 }
                 (false, Some(_)) => {
                     let mut a = self.host.firing.remove(&i).expect("just found");
