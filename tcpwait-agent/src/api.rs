@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+pub mod host;
 pub mod timewait;
 
 use serde::{Deserialize, Serialize};
@@ -170,6 +171,9 @@ pub struct StatusReport {
     /// `status --port P`: what holds port P.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<timewait::PortReport>,
+    /// Host-scope rules with the host's figures (empty: none configured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_rules: Vec<host::HostRuleReport>,
 }
 
 /// One process's sockets in one watched state.

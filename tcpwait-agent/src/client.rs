@@ -177,6 +177,27 @@ fn print_status(out: &mut impl io::Write, r: &StatusReport) -> io::Result<()> {
             age(a.firing_for_s, false)
         )?;
     }
+    for h in &r.host_rules {
+        let threshold: Vec<String> = h
+            .max_count
+            .map(|n| format!("more than {n}"))
+            .into_iter()
+            .chain(h.max_age_s.map(|s| format!("oldest {}", age(s, false))))
+            .collect();
+        writeln!(
+            out,
+            "{}host rule {}: {} {} sockets on the host{}; fires at {}",
+            if h.firing { "ALERT " } else { "" },
+            h.rule,
+            h.count,
+            h.state,
+            h.oldest_age_s.map_or_else(String::new, |s| format!(
+                ", oldest {}",
+                age(s, h.oldest_age_is_lower_bound)
+            )),
+            threshold.join(" or ")
+        )?;
+    }
     // An agent older than `watched_states` watched CLOSE_WAIT only.
     let states = if r.watched_states.is_empty() {
         vec!["CLOSE_WAIT".to_owned()]
@@ -444,5 +465,32 @@ mod tests {
         assert_eq!(lines[2], "output lines failed to write: transition_log 3");
         assert!(text.contains("a\\u{202e}b"), "{text}");
         assert!(text.contains("x\\u{2028}y\\x1b"), "{text}");
+    }
+
+    #[test]
+    fn status_text_shows_host_rules_with_their_thresholds() {
+        let report = StatusReport {
+            host_rules: vec![crate::api::host::HostRuleReport {
+                rule: "connects_piling_up".into(),
+                state: "SYN_SENT".into(),
+                count: 25,
+                max_count: Some(20),
+                oldest_age_s: Some(3.25),
+                oldest_age_is_lower_bound: false,
+                max_age_s: Some(30.0),
+                firing: true,
+            }],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &report).expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            text.lines().nth(1),
+            Some(
+                "ALERT host rule connects_piling_up: 25 SYN_SENT sockets on the host, oldest \
+                 3.2s; fires at more than 20 or oldest 30.0s"
+            )
+        );
     }
 }

@@ -115,12 +115,15 @@ name = "close_wait_leak"
 # The state watched: ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
 # LAST_ACK, LISTEN or CLOSING (case-insensitive).
 state = "CLOSE_WAIT"
-# What sockets are counted per: "process", or "peer" (TIME_WAIT only, below); "host" is
-# not built yet.
+# What sockets are counted per: "process"; "peer" (TIME_WAIT only, below); or "host": every
+# socket in the state on the host, all network namespaces, owned or not (one alert without
+# pid labels; not LISTEN or TIME_WAIT).
 scope = "process"
-# Alert when a process holds a socket in `state` at least this old (100ms ..= 30d); omit for none.
+# Alert when a process (host rules: the host) holds a socket in `state` at least this old
+# (100ms ..= 30d); omit for none.
 age = "60s"
-# Alert when a process holds more than this many sockets in `state` (1 ..= 10000000); omit for none.
+# Alert when a process (host rules: the host) holds more than this many sockets in `state`
+# (1 ..= 10000000); omit for none.
 count = 100
 # Alertmanager labels; alertname defaults to "Tcp" + the name in CamelCase.
 alertname = "TcpCloseWaitLeak"

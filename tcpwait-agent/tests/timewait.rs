@@ -21,18 +21,12 @@ fn common_role_entry() {
     role_main();
 }
 
-/// `ss -tan state time-wait` inside `ns`, filtered: the number of sockets it lists.
-fn ss_time_wait(ns: &NetNs, filter: &[&str]) -> usize {
+/// `ss -tan` inside `ns` for the sockets in any of `states` (ss's names: `time-wait`,
+/// `established`, ...) that match `filter`: the number of sockets it lists.
+fn ss_states(ns: &NetNs, states: &[&str], filter: &[&str]) -> usize {
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ss",
-            "-Htan",
-            "state",
-            "time-wait",
-        ])
+        .args(["netns", "exec", &ns.name, "ss", "-Htan"])
+        .args(states.iter().flat_map(|s| ["state", s]))
         .args(filter)
         .output()
         .expect("run ss");
@@ -44,31 +38,18 @@ fn ss_time_wait(ns: &NetNs, filter: &[&str]) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-/// Sockets matching `filter` in `ns` in any state but TIME_WAIT (and LISTEN).
-fn ss_not_time_wait(ns: &NetNs, filter: &[&str]) -> usize {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "ss",
-            "-Htan",
-            "state",
-            "connected",
-        ])
-        .args(filter)
-        .output()
-        .expect("run ss");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("TIME-WAIT"))
-        .count()
-}
+const TIME_WAIT: &[&str] = &["time-wait"];
+/// Every state a connection passes through but TIME_WAIT (LISTEN and CLOSE excluded).
+const NOT_TIME_WAIT: &[&str] = &[
+    "established",
+    "syn-sent",
+    "syn-recv",
+    "fin-wait-1",
+    "fin-wait-2",
+    "close-wait",
+    "last-ack",
+    "closing",
+];
 
 /// The agent with `config`, serving metrics on a port of its own.
 fn agent(name: &str, config: &str) -> (tempfile::TempDir, String, u16, Tcpwait) {
@@ -169,8 +150,8 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
     let mut others = usize::MAX;
     assert!(
         wait_until(Duration::from_secs(30), || {
-            others = ss_not_time_wait(&ns, &filter);
-            let now = ss_time_wait(&ns, &filter);
+            others = ss_states(&ns, NOT_TIME_WAIT, &filter);
+            let now = ss_states(&ns, TIME_WAIT, &filter);
             let settled = others == 0 && now == last && now > 2823;
             last = now;
             settled
@@ -188,7 +169,7 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
         "agent's peer entry: {entry:?}, ss {expected}"
     );
     let e = entry.expect("peer entry");
-    let ss = ss_time_wait(&ns, &filter);
+    let ss = ss_states(&ns, TIME_WAIT, &filter);
     assert_eq!(
         (e["count"].as_u64(), ss),
         (Some(expected as u64), expected),
@@ -288,7 +269,7 @@ fn time_wait_pileup_per_peer_is_counted_attributed_and_alerted() {
         .args(filter)
         .output()
         .expect("run ss -K");
-    assert_eq!(ss_time_wait(&ns, &filter), 0, "ss -K: {out:?}");
+    assert_eq!(ss_states(&ns, TIME_WAIT, &filter), 0, "ss -K: {out:?}");
     assert!(
         wait_until(Duration::from_secs(15), || peer_alerts(
             &tw,
@@ -337,8 +318,8 @@ fn status_port_names_the_dead_listener_and_its_time_wait_sockets() {
     drop(server);
     client.expect_line("closed");
     let filter = ["src", &format!("127.0.0.1:{port}")];
-    assert!(wait_until(Duration::from_secs(5), || ss_time_wait(
-        &ns, &filter
+    assert!(wait_until(Duration::from_secs(5), || ss_states(
+        &ns, TIME_WAIT, &filter
     ) == N));
     let port_status = || {
         let out = Command::new(TCPWAIT)

@@ -29,7 +29,7 @@ pub struct RuleConfig {
     pub name: String,
     /// A TCP state name, case-insensitive (checked by `validate`).
     pub state: String,
-    /// `process` or `peer` (TIME_WAIT only).
+    /// `process`, `peer` (TIME_WAIT only) or `host`.
     #[serde(default = "default_scope")]
     pub scope: String,
     /// Age threshold (inclusive).
@@ -57,7 +57,7 @@ fn default_scope() -> String {
 }
 
 fn parse_scope(s: &str) -> Option<Scope> {
-    [Scope::Process, Scope::Peer]
+    [Scope::Process, Scope::Peer, Scope::Host]
         .into_iter()
         .find(|sc| sc.name() == s)
 }
@@ -67,6 +67,9 @@ fn allowed_states(scope: Scope) -> &'static [TcpState] {
     match scope {
         Scope::Process => &RULE_STATES,
         Scope::Peer => &[TcpState::TimeWait],
+        // The states reconciliation dumps in every namespace: the table counts them all,
+        // sockets that predate the agent included.
+        Scope::Host => &TcpState::TRACKED,
     }
 }
 
@@ -134,15 +137,10 @@ impl RuleConfig {
             ));
         }
         let Some(scope) = parse_scope(&self.scope) else {
-            let why = if self.scope == "host" {
-                "is not implemented yet"
-            } else {
-                "is not a scope"
-            };
             return Err((
                 ".scope",
                 format!(
-                    "{:?} {why}: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
+                    "{:?} is not a scope: allowed \"process\", \"peer\" or \"host\"",
                     self.scope
                 ),
             ));
@@ -163,6 +161,14 @@ impl RuleConfig {
                         "no process holds a TIME_WAIT socket: use scope = \"peer\""
                     }
                     (Scope::Peer, _) => "a peer rule counts TIME_WAIT sockets only",
+                    (Scope::Host, TcpState::TimeWait) => {
+                        "the host-wide TIME_WAIT count is tcpwait_timewait_sockets; a rule on \
+                         TIME_WAIT uses scope = \"peer\""
+                    }
+                    (Scope::Host, _) => {
+                        "its sockets that predate the agent are not reconciled, so a host-wide \
+                         count would be short"
+                    }
                     _ => "no process holds a socket in it",
                 };
                 return Err((
@@ -222,7 +228,7 @@ impl RuleConfig {
         }
         if self.age.is_none() && self.count.is_none() && self.share.is_none() {
             let which = match scope {
-                Scope::Process => "age, count or both",
+                Scope::Process | Scope::Host => "age, count or both",
                 Scope::Peer => "count, share or both",
             };
             return Err(("", format!("has no threshold: set {which}")));

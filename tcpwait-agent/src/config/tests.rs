@@ -215,12 +215,24 @@ fn each_key_is_validated() {
             "f.toml: rules[0].state: \"CLOSE_WAIT\" cannot be watched (a peer rule counts TIME_WAIT sockets only): allowed TIME_WAIT",
         ),
         (
-            "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"host\"",
-            "f.toml: rules[0].scope: \"host\" is not implemented yet: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
+            "[[rules]]\nname = \"a\"\nstate = \"TIME_WAIT\"\ncount = 1\nscope = \"host\"",
+            "f.toml: rules[0].state: \"TIME_WAIT\" cannot be watched (the host-wide TIME_WAIT count is tcpwait_timewait_sockets; a rule on TIME_WAIT uses scope = \"peer\"): allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"LISTEN\"\ncount = 1\nscope = \"host\"",
+            "f.toml: rules[0].state: \"LISTEN\" cannot be watched (its sockets that predate the agent are not reconciled, so a host-wide count would be short): allowed ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"SYN_SENT\"\nscope = \"host\"",
+            "f.toml: rules[0]: has no threshold: set age, count or both",
+        ),
+        (
+            "[[rules]]\nname = \"a\"\nstate = \"SYN_SENT\"\ncount = 1\nscope = \"host\"\nshare = 0.5",
+            "f.toml: rules[0].share: is a peer threshold: allowed only with scope = \"peer\"",
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"CLOSE_WAIT\"\ncount = 1\nscope = \"pod\"",
-            "f.toml: rules[0].scope: \"pod\" is not a scope: allowed \"process\" or \"peer\" (\"host\" is not built yet)",
+            "f.toml: rules[0].scope: \"pod\" is not a scope: allowed \"process\", \"peer\" or \"host\"",
         ),
         (
             "[[rules]]\nname = \"a\"\nstate = \"TIME_WAIT\"\nscope = \"peer\"\nshare = 1.5",

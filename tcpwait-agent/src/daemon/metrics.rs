@@ -338,6 +338,7 @@ pub(super) fn render(t: &Tracker, d: &Stats, peers: &PeerWatch, now: u64) -> Str
         .set(1);
     r.register("tcpwait_build_info", "Build information", build);
     super::timewait::register(&mut r, peers);
+    super::host::register(&mut r, t, now);
 
     let mut out = String::new();
     encode(&mut out, &r).expect("writing into a String cannot fail");

@@ -6,6 +6,7 @@ mod aborts;
 mod budget;
 mod census;
 mod delivery;
+mod host;
 mod http;
 mod metrics;
 mod owning;
@@ -314,13 +315,14 @@ impl Daemon {
     /// deadline, or the periodic reconciliation.
     fn next_wakeup(&self) -> Instant {
         let mut at = self.next_reconcile;
-        let deadline = match (
+        let deadline = [
             self.tracker.next_deadline(),
+            self.tracker.next_host_deadline(),
             self.aborts.tally.next_deadline(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if let Some(deadline) = deadline {
             let now = self.now_ns();
             let wait = Duration::from_nanos(deadline.saturating_sub(now));
@@ -504,6 +506,7 @@ impl Daemon {
                 report.aborts = Some(self.aborts.report(now));
                 report.port =
                     port.map(|p| timewait::port_report(&self.tracker, &self.timewait, p, now));
+                report.host_rules = host::report(&self.tracker, now);
                 let _ = reply.send(report);
             }
             Command::Table(netns, reply) => {
@@ -532,6 +535,7 @@ impl Daemon {
         self.evaluate_aborts(now);
         let changes = self.tracker.evaluate(now);
         self.announce(&changes, now, &[]);
+        self.evaluate_host(now);
     }
 
     /// Prints each alert change and hands it to the delivery sinks. An alert's rule is looked

@@ -23,7 +23,7 @@ use tracing::{error, warn};
 use super::{Daemon, report, settle};
 use crate::{
     config::{Config, DEFAULT_PATH},
-    tracker::alerts::AlertChange,
+    tracker::{alerts::AlertChange, rules::Scope},
 };
 
 impl Daemon {
@@ -51,17 +51,17 @@ impl Daemon {
         if self.timewait.rules() != crate::tracker::timewait::PeerWatch::new(&rules).rules() {
             self.set_peer_rules(&rules, now);
         }
-        let process_rules: Vec<_> = rules
-            .iter()
-            .filter(|r| r.scope == crate::tracker::rules::Scope::Process)
-            .cloned()
-            .collect();
-        let rules_changed = process_rules != self.tracker.rules();
+        let of_scope =
+            |scope| -> Vec<_> { rules.iter().filter(|r| r.scope == scope).cloned().collect() };
+        let rules_changed = of_scope(Scope::Process) != self.tracker.rules()
+            || of_scope(Scope::Host) != self.tracker.host_rules();
         if rules_changed {
             let gone = self.tracker.rules().to_vec();
+            let gone_host = self.tracker.host_rules().to_vec();
             self.settling.set_settle(settle::settle_time(&rules));
-            let resolved = self.tracker.set_rules(rules, now);
+            let (resolved, resolved_host) = self.tracker.set_rules(rules, now);
             self.announce(&resolved, now, &gone);
+            self.announce_host(&resolved_host, now, &gone_host);
         }
         let delivery_changed = (
             &new.alertmanager,

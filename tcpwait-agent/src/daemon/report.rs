@@ -112,6 +112,7 @@ pub(super) fn status(t: &Tracker, s: &Stats, now: u64, clock: &Clock) -> StatusR
         aborts: None,
         timewait: None,
         port: None,
+        host_rules: Vec::new(),
     }
 }
 

@@ -17,6 +17,7 @@
 //! `snapshot` (status views), `timewait` (TIME_WAIT pile-ups per peer, peer rules).
 pub mod alerts;
 mod candidates;
+pub mod host;
 pub mod ports;
 mod procs;
 pub mod reconcile;
@@ -146,12 +147,16 @@ pub struct Tracker {
     /// accepts: one map entry per listener, so bounded by the host's listeners; and the last
     /// listeners that closed (bounded, `ports`).
     listeners: ports::Listeners,
+    /// Host-scope rules and their alerts (`host`).
+    host: host::HostRules,
 }
 
 impl Tracker {
     /// An empty tracker.
     pub fn new(config: TrackerConfig) -> Self {
-        // Peer rules count TIME_WAIT sockets from the kernel's lists (`timewait`), not owners.
+        // Peer rules count TIME_WAIT sockets from the kernel's lists (`timewait`), host rules
+        // the table's own counts (`host`): neither needs owners.
+        let host = host::HostRules::new(&config.rules);
         let rules: Vec<Rule> = config
             .rules
             .into_iter()
@@ -161,7 +166,7 @@ impl Tracker {
         for r in &rules {
             watched[state_index(r.state)] = true;
         }
-        Self {
+        let mut tracker = Self {
             max_sockets: config.max_sockets,
             table: Table::new(),
             procs: Registry::default(),
@@ -170,7 +175,10 @@ impl Tracker {
             watched,
             last_overflow_ns: None,
             listeners: ports::Listeners::default(),
-        }
+            host,
+        };
+        tracker.index_ages();
+        tracker
     }
 
     /// What is known of a process that owns tracked sockets.

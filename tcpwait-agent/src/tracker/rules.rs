@@ -12,7 +12,8 @@
 //! rule on them only sees sockets still held through an fd (after `shutdown(SHUT_WR)`).
 //! TIME_WAIT sockets never have an owner: a [`Scope::Peer`] rule counts them per (namespace,
 //! local address → remote address:port) from the kernel's own lists (`tracker::timewait`).
-//! The host scope is not built yet: the configuration refuses it.
+//! A [`Scope::Host`] rule counts the sockets in its state over the whole host, every
+//! namespace, owned or not (`tracker::host`): one alert per rule, no process.
 use super::{Tracker, alerts::AlertChange, table::state_index};
 use crate::event::TcpState;
 
@@ -34,6 +35,8 @@ pub enum Scope {
     Process,
     /// The TIME_WAIT sockets of one (network namespace, local address → remote address:port).
     Peer,
+    /// Every socket in the state, host-wide (all namespaces).
+    Host,
 }
 
 impl Scope {
@@ -42,6 +45,7 @@ impl Scope {
         match self {
             Self::Process => "process",
             Self::Peer => "peer",
+            Self::Host => "host",
         }
     }
 }
@@ -232,11 +236,16 @@ impl Tracker {
 
     /// Replaces the rule set at `now_ns` (a configuration reload): the table, the socket
     /// ages and the owners stay; firing alerts of rules still there keep firing; the alerts
-    /// of rules that went are resolved and returned. The next [`Tracker::evaluate`] applies
-    /// the new thresholds to every process. Sockets already in a newly watched state get
-    /// their holders from the next reconciliation.
-    pub fn set_rules(&mut self, rules: Vec<Rule>, now_ns: u64) -> Vec<AlertChange> {
-        // Peer rules live in `timewait::PeerWatch`.
+    /// of rules that went are resolved and returned (process alerts, then host alerts). The
+    /// next [`Tracker::evaluate`] applies the new thresholds to every process. Sockets already
+    /// in a newly watched state get their holders from the next reconciliation.
+    pub fn set_rules(
+        &mut self,
+        rules: Vec<Rule>,
+        now_ns: u64,
+    ) -> (Vec<AlertChange>, Vec<super::host::HostAlertChange>) {
+        let host = self.set_host_rules(&rules, now_ns);
+        // Peer rules live in `timewait::PeerWatch`, host rules in `host`.
         let rules: Vec<Rule> = rules
             .into_iter()
             .filter(|r| r.scope == Scope::Process)
@@ -245,7 +254,7 @@ impl Tracker {
         for r in &rules {
             self.watched[state_index(r.state)] = true;
         }
-        self.engine.replace_rules(rules, &self.procs, now_ns)
+        (self.engine.replace_rules(rules, &self.procs, now_ns), host)
     }
 }
 

@@ -23,6 +23,7 @@ use std::{
 // seeded per table, so which tuples collide is not predictable from outside.
 use foldhash::fast::RandomState;
 
+use super::host::AgeIndex;
 use crate::{
     event::{SocketId, TcpState},
     model::Tuple,
@@ -262,6 +263,8 @@ pub(super) struct Table<S = RandomState> {
     /// Owners after the first, for the few sockets with several.
     more_owners: HashMap<u32, Vec<u32>>,
     by_state: [u64; 12],
+    /// Slots by entry time, for the states a host rule ages (`host`).
+    pub(super) ages: AgeIndex,
 }
 
 impl Table<RandomState> {
@@ -279,6 +282,7 @@ impl<S: BuildHasher> Table<S> {
             tuples: TupleIndex::with_hasher(hasher),
             more_owners: HashMap::new(),
             by_state: [0; 12],
+            ages: AgeIndex::default(),
         }
     }
 
@@ -347,6 +351,7 @@ impl<S: BuildHasher> Table<S> {
         };
         self.by_id.insert(id, idx);
         self.by_state[state_index(state)] += 1;
+        self.ages.add(state, entered_ns, idx);
         let displaced = tuple
             .indexable()
             .then(|| self.tuples.insert(&self.slots, tuple, idx))
@@ -364,6 +369,7 @@ impl<S: BuildHasher> Table<S> {
         }
         if let Some(state) = s.state {
             self.by_state[state_index(state)] -= 1;
+            self.ages.remove(state, s.entered_ns, slot);
         }
         self.more_owners.remove(&slot);
         let freed = &mut self.slots[slot as usize];
@@ -378,8 +384,10 @@ impl<S: BuildHasher> Table<S> {
         let s = &mut self.slots[slot as usize];
         if let Some(old) = s.state {
             self.by_state[state_index(old)] -= 1;
+            self.ages.remove(old, s.entered_ns, slot);
         }
         self.by_state[state_index(state)] += 1;
+        self.ages.add(state, entered_ns, slot);
         s.state = Some(state);
         s.entered_ns = entered_ns;
         s.flags = (s.flags & !FLAG_LOWER_BOUND) | if lb { FLAG_LOWER_BOUND } else { 0 };

@@ -306,7 +306,7 @@ fn a_rule_reload_keeps_ages_and_firing_alerts_and_applies_the_new_thresholds() {
         Some(30 * SEC),
         Some(100),
     );
-    assert_eq!(t.set_rules(vec![lower], 61 * SEC), []);
+    assert_eq!(t.set_rules(vec![lower], 61 * SEC), (vec![], vec![]));
     assert_eq!(
         t.next_deadline(),
         Some(40 * SEC),
@@ -328,7 +328,7 @@ fn a_rule_reload_keeps_ages_and_firing_alerts_and_applies_the_new_thresholds() {
     assert_eq!(since, [(10, 61 * SEC), (20, 60 * SEC)]);
     // A rule set without close_wait_leak resolves its alerts at once; the table stays.
     let other = Rule::new("syn_sent_stuck", TcpState::SynSent, Some(5 * SEC), None);
-    let resolved = t.set_rules(vec![other], 62 * SEC);
+    let resolved = t.set_rules(vec![other], 62 * SEC).0;
     assert_eq!(firing_pids(&resolved), [("resolved", 10), ("resolved", 20)]);
     assert!(
         resolved

@@ -18,7 +18,7 @@ mod alerts;
 mod reconcile;
 mod table;
 
-const SEC: u64 = 1_000_000_000;
+pub(crate) const SEC: u64 = 1_000_000_000;
 /// The server side of every test connection.
 const SERVER: (&str, u16) = ("10.0.0.1", 8080);
 /// The pid that is on CPU in softirq when the peer's FIN arrives: the peer, never the owner.
