@@ -169,8 +169,10 @@ fn one(bins: &Bins, mode: &str, stats: bool, dir: &Path, run: usize, secs: u64) 
     let count = |a: &Agent| -> u64 {
         match (&a.out, &a.sock) {
             (Some(p), _) if mode == "floor" => floor_count(p),
+            // Transition records only: `trace` also prints resets (records with a `kind`),
+            // which the tracepoint's count does not include.
             (Some(p), _) => std::fs::read_to_string(p)
-                .map(|t| t.lines().count() as u64)
+                .map(|t| t.lines().filter(|l| !l.starts_with("{\"kind\"")).count() as u64)
                 .unwrap_or(0),
             (_, Some(sock)) => transitions_seen(bin, sock).saturating_sub(seen_before),
             _ => 0,
