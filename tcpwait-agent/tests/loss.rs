@@ -175,7 +175,7 @@ fn churn(topo: &Arc<Topology>, n: usize, threads: usize) {
 /// server's FIN_WAIT2 → CLOSE follow its `close()` when the peer's segment arrives, after the
 /// client thread has returned. Only TIME_WAIT sockets (no transitions left) may remain.
 fn settle(topo: &Topology) {
-    let busy = |ns: &NetNs| {
+    let left = |ns: &NetNs| {
         let out = Command::new("ip")
             .args([
                 "netns",
@@ -188,12 +188,24 @@ fn settle(topo: &Topology) {
             ])
             .output()
             .expect("run ss");
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    let settled = wait_until(Duration::from_secs(10), || {
-        !busy(&topo.server) && !topo.client.as_ref().is_some_and(busy)
-    });
-    assert!(settled, "the workload's sockets did not close");
+    let all_left = || {
+        let mut s = left(&topo.server);
+        if let Some(c) = &topo.client {
+            s.push_str(&left(c));
+        }
+        s
+    };
+    // A segment dropped under load (a full socket backlog) costs a retransmission timeout,
+    // seconds with backoff, before the last connections close.
+    let settled = wait_until(Duration::from_secs(30), || all_left().is_empty());
+    if !settled {
+        let left = all_left();
+        let n = left.lines().count();
+        let first: Vec<&str> = left.lines().take(5).collect();
+        panic!("the workload's sockets did not close: {n} left, first {first:?}");
+    }
 }
 
 /// The accounting clause of an exit summary (`accounting: …`), checked exact: returns the
