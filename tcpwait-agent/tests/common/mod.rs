@@ -72,6 +72,26 @@ pub fn scaled(d: Duration) -> Duration {
     }
 }
 
+/// The daemon's table for `netns` (the API's `table` request): `(state, local, remote)` of
+/// every socket it tracks there.
+pub fn table(sock: &str, netns: u64) -> std::collections::BTreeSet<(String, String, String)> {
+    use std::io::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect API");
+    writeln!(s, "{{\"table\":{{\"netns\":{netns}}}}}").expect("request");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("answer");
+    let v: Value = serde_json::from_str(&line).expect("JSON answer");
+    v["sockets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sockets: {v}"))
+        .iter()
+        .map(|s| {
+            let f = |k: &str| s[k].as_str().expect("field").to_owned();
+            (f("state"), f("local"), f("remote"))
+        })
+        .collect()
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes ([`scaled`] under emulation);
 /// returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
