@@ -166,22 +166,27 @@ pub(super) fn alert(
         .map(|(p, n)| format!("{p} ({n})"))
         .collect();
     let discarded = a.aborts.unsent_bytes + a.aborts.unread_bytes;
-    let json = serde_json::json!({
-        "alert": status,
-        "rule": rule.name,
-        "alertname": rule.alertname,
-        "severity": rule.severity,
-        "remedy": rule.remedy,
-        "pid": a.key.pid,
-        "comm": a.comm,
-        "count": a.count,
-        "window_s": rule.window_ns / 1_000_000_000,
-        "aborts_by_reason": a.aborts.by_reason,
-        "unsent_bytes": a.aborts.unsent_bytes,
-        "unread_bytes": a.aborts.unread_bytes,
-        "discarded_bytes": discarded,
-        "peers": a.aborts.top_peers(5),
-    });
+    let labels = (
+        rule.alertname.as_str(),
+        rule.severity.as_str(),
+        rule.remedy.as_str(),
+    );
+    let json = super::report::alert_json(
+        status,
+        &rule.name,
+        labels,
+        serde_json::json!({
+            "pid": a.key.pid,
+            "comm": a.comm,
+            "count": a.count,
+            "window_s": rule.window_ns / 1_000_000_000,
+            "aborts_by_reason": a.aborts.by_reason,
+            "unsent_bytes": a.aborts.unsent_bytes,
+            "unread_bytes": a.aborts.unread_bytes,
+            "discarded_bytes": discarded,
+            "peers": a.aborts.top_peers(5),
+        }),
+    );
     let line = if as_json {
         json.to_string()
     } else {

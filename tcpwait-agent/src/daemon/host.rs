@@ -95,23 +95,23 @@ pub(super) fn alert_line(
         .oldest_entered_ns
         .map(|e| secs(a.as_of_ns.saturating_sub(e)));
     if as_json {
-        let line = json!({
-            "alert": status,
-            "rule": a.rule,
-            "alertname": rule.alertname,
-            "severity": rule.severity,
-            "remedy": rule.remedy,
-            "state": a.state.name(),
-            "scope": "host",
-            "count": a.count,
-            "oldest_age_s": age,
-            "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
-            "fired_at_ns": a.fired_at_ns,
-            "fired_at": clock.wall(a.fired_at_ns),
-            "resolved_at_ns": a.resolved_at_ns,
-            "now_ns": now,
-            "time": clock.wall(now),
-        })
+        let line = super::report::alert_json(
+            status,
+            &a.rule,
+            rule.labels(),
+            json!({
+                "state": a.state.name(),
+                "scope": "host",
+                "count": a.count,
+                "oldest_age_s": age,
+                "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
+                "fired_at_ns": a.fired_at_ns,
+                "fired_at": clock.wall(a.fired_at_ns),
+                "resolved_at_ns": a.resolved_at_ns,
+                "now_ns": now,
+                "time": clock.wall(now),
+            }),
+        )
         .to_string();
         return crate::output::escape_json(&line).into_owned();
     }
@@ -267,5 +267,11 @@ mod tests {
         assert_eq!(m.json["alert"], "resolved");
         assert_eq!(m.json["scope"], "host");
         assert_eq!(m.json["pid"], serde_json::Value::Null);
+        // Every alert JSON carries the schema version (README, "JSON schemas").
+        assert_eq!(
+            m.json["schema_version"],
+            serde_json::json!(super::super::report::ALERT_SCHEMA_VERSION)
+        );
+        assert_eq!(m.json["alertname"], "TcpSynSentHost");
     }
 }

@@ -252,6 +252,29 @@ pub(super) fn instance(configured: &str, metrics: Option<std::net::SocketAddr>) 
 /// alert file): raised when a key changes meaning or goes; new keys keep it.
 pub const ALERT_SCHEMA_VERSION: u32 = 1;
 
+/// An alert change as JSON, whatever the rule's scope (process, peer, host, aborts): the keys
+/// every one carries (README, "JSON schemas": `schema_version`, `alert`, `rule` and its
+/// `alertname`, `severity`, `remedy`), then `rest`, the scope's own keys (an object).
+pub(crate) fn alert_json(
+    status: &str,
+    rule: &str,
+    (alertname, severity, remedy): (&str, &str, &str),
+    rest: serde_json::Value,
+) -> serde_json::Value {
+    let mut v = json!({
+        "schema_version": ALERT_SCHEMA_VERSION,
+        "alert": status,
+        "rule": rule,
+        "alertname": alertname,
+        "severity": severity,
+        "remedy": remedy,
+    });
+    if let (Some(head), serde_json::Value::Object(rest)) = (v.as_object_mut(), rest) {
+        head.extend(rest);
+    }
+    v
+}
+
 /// One line for an alert that fired or resolved: logfmt-like text, or a JSON object (which
 /// also names the rule's `alertname`, `severity` and `remedy`, and the wall-clock times of
 /// `now`, the firing and the resolution by `clock`).
@@ -268,38 +291,37 @@ pub(super) fn alert_line(
     };
     let age = secs(a.oldest_age_ns);
     if as_json {
-        return json!({
-            "schema_version": ALERT_SCHEMA_VERSION,
-            "alert": status,
-            "rule": a.rule,
-            "alertname": rule.alertname,
-            "severity": rule.severity,
-            "remedy": rule.remedy,
-            "state": a.state.name(),
-            "pid": a.process.key.pid,
-            "comm": a.process.comm,
-            "cmdline": a.process.cmdline,
-            "cgroup": a.process.cgroup,
-            "container": a.process.container,
-            "pod_uid": a.process.pod_uid,
-            "netns": a.process.netns,
-            "count": a.count,
-            "oldest_age_s": age,
-            "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
-            "fired_at_ns": a.fired_at_ns,
-            "fired_at": clock.wall(a.fired_at_ns),
-            "resolved_at_ns": a.resolved_at_ns,
-            "resolved_at": a.resolved_at_ns.map(|ns| clock.wall(ns)),
-            "now_ns": now,
-            "time": clock.wall(now),
-            "peers": peers(&a.top_peers),
-            "peer_processes": a.peer_holders.iter().map(|h| json!({
-                "pid": h.process.key.pid,
-                "comm": h.process.comm,
-                "state": h.state.name(),
-                "sockets": h.count,
-            })).collect::<Vec<_>>(),
-        })
+        return alert_json(
+            status,
+            &a.rule,
+            rule.labels(),
+            json!({
+                "state": a.state.name(),
+                "pid": a.process.key.pid,
+                "comm": a.process.comm,
+                "cmdline": a.process.cmdline,
+                "cgroup": a.process.cgroup,
+                "container": a.process.container,
+                "pod_uid": a.process.pod_uid,
+                "netns": a.process.netns,
+                "count": a.count,
+                "oldest_age_s": age,
+                "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
+                "fired_at_ns": a.fired_at_ns,
+                "fired_at": clock.wall(a.fired_at_ns),
+                "resolved_at_ns": a.resolved_at_ns,
+                "resolved_at": a.resolved_at_ns.map(|ns| clock.wall(ns)),
+                "now_ns": now,
+                "time": clock.wall(now),
+                "peers": peers(&a.top_peers),
+                "peer_processes": a.peer_holders.iter().map(|h| json!({
+                    "pid": h.process.key.pid,
+                    "comm": h.process.comm,
+                    "state": h.state.name(),
+                    "sockets": h.count,
+                })).collect::<Vec<_>>(),
+            }),
+        )
         .to_string();
     }
     let peer_list: Vec<String> = a

@@ -364,27 +364,27 @@ pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_jso
     };
     let g = &a.group;
     if as_json {
-        let line = json!({
-            "alert": status,
-            "rule": a.rule,
-            "alertname": rule.alertname,
-            "severity": rule.severity,
-            "remedy": rule.remedy,
-            "state": TcpState::TimeWait.name(),
-            "scope": "peer",
-            "netns": netns_opt(g.key.netns),
-            "local": g.key.local.to_string(),
-            "remote": g.key.remote.to_string(),
-            "port": g.key.port,
-            "count": g.count,
-            "share": g.share,
-            "port_range": [g.range.0, g.range.1],
-            "rate_per_s": g.rate_per_s,
-            "closers": closers(&g.closers),
-            "fired_at_ns": a.fired_at_ns,
-            "resolved_at_ns": a.resolved_at_ns,
-            "now_ns": now,
-        })
+        let line = super::report::alert_json(
+            status,
+            &a.rule,
+            rule.labels(),
+            json!({
+                "state": TcpState::TimeWait.name(),
+                "scope": "peer",
+                "netns": netns_opt(g.key.netns),
+                "local": g.key.local.to_string(),
+                "remote": g.key.remote.to_string(),
+                "port": g.key.port,
+                "count": g.count,
+                "share": g.share,
+                "port_range": [g.range.0, g.range.1],
+                "rate_per_s": g.rate_per_s,
+                "closers": closers(&g.closers),
+                "fired_at_ns": a.fired_at_ns,
+                "resolved_at_ns": a.resolved_at_ns,
+                "now_ns": now,
+            }),
+        )
         .to_string();
         return crate::output::escape_json(&line).into_owned();
     }

@@ -93,6 +93,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The alert's labels: `alertname`, `severity`, `remedy`.
+    pub fn labels(&self) -> (&str, &str, &str) {
+        (&self.alertname, &self.severity, &self.remedy)
+    }
+
     /// The rules in force when the configuration names none. [`Rule::fin_wait2_held`] is not
     /// among them yet: watching FIN_WAIT2 puts every active close of the host through owner
     /// settling and reconciliation, whose cost the default benchmark has not measured yet; it
