@@ -54,6 +54,22 @@ impl NetNs {
         ))
     }
 
+    /// Sets the namespace's own sysctl `key` (a path under `/proc/sys`, e.g.
+    /// `net/ipv4/tcp_rfc1337`), as `ip netns exec` sees it.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c"])
+            .args([r#"printf '%s' "$1" > "/proc/sys/$0""#, key, value])
+            .output()
+            .unwrap_or_else(|e| panic!("run ip netns exec: {e}"));
+        assert!(
+            out.status.success(),
+            "{key} = {value} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+
     /// `/run/netns/<name>`, the namespace's file.
     pub fn path(&self) -> std::path::PathBuf {
         std::path::Path::new("/run/netns").join(&self.name)
