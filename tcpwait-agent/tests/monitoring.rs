@@ -426,6 +426,8 @@ remedy = "reuse connections toward this peer"
         ],
     );
     let ns = common::netns::NetNs::new("amrules");
+    // TIME_WAIT sockets ignore RSTs (see the pile-up test in timewait.rs).
+    ns.sysctl("net/ipv4/tcp_rfc1337", "1");
     let inode = ns.inode();
     // FIN_WAIT2 held: 2 sockets shut down for writing toward a server that never closes.
     let mut hold = ns.spawn(
