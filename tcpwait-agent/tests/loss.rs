@@ -255,10 +255,15 @@ fn identity(summary: &str) -> [u64; 6] {
 /// records were read. Panics on a copy: a record equal to the previous record of its socket
 /// address (same ports, same old and new state, same task; only the time differs), which no socket can
 /// make twice in a row (it would have to leave the new state and come back to the old one),
-/// and which is what a rescued copy of a sent transition looks like.
+/// and which is what a rescued copy of a sent transition looks like. Only where nothing was
+/// lost (`complete`): a lost record (ring full) lets a later socket at the same address, with
+/// the same ports, look like a repeat of the earlier one (seen: `CLOSE -> SYN_SENT` twice 8 ms
+/// apart, port 0 before connect() picks one, the first connection's other records lost to a
+/// full ring). The accounting identity counts copies either way.
 fn own_edges(
     lines: impl Iterator<Item = String>,
     netns: &[u64],
+    complete: bool,
 ) -> (HashMap<String, usize>, usize) {
     let mut edges = HashMap::new();
     let mut all = 0;
@@ -290,7 +295,7 @@ fn own_edges(
         }
     }
     assert!(
-        copies.is_empty(),
+        copies.is_empty() || !complete,
         "{} records repeat the previous one of their socket, first: {:?}",
         copies.len(),
         copies.first()
@@ -380,7 +385,11 @@ fn trace(path: Path, threads: usize) -> Result<(), String> {
     assert!(status.success(), "{summary}");
     let [hits, seen, _, ring, nested, _] = identity(&summary);
     let file = std::io::BufReader::new(out.reopen().expect("reopen"));
-    let (edges, printed) = own_edges(file.lines().map(|l| l.expect("read")), &topo.inodes());
+    let (edges, printed) = own_edges(
+        file.lines().map(|l| l.expect("read")),
+        &topo.inodes(),
+        ring + nested == 0,
+    );
     assert_eq!(
         printed as u64, seen,
         "every transition seen is printed; {summary}"

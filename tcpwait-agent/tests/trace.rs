@@ -298,7 +298,7 @@ fn a_loopback_stress_loses_nothing_and_duplicates_nothing() {
     let summary = tw.stderr.snapshot().join("\n");
     assert!(all_seen, "saw {}; {summary}", tw.stdout.snapshot().len());
     let all = tw.json();
-    // n of each edge: none lost, none twice (the rescue program's marks are per socket).
+    // n of each edge: none lost, none twice (the rescue program records only skipped ones).
     let extra = edges_exact(&all, n, expected, &summary);
     let printed = expected + extra;
     assert!(

@@ -72,9 +72,33 @@ pub struct Stage {
     pub busy: u32,
     /// `ts_ns` of `events[0]`.
     pub first_ts: u64,
+    /// Marks in `marks[..marks_len]`, a stack (see [`Mark`]).
+    pub marks_len: u32,
+    pub _reserved: u32,
+    pub marks: [Mark; STAGE_MARKS],
     pub events: [TransitionEvent; STAGE_EVENTS],
 }
-const _: () = assert!(core::mem::size_of::<Stage>() == 16 + STAGE_EVENTS * TRANSITION_EVENT_SIZE);
+const _: () = assert!(
+    core::mem::size_of::<Stage>()
+        == 24 + STAGE_MARKS * core::mem::size_of::<Mark>() + STAGE_EVENTS * TRANSITION_EVENT_SIZE
+);
+
+/// A transition the main program has taken on (pushed at its first instruction); the rescue
+/// program, which runs after it for the same transition, pops it, and records a transition
+/// whose mark it does not find: one the kernel skipped the main program for (tcpwait-ebpf's
+/// `nesting` module says why that is exact).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Mark {
+    /// The socket's address.
+    pub sk: u64,
+    /// Old state in bits 0..16, new state in bits 16..32, bit 63 set.
+    pub states: u64,
+}
+
+/// Marks a CPU's stack holds: more than transitions can nest (task, softirq, hardirq, NMI),
+/// with room for the rare mark whose rescue run the kernel skipped.
+pub const STAGE_MARKS: usize = 8;
 
 /// Staged events at least this old go to the ring with the next transition on their CPU.
 pub const STAGE_MAX_AGE_NS: u64 = 5_000_000;
@@ -109,16 +133,15 @@ pub mod counter {
     /// Events dropped because the ring buffer was full (`bpf_ringbuf_reserve` or, for a
     /// staged batch, `bpf_ringbuf_output` failed).
     pub const RESERVE_FAILED: u32 = 1;
-    /// Events the rescue program recorded because the main program had not marked them in
-    /// their socket (the kernel skipped the nested run of the main program, a recursion miss
-    /// rescued, or the main program left them there: [`DEFERRED`]); every event in the test
-    /// mode that makes this program record everything.
+    /// Events the rescue program recorded because they nested into the main program on their
+    /// CPU (the kernel skipped the main program for them: a recursion miss, rescued); every
+    /// event in the test mode that makes this program record everything.
     pub const RESCUED: u32 = 2;
-    /// Unmarked transitions the rescue program could not record: ring full. Apart from
+    /// Nested transitions the rescue program could not record: ring full. Apart from
     /// [`RESERVE_FAILED`] so that the agent can tell the main program's runs from the rescue
     /// program's.
     pub const RESCUE_RESERVE_FAILED: u32 = 3;
-    /// Unmarked transitions the rescue program found not to be TCP (SCTP, MPTCP): nothing
+    /// Nested transitions the rescue program found not to be TCP (SCTP, MPTCP): nothing
     /// is lost.
     pub const NESTED_NOT_TCP: u32 = 4;
     /// Events the flush program sent into the ring buffer (the main program's staged ones).
@@ -127,11 +150,8 @@ pub mod counter {
     pub const FLUSH_RESERVE_FAILED: u32 = 6;
     /// Runs of the main program for a transition of another protocol (SCTP, MPTCP).
     pub const NOT_TCP: u32 = 7;
-    /// Runs of the main program that could not mark their transition in the socket's storage
-    /// (a socket going away, no memory) and left it to the rescue program.
-    pub const DEFERRED: u32 = 8;
     /// Number of counters; the size of the map.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 8;
 }
 
 /// Ring buffer size in bytes: a power of two and a multiple of the page size.

@@ -13,18 +13,12 @@
 //!   into its own reservation: the fallback where the kernel has no BTF, and the reference a
 //!   test compares against.
 //!
-//! The BTF program comes in two builds: `inet_sock_set_state_marked`, which also marks each
-//! transition it handles in the socket's storage for the rescue program (see `marks`), and
-//! `inet_sock_set_state_btf`, which does not (kernels before 5.11, where tracing programs cannot
-//! reach socket storage; no rescue program there).
-//!
-//! A third program, `inet_sock_set_state_nested` (BTF tracepoint too), records the transitions
-//! the kernel skips because they nest into the main program on one CPU (see `marks`).
+//! A second BTF program, `inet_sock_set_state_nested`, records the transitions the kernel
+//! skips because they nest into the main program on one CPU (see `nesting`).
 //!
 //! Every run of the main program ends in exactly one counter or event: sent (staged, then
-//! `SENT`/`FLUSHED`), lost to a full ring (`*_RESERVE_FAILED`), not TCP (`NOT_TCP`), or left to
-//! the rescue program (`DEFERRED`); every run of the rescue program that finds no mark does the
-//! same with its own counters. The agent adds them up against the kernel's count of the main
+//! `SENT`/`FLUSHED`), lost to a full ring (`*_RESERVE_FAILED`) or not TCP (`NOT_TCP`); every run of
+//! the rescue program that finds the main program's mark does the same with its own counters. The agent adds them up against the kernel's count of the main
 //! program's runs and recursion misses (`tcpwait-agent/src/probe/account.rs`).
 #![no_std]
 #![no_main]
@@ -46,7 +40,7 @@ use tcpwait_common::{
 use sock::{Direct, Fields, sock_fields, write_event};
 
 mod classic;
-mod marks;
+mod nesting;
 mod resets;
 mod sock;
 
@@ -91,37 +85,25 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
 /// Bytes one event takes in the ring: the 8-byte record header plus the event, rounded up to 8.
 const RECORD_BYTES: u64 = ((8 + core::mem::size_of::<TransitionEvent>() as u64) + 7) & !7;
 
-/// The main program as a BTF tracepoint (args: `struct sock *sk, int oldstate, int newstate`),
-/// without marks: where no rescue program runs.
+/// The main program as a BTF tracepoint (args: `struct sock *sk, int oldstate, int newstate`).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
-    main_run::<false>(&ctx);
-    0
-}
-
-/// The main program with marks for the rescue program (see `marks`).
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_marked(ctx: BtfTracePointContext) -> i32 {
-    main_run::<true>(&ctx);
+    let Some(stage) = STAGE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's stage; its marks are a stack that nested runs leave as they found it
+    // (see `nesting`), the rest is taken under `busy` (see `STAGE`).
+    let stage = unsafe { &mut *stage };
+    let sk: u64 = ctx.arg(0);
+    let oldstate: u64 = ctx.arg(1);
+    let newstate: u64 = ctx.arg(2);
+    nesting::push(stage, sk, nesting::states(oldstate, newstate));
+    main_run(stage, sk, oldstate, newstate);
     0
 }
 
 #[inline(always)]
-fn main_run<const MARK: bool>(ctx: &BtfTracePointContext) {
-    let sk: u64 = ctx.arg(0);
-    let oldstate: u64 = ctx.arg(1);
-    let newstate: u64 = ctx.arg(2);
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
-    if MARK && !unsafe { marks::mark(sk, oldstate, newstate) } {
-        // No storage for this socket: the rescue program, which will find no mark, sends it.
-        bump(counter::DEFERRED);
-        return;
-    }
-    let Some(stage) = STAGE.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's stage, which nothing else writes while `busy` is set (see `STAGE`).
-    let stage = unsafe { &mut *stage };
+fn main_run(stage: &mut Stage, sk: u64, oldstate: u64, newstate: u64) {
     // SAFETY: reads a read-only global the agent set at load.
     let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
     // SAFETY: `sk` is the kernel's BTF-typed `struct sock *`: the verifier checks every direct
@@ -248,18 +230,27 @@ fn flush(stage: &mut Stage, n: usize, counters: (u32, u32)) {
 }
 
 /// The rescue path: the same transition, run after the main program (args: `struct sock *sk,
-/// int oldstate, int newstate`). Records only what the main program did not mark, i.e. the
-/// nested transitions the kernel skipped it for, and those it left here (see `marks`).
+/// int oldstate, int newstate`). Records only the transitions that nested into the main
+/// program on this CPU, which the kernel skipped it for (see `nesting`).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: reads a read-only global the agent set at load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
     let sk: u64 = ctx.arg(0);
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
-    // SAFETY: reads a read-only global the agent set at load.
-    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
-    // SAFETY: `sk` is the tracepoint's BTF-typed socket.
-    if off.always == 0 && unsafe { marks::take(sk, oldstate, newstate) } {
-        return 0;
+    if off.always == 0 {
+        let Some(stage) = STAGE.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: this CPU's stage; only its marks are touched (see `nesting`).
+        if nesting::take(
+            unsafe { &mut *stage },
+            sk,
+            nesting::states(oldstate, newstate),
+        ) {
+            return 0;
+        }
     }
     // SAFETY: as in the main program.
     let Some(fields) =

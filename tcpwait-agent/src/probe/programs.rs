@@ -2,9 +2,9 @@
 //!
 //! Order matters to the loss accounting (`probe::account`): the tracepoint calls its programs
 //! in the order they were attached, so the main program is attached first and the rescue
-//! program after it (the rescue program must run after the main one for every hit, to find
-//! its mark); at the stop the rescue program goes first, so that it never sees a hit outside
-//! the main program's window (it would record it: no mark).
+//! program after it (the rescue program must run after the main one for every hit: it then
+//! finds the main program's mark cleared unless the hit nested into it); at the stop the
+//! rescue program goes first.
 use std::{
     any::Any,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -18,10 +18,8 @@ use tracing::warn;
 
 use super::{Attachment, ProbeError, attach::attach_classic};
 
-/// The main BTF program, with marks for the rescue program.
-const MARKED: &str = "inet_sock_set_state_marked";
-/// The main BTF program, without marks (no rescue program).
-const PLAIN: &str = "inet_sock_set_state_btf";
+/// The main BTF program.
+const MAIN: &str = "inet_sock_set_state_btf";
 /// The rescue program.
 const RESCUE: &str = "inet_sock_set_state_nested";
 
@@ -36,8 +34,7 @@ pub(super) struct Programs {
 
 impl Programs {
     /// Loads and attaches the main program (BTF where `btf` is given and `default`, else the
-    /// classic tracepoint, or both for `compare`) and, after it, the rescue program where the
-    /// kernel lets tracing programs use socket storage (Linux 5.11).
+    /// classic tracepoint, or both for `compare`) and, after the BTF one, the rescue program.
     pub(super) fn attach(
         ebpf: &mut Ebpf,
         (category, name): (&str, &str),
@@ -54,38 +51,24 @@ impl Programs {
         let mut main_fd = None;
         let mut rescue = false;
         if let Ok(btf) = &btf {
-            // The marked build and the rescue program need socket storage from a tracing
-            // program; where either is refused, the plain build runs alone.
-            let marked =
-                load_btf(ebpf, MARKED, name, btf).and_then(|()| load_btf(ebpf, RESCUE, name, btf));
-            let main = match marked {
-                Ok(()) => {
-                    rescue = true;
-                    Ok(MARKED)
-                }
-                Err(e) => {
-                    warn!(
-                        error = first_line(&e),
-                        "cannot load the rescue program (it needs socket storage from a \
-                         tracing program, Linux 5.11): transitions the kernel skips as nested \
-                         are counted as lost"
-                    );
-                    load_btf(ebpf, PLAIN, name, btf).map(|()| PLAIN)
-                }
-            };
-            match main.and_then(|prog| attach_btf(ebpf, prog)) {
+            match load_btf(ebpf, MAIN, name, btf).and_then(|()| attach_btf(ebpf, MAIN)) {
                 Ok((fd, link)) => {
                     links.push(link);
                     main_fd = Some(fd);
                     attachment.btf = true;
+                    match load_btf(ebpf, RESCUE, name, btf) {
+                        Ok(()) => rescue = true,
+                        Err(e) => warn!(
+                            error = first_line(&e),
+                            "cannot load the rescue program: transitions the kernel skips as \
+                             nested are counted as lost"
+                        ),
+                    }
                 }
-                Err(e) => {
-                    warn!(
-                        error = first_line(&e),
-                        "BTF tracepoint unavailable, using the classic tracepoint"
-                    );
-                    rescue = false;
-                }
+                Err(e) => warn!(
+                    error = first_line(&e),
+                    "BTF tracepoint unavailable, using the classic tracepoint"
+                ),
             }
         } else if let (Err(e), true) = (&btf, (category, name) == super::TRACEPOINT) {
             warn!(

@@ -118,8 +118,8 @@ pub fn of_connection(all: &[Value], port: u16, cport: u16) -> Vec<Value> {
 /// Checks `all`, the records of `n` loopback connections and one listener (`expected` in all):
 /// n of each connection edge, none lost (a loss makes an edge's count too low; a freed
 /// socket's address and a client port are reused within a run, so no per-socket key
-/// identifies a transition) and none twice: the rescue program's marks are per socket
-/// (tcpwait-ebpf marks.rs), so it copies no transition the main program sent, and the
+/// identifies a transition) and none twice: the rescue program records only transitions
+/// whose mark the main program did not push (tcpwait-ebpf nesting.rs), so it copies none, and the
 /// summary's accounting says so (no `copies`). Returns the extra records (0).
 pub fn edges_exact(all: &[Value], n: usize, expected: usize, summary: &str) -> usize {
     let rescued: usize = summary
