@@ -40,6 +40,8 @@
 //! freed in its destructor: twice the BPF cost per transition).
 use tcpwait_common::{STAGE_MARKS, Stage};
 
+const _: () = assert!(STAGE_MARKS == 8, "take() is unrolled for 8 marks");
+
 /// Old and new state in one nonzero word.
 #[inline(always)]
 pub(crate) fn states(oldstate: u64, newstate: u64) -> u64 {
@@ -65,27 +67,34 @@ pub(crate) fn push(stage: &mut Stage, sk: u64, states: u64) {
 }
 
 /// The rescue program's test: whether the main program pushed this transition's mark; if so,
-/// pops it and everything above it.
+/// pops it and everything above it. Unrolled (no loop): older verifiers take it as it is.
 #[inline(always)]
 pub(crate) fn take(stage: &mut Stage, sk: u64, states: u64) -> bool {
     // SAFETY (the block): as in `push`.
     unsafe {
-        let n = (core::ptr::read_volatile(&stage.marks_len) as usize).min(STAGE_MARKS);
-        for k in 0..STAGE_MARKS {
-            if k >= n {
-                break;
-            }
-            let i = n - 1 - k;
-            let Some(m) = stage.marks.get(i) else {
-                break;
+        let n = core::ptr::read_volatile(&stage.marks_len) as usize;
+        macro_rules! at {
+            ($i:literal) => {
+                if n > $i {
+                    let m = &stage.marks[$i];
+                    if core::ptr::read_volatile(&m.sk) == sk
+                        && core::ptr::read_volatile(&m.states) == states
+                    {
+                        core::ptr::write_volatile(&mut stage.marks_len, $i);
+                        return true;
+                    }
+                }
             };
-            if core::ptr::read_volatile(&m.sk) == sk
-                && core::ptr::read_volatile(&m.states) == states
-            {
-                core::ptr::write_volatile(&mut stage.marks_len, i as u32);
-                return true;
-            }
         }
+        // From the top: the transition's own mark is the newest one still there.
+        at!(7);
+        at!(6);
+        at!(5);
+        at!(4);
+        at!(3);
+        at!(2);
+        at!(1);
+        at!(0);
     }
     false
 }

@@ -14,7 +14,7 @@ use aya::{
     Btf, Ebpf,
     programs::{BtfTracePoint, TracePoint},
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Attachment, ProbeError, attach::attach_classic};
 
@@ -58,11 +58,14 @@ impl Programs {
                     attachment.btf = true;
                     match load_btf(ebpf, RESCUE, name, btf) {
                         Ok(()) => rescue = true,
-                        Err(e) => warn!(
-                            error = first_line(&e),
-                            "cannot load the rescue program: transitions the kernel skips as \
-                             nested are counted as lost"
-                        ),
+                        Err(e) => {
+                            warn!(
+                                error = first_line(&e),
+                                "cannot load the rescue program: transitions the kernel skips \
+                                 as nested are counted as lost"
+                            );
+                            debug!(error = %e, "the rescue program's refusal in full");
+                        }
                     }
                 }
                 Err(e) => warn!(
