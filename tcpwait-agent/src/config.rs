@@ -146,20 +146,18 @@ alertname = "TcpTimeWaitPileup"
 severity = "warning"
 remedy = "this process closes its connections to one peer first, and each close leaves a TIME_WAIT socket holding a local port for 60 s: reuse connections (HTTP keep-alive, a connection pool), let the server close first, or set net.ipv4.tcp_tw_reuse=1 (outgoing connections may then reuse TIME_WAIT ports)"
 
-# Opt-in (not a default yet: its cost on a busy host is not measured): uncomment to alert on
-# FIN_WAIT2 that never ends.
-# [[rules]]
-# A process that shut down its write side (shutdown(SHUT_WR)) and holds a socket whose peer
-# never closes: the peer is the one leaking. The alert names the local process holding the
-# other end (peer_processes), if any. Orphaned FIN_WAIT2 (after close()) has no holder and
-# never fires it.
-# name = "fin_wait2_held"
-# state = "FIN_WAIT2"
-# scope = "process"
-# age = "60s"
-# alertname = "TcpFinWait2Held"
-# severity = "warning"
-# remedy = "this process shut down its side and waits for the peer's FIN, which never comes: the peer is the one leaking (its end sits in CLOSE_WAIT); fix the peer process named in peer_processes, or the one on the peer host"
+# FIN_WAIT2 that never ends. A process that shut down its write side (shutdown(SHUT_WR))
+# and holds a socket whose peer never closes: the peer is the one leaking. The alert names
+# the local process holding the other end (peer_processes), if any. Orphaned FIN_WAIT2
+# (after close()) has no holder and never fires it.
+[[rules]]
+name = "fin_wait2_held"
+state = "FIN_WAIT2"
+scope = "process"
+age = "60s"
+alertname = "TcpFinWait2Held"
+severity = "warning"
+remedy = "this process shut down its side and waits for the peer's FIN, which never comes: the peer is the one leaking (its end sits in CLOSE_WAIT); fix the peer process named in peer_processes, or the one on the peer host"
 
 [abort_rule]
 # A process that resets its connections on close, throwing away what the peer never got

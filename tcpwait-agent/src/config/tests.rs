@@ -14,11 +14,15 @@ fn the_documented_file_is_the_default() {
 }
 
 #[test]
-fn the_default_rules_are_close_wait_leak_and_time_wait_pileup() {
+fn the_default_rules_are_close_wait_leak_time_wait_pileup_and_fin_wait2_held() {
     use crate::tracker::rules::Rule;
     assert_eq!(
         Config::default().rules.rules(),
-        vec![Rule::close_wait_leak(), Rule::time_wait_pileup()]
+        vec![
+            Rule::close_wait_leak(),
+            Rule::time_wait_pileup(),
+            Rule::fin_wait2_held()
+        ]
     );
 }
 
@@ -41,7 +45,7 @@ fn the_older_rules_table_sets_close_wait_leak() {
     assert_eq!(close_wait_thresholds(&c), (Some(90 * S), Some(100)));
     let c = Config::parse("[rules]\nclose_wait_count = 7\n", "t").expect("valid");
     assert_eq!(close_wait_thresholds(&c), (Some(60 * S), Some(7)));
-    assert_eq!(c.rules.rules().len(), 2);
+    assert_eq!(c.rules.rules().len(), 3);
 }
 
 #[test]

@@ -98,12 +98,15 @@ impl Rule {
         (&self.alertname, &self.severity, &self.remedy)
     }
 
-    /// The rules in force when the configuration names none. [`Rule::fin_wait2_held`] is not
-    /// among them yet: watching FIN_WAIT2 puts every active close of the host through owner
-    /// settling and reconciliation, whose cost the default benchmark has not measured yet; it
-    /// is one `[[rules]]` entry away (`config --print-default` shows it, commented out).
+    /// The rules in force when the configuration names none. Watching FIN_WAIT2 puts every
+    /// active close of the host through owner settling and reconciliation; the default bench
+    /// measured no difference with and without it (BENCHMARKS.md, `run-fw2`).
     pub fn defaults() -> Vec<Self> {
-        vec![Self::close_wait_leak(), Self::time_wait_pileup()]
+        vec![
+            Self::close_wait_leak(),
+            Self::time_wait_pileup(),
+            Self::fin_wait2_held(),
+        ]
     }
 
     /// The default peer rule: one (local address → remote address:port) holds TIME_WAIT
@@ -146,13 +149,6 @@ impl Rule {
     /// sent its FIN: the peer is the one leaking (its end sits in CLOSE_WAIT). An orphaned
     /// FIN_WAIT2 (after `close()`, bounded by `tcp_fin_timeout`) has no holder and never
     /// matches a per-process rule.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "opt-in for now: the default file shows it commented out"
-        )
-    )]
     pub fn fin_wait2_held() -> Self {
         Self {
             name: "fin_wait2_held".to_owned(),
