@@ -37,15 +37,10 @@ pub fn no_loss_summary_counted(counted: bool) -> &'static str {
     }
 }
 
-/// What `trace` names on its start-up line for the programs this kernel should get: the BTF
-/// tracepoint, batched, with the rescue program from Linux 5.12 (5.10's verifier refuses it:
-/// `arg#0 type is not a struct`; DESIGN.md, "Kernel matrix").
+/// What `trace` names on its start-up line for the programs every kernel of the matrix should
+/// get: the BTF tracepoint, batched, with the rescue program (DESIGN.md, "Kernel matrix").
 pub fn expected_programs() -> &'static str {
-    if kernel_counts_recursion() {
-        "(sock:inet_sock_set_state, BTF tracepoint; aborts from "
-    } else {
-        "(sock:inet_sock_set_state, BTF tracepoint, no rescue of nested transitions; aborts from "
-    }
+    "(sock:inet_sock_set_state, BTF tracepoint; aborts from "
 }
 
 /// Whether the kernel fills in the peer's address and port before the LISTEN → SYN_RECV
