@@ -17,7 +17,6 @@
 //! `snapshot` (status views), `timewait` (TIME_WAIT pile-ups per peer, peer rules).
 pub mod alerts;
 mod candidates;
-mod closed;
 pub mod host;
 pub mod ports;
 mod procs;
@@ -150,8 +149,6 @@ pub struct Tracker {
     listeners: ports::Listeners,
     /// Host-scope rules and their alerts (`host`).
     host: host::HostRules,
-    /// The last sockets that closed, for reconciliation (`closed`).
-    closed: closed::Closed,
 }
 
 impl Tracker {
@@ -179,7 +176,6 @@ impl Tracker {
             last_overflow_ns: None,
             listeners: ports::Listeners::default(),
             host,
-            closed: closed::Closed::default(),
         };
         tracker.index_ages();
         tracker
@@ -242,7 +238,6 @@ impl Tracker {
         if t.new == TcpState::Close {
             let change = match slot {
                 Some(s) => {
-                    self.closed.note(self.table.get(s).tuple, t.ts_ns);
                     self.drop_slot(s);
                     TableChange::Removed
                 }

@@ -54,8 +54,8 @@ pub struct ReconcileReport {
     pub removed: u64,
     /// Tracked in another state than inet_diag shows: moved, with a lower-bound age.
     pub corrected: u64,
-    /// Records that cannot be matched by tuple (a zero port: listeners, unconnected sockets),
-    /// whose synthetic id is already taken, or whose socket closed after the snapshot started.
+    /// Records that cannot be matched by tuple (a zero port: listeners, unconnected sockets), or
+    /// whose synthetic id is already taken.
     pub skipped: u64,
     /// Records not added because the table is full.
     pub overflowed: u64,
@@ -95,7 +95,7 @@ impl Tracker {
     /// complete for `states`, each record with the processes that hold it (empty: unknown; known
     /// owners are then kept). Only records in `states` are considered.
     ///
-    /// - Not tracked (by tuple) and not closed at or after `now_ns` (`closed`): added under [`synthetic_id`]`(cookie)` with `entered_ns` =
+    /// - Not tracked (by tuple): added under [`synthetic_id`]`(cookie)` with `entered_ns` =
     ///   the latest instant it can have entered the state, flagged as a lower bound: the earliest
     ///   of `now_ns`, the ACK bound (`now - last_ack_recv` + [`ACK_CLOCK_MARGIN_NS`], CLOSE_WAIT
     ///   and FIN_WAIT2 only), and the instant since which the table is complete —
@@ -179,11 +179,6 @@ impl Tracker {
                 None if self.table.len() >= self.max_sockets => {
                     report.overflowed += 1;
                     self.counters.overflowed += 1;
-                    continue;
-                }
-                // Closed after the snapshot started: the snapshot is older than the table.
-                None if self.closed.since(&tuple, now_ns) => {
-                    report.skipped += 1;
                     continue;
                 }
                 None => {

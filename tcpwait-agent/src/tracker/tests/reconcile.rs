@@ -479,25 +479,3 @@ fn reconcile_all_repairs_phantoms_in_every_state_in_one_pass() {
     let r = t.reconcile(&[], CW, &[NS], 100 * SEC, 0);
     assert_eq!((r.removed, t.len()), (0, 1));
 }
-
-#[test]
-fn a_socket_that_closed_after_the_snapshot_started_is_not_added_back() {
-    use TcpState::*;
-    let mut t = Tracker::new(TrackerConfig::default());
-    const ALL: &[TcpState] = &[Established, FinWait1, FinWait2, CloseWait];
-    // Socket 1 lives and closes at 20 s; the dump that started at 15 s still shows it
-    // ESTABLISHED. Socket 2 closed at 10 s, before that dump: it is a new socket there.
-    for (n, closed) in [(1, 20 * SEC), (2, 10 * SEC)] {
-        t.apply(&tr(n, Close, SynRecv, SEC));
-        t.apply(&tr(n, SynRecv, Established, SEC));
-        t.apply(&tr(n, Established, Close, closed));
-    }
-    let truth = vec![
-        (diag(1, Established, None), vec![]),
-        (diag(2, Established, None), vec![]),
-    ];
-    let r = t.reconcile_all(&truth, CW, ALL, &[NS], 15 * SEC, 0);
-    assert_eq!((r.added, r.skipped), (1, 1), "{r:?}");
-    assert_eq!(t.socket_by_tuple(NS, &tuple(1)), None);
-    assert_eq!(t.socket_by_tuple(NS, &tuple(2)), Some(synthetic_id(7_002)));
-}
