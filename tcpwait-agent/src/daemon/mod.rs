@@ -384,7 +384,13 @@ impl Daemon {
                 } else {
                     None
                 };
-                if *in_flight && tracker.watches(t.old) {
+                // While a snapshot is in flight: a socket that leaves a watched state, or
+                // closes (reconciliation adds what it shows in any state: a socket closed
+                // after the dump started would come back as a phantom; seen in CI, an
+                // ESTABLISHED entry beside the TIME_WAIT socket it had become). Moves
+                // between other states are newer than the dump by their entry time.
+                if *in_flight && (tracker.watches(t.old) || t.new == crate::event::TcpState::Close)
+                {
                     let tuple = Tuple {
                         saddr: t.saddr,
                         sport: t.sport,
