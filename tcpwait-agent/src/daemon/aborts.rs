@@ -175,7 +175,7 @@ pub(super) fn alert(
         status,
         &rule.name,
         labels,
-        serde_json::json!({
+        [serde_json::json!({
             "pid": a.key.pid,
             "comm": a.comm,
             "count": a.count,
@@ -185,7 +185,7 @@ pub(super) fn alert(
             "unread_bytes": a.aborts.unread_bytes,
             "discarded_bytes": discarded,
             "peers": a.aborts.top_peers(5),
-        }),
+        })],
     );
     let line = if as_json {
         json.to_string()

@@ -99,18 +99,16 @@ pub(super) fn alert_line(
             status,
             &a.rule,
             rule.labels(),
-            json!({
-                "state": a.state.name(),
-                "scope": "host",
-                "count": a.count,
-                "oldest_age_s": age,
-                "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
-                "fired_at_ns": a.fired_at_ns,
-                "fired_at": clock.wall(a.fired_at_ns),
-                "resolved_at_ns": a.resolved_at_ns,
-                "now_ns": now,
-                "time": clock.wall(now),
-            }),
+            [
+                json!({"state": a.state.name(), "scope": "host"}),
+                super::report::threshold_keys(
+                    a.count,
+                    (age, a.oldest_is_lower_bound),
+                    (a.fired_at_ns, a.resolved_at_ns),
+                    now,
+                    clock,
+                ),
+            ],
         )
         .to_string();
         return crate::output::escape_json(&line).into_owned();
@@ -273,5 +271,11 @@ mod tests {
             serde_json::json!(super::super::report::ALERT_SCHEMA_VERSION)
         );
         assert_eq!(m.json["alertname"], "TcpSynSentHost");
+        // The same figures and times as a process alert (`report::threshold_keys`).
+        assert_eq!(m.json["resolved_at_ns"], 5_000_000_000u64);
+        assert_eq!(
+            m.json["resolved_at"],
+            serde_json::json!(clock.wall(5_000_000_000))
+        );
     }
 }

@@ -254,12 +254,12 @@ pub const ALERT_SCHEMA_VERSION: u32 = 1;
 
 /// An alert change as JSON, whatever the rule's scope (process, peer, host, aborts): the keys
 /// every one carries (README, "JSON schemas": `schema_version`, `alert`, `rule` and its
-/// `alertname`, `severity`, `remedy`), then `rest`, the scope's own keys (an object).
+/// `alertname`, `severity`, `remedy`), then `rest`, the scope's own keys (objects, merged).
 pub(crate) fn alert_json(
     status: &str,
     rule: &str,
     (alertname, severity, remedy): (&str, &str, &str),
-    rest: serde_json::Value,
+    rest: impl IntoIterator<Item = serde_json::Value>,
 ) -> serde_json::Value {
     let mut v = json!({
         "schema_version": ALERT_SCHEMA_VERSION,
@@ -269,10 +269,36 @@ pub(crate) fn alert_json(
         "severity": severity,
         "remedy": remedy,
     });
-    if let (Some(head), serde_json::Value::Object(rest)) = (v.as_object_mut(), rest) {
-        head.extend(rest);
+    if let Some(head) = v.as_object_mut() {
+        for part in rest {
+            if let serde_json::Value::Object(part) = part {
+                head.extend(part);
+            }
+        }
     }
     v
+}
+
+/// The figures and times of a threshold alert (process or host scope): its count, oldest age,
+/// and when it fired, resolved and was reported, as nanoseconds and wall-clock times.
+pub(super) fn threshold_keys(
+    count: u64,
+    (oldest_age_s, lower_bound): (Option<f64>, bool),
+    (fired_at_ns, resolved_at_ns): (u64, Option<u64>),
+    now: u64,
+    clock: &Clock,
+) -> serde_json::Value {
+    json!({
+        "count": count,
+        "oldest_age_s": oldest_age_s,
+        "oldest_age_is_lower_bound": lower_bound,
+        "fired_at_ns": fired_at_ns,
+        "fired_at": clock.wall(fired_at_ns),
+        "resolved_at_ns": resolved_at_ns,
+        "resolved_at": resolved_at_ns.map(|ns| clock.wall(ns)),
+        "now_ns": now,
+        "time": clock.wall(now),
+    })
 }
 
 /// One line for an alert that fired or resolved: logfmt-like text, or a JSON object (which
@@ -295,32 +321,32 @@ pub(super) fn alert_line(
             status,
             &a.rule,
             rule.labels(),
-            json!({
-                "state": a.state.name(),
-                "pid": a.process.key.pid,
-                "comm": a.process.comm,
-                "cmdline": a.process.cmdline,
-                "cgroup": a.process.cgroup,
-                "container": a.process.container,
-                "pod_uid": a.process.pod_uid,
-                "netns": a.process.netns,
-                "count": a.count,
-                "oldest_age_s": age,
-                "oldest_age_is_lower_bound": a.oldest_is_lower_bound,
-                "fired_at_ns": a.fired_at_ns,
-                "fired_at": clock.wall(a.fired_at_ns),
-                "resolved_at_ns": a.resolved_at_ns,
-                "resolved_at": a.resolved_at_ns.map(|ns| clock.wall(ns)),
-                "now_ns": now,
-                "time": clock.wall(now),
-                "peers": peers(&a.top_peers),
-                "peer_processes": a.peer_holders.iter().map(|h| json!({
-                    "pid": h.process.key.pid,
-                    "comm": h.process.comm,
-                    "state": h.state.name(),
-                    "sockets": h.count,
-                })).collect::<Vec<_>>(),
-            }),
+            [
+                json!({
+                    "state": a.state.name(),
+                    "pid": a.process.key.pid,
+                    "comm": a.process.comm,
+                    "cmdline": a.process.cmdline,
+                    "cgroup": a.process.cgroup,
+                    "container": a.process.container,
+                    "pod_uid": a.process.pod_uid,
+                    "netns": a.process.netns,
+                    "peers": peers(&a.top_peers),
+                    "peer_processes": a.peer_holders.iter().map(|h| json!({
+                        "pid": h.process.key.pid,
+                        "comm": h.process.comm,
+                        "state": h.state.name(),
+                        "sockets": h.count,
+                    })).collect::<Vec<_>>(),
+                }),
+                threshold_keys(
+                    a.count.into(),
+                    (Some(age), a.oldest_is_lower_bound),
+                    (a.fired_at_ns, a.resolved_at_ns),
+                    now,
+                    clock,
+                ),
+            ],
         )
         .to_string();
     }

@@ -368,7 +368,7 @@ pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_jso
             status,
             &a.rule,
             rule.labels(),
-            json!({
+            [json!({
                 "state": TcpState::TimeWait.name(),
                 "scope": "peer",
                 "netns": netns_opt(g.key.netns),
@@ -383,7 +383,7 @@ pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_jso
                 "fired_at_ns": a.fired_at_ns,
                 "resolved_at_ns": a.resolved_at_ns,
                 "now_ns": now,
-            }),
+            })],
         )
         .to_string();
         return crate::output::escape_json(&line).into_owned();
