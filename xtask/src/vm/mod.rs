@@ -295,6 +295,26 @@ fn host_row(vm: &Path, script: &str) -> Result<Row> {
     Ok(row)
 }
 
+/// The message a failed test panicked with, from libtest's `---- NAME stdout ----` section of
+/// `log`: the lines after "panicked at", joined, at most 600 characters (the whole log stays in
+/// the run directory; CI shows only this row).
+fn panic_message(log: &str, name: &str) -> Option<String> {
+    let section = log.split(&format!("---- {name} stdout ----")).nth(1)?;
+    let after = section.split_once("panicked at ")?.1;
+    let mut why = after
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("note: ") && !l.starts_with("---- "))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if why.chars().count() > 600 {
+        why = why.chars().take(600).collect::<String>() + " …";
+    }
+    (!why.is_empty()).then_some(why)
+}
+
 /// Reads what a run left in `out`.
 fn read_results(out: &Path, secs: f64) -> Row {
     let read = |n: &str| std::fs::read_to_string(out.join(n)).unwrap_or_default();
@@ -400,7 +420,11 @@ fn read_results(out: &Path, secs: f64) -> Row {
             if rest.ends_with(" ... ok") {
                 passed += 1;
             } else if rest.ends_with(" ... FAILED") {
-                failed.push(format!("{t}::{}", rest.trim_end_matches(" ... FAILED")));
+                let name = rest.trim_end_matches(" ... FAILED");
+                failed.push(match panic_message(&read(log), name) {
+                    Some(why) => format!("{t}::{name}: {why}"),
+                    None => format!("{t}::{name}"),
+                });
             }
         }
     }
@@ -463,4 +487,22 @@ fn table(rows: &[Row]) -> String {
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_message;
+
+    #[test]
+    fn the_panic_message_of_a_failed_test_is_found() {
+        let log = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n\
+                   ---- b stdout ----\nsome output\n\nthread 'b' panicked at tests/x.rs:3:5:\n\
+                   assertion `left == right` failed: table has 79\n  left: 1\n right: 2\n\
+                   note: run with `RUST_BACKTRACE=1`\n\n\nfailures:\n    b\n";
+        assert_eq!(
+            panic_message(log, "b").as_deref(),
+            Some("assertion `left == right` failed: table has 79 left: 1 right: 2")
+        );
+        assert_eq!(panic_message(log, "a"), None);
+    }
 }
