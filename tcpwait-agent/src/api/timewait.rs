@@ -66,9 +66,13 @@ pub struct PortReport {
     pub sockets: Vec<PortSocket>,
     /// Listeners of P, open and recently closed (newest first).
     pub listeners: Vec<ListenerReport>,
-    /// Seconds until the last TIME_WAIT socket on P expires (`null`: none).
+    /// Seconds until the last TIME_WAIT socket on P expires, in any namespace (`null`: none);
+    /// each namespace's own time is in `explanation`.
     pub time_wait_free_in_s: Option<f64>,
-    /// What holds the port and whether a new listener can bind it, one sentence each.
+    /// What holds the port and whether a new listener can bind it, one sentence each, per
+    /// network namespace (a port number is per namespace: what holds it in one does not stop
+    /// a bind in another); each sentence begins "in network namespace N: " when several
+    /// namespaces use P.
     pub explanation: Vec<String>,
 }
 

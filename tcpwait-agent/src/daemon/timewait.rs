@@ -180,34 +180,54 @@ pub(super) fn port_report(t: &Tracker, w: &PeerWatch, port: u16, now: u64) -> Po
         listened_s: secs(c.closed_ns.saturating_sub(c.listener.since_ns)),
         closed_ago_s: Some(secs(now.saturating_sub(c.closed_ns))),
     }));
-    let mut explanation = Vec::new();
-    if let Some(l) = view.listening.first() {
-        explanation.push(format!(
-            "port {port} is listened on by pid {} ({}): a second listener fails with \
-             EADDRINUSE unless both set SO_REUSEPORT",
-            l.1.pid,
-            escape_control(&l.1.comm)
-        ));
-    }
-    let others = view
-        .sockets
+    // A port number belongs to one network namespace: what holds it in one does not stop a
+    // bind in another. Each namespace gets its own sentences, named when there are several.
+    let mut namespaces: Vec<u32> = view
+        .listening
         .iter()
-        .filter(|(s, _)| s.state != TcpState::Listen)
-        .count();
-    if others > 0 {
-        explanation.push(format!(
-            "{others} connection(s) still use port {port} (states above): a new listener \
-             binds only with SO_REUSEADDR, and only if their old listener set it too"
-        ));
-    }
-    if let Some(at) = free_at {
-        explanation.push(format!(
-            "{} TIME_WAIT socket(s) hold port {port} for {:.1} s more: a new listener that \
-             sets SO_REUSEADDR binds now if the old one set it too (the kernel needs both; \
-             most servers set it); without it bind() fails with EADDRINUSE until then",
-            tw.len(),
-            secs(at - now)
-        ));
+        .map(|(ns, _)| *ns)
+        .chain(view.sockets.iter().map(|(s, _)| s.netns))
+        .chain(tw.iter().map(|s| s.netns))
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let mut explanation = Vec::new();
+    for &ns in &namespaces {
+        let prefix = if namespaces.len() > 1 {
+            format!("in network namespace {ns}: ")
+        } else {
+            String::new()
+        };
+        if let Some((_, l)) = view.listening.iter().find(|(n, _)| *n == ns) {
+            explanation.push(format!(
+                "{prefix}port {port} is listened on by pid {} ({}): a second listener fails \
+                 with EADDRINUSE unless both set SO_REUSEPORT",
+                l.pid,
+                escape_control(&l.comm)
+            ));
+        }
+        let others = view
+            .sockets
+            .iter()
+            .filter(|(s, _)| s.netns == ns && s.state != TcpState::Listen)
+            .count();
+        if others > 0 {
+            explanation.push(format!(
+                "{prefix}{others} connection(s) still use port {port} (states above): a new \
+                 listener binds only with SO_REUSEADDR, and only if their old listener set it too"
+            ));
+        }
+        let held: Vec<_> = tw.iter().filter(|s| s.netns == ns).collect();
+        if let Some(at) = held.iter().map(|s| s.expires_ns).max() {
+            explanation.push(format!(
+                "{prefix}{} TIME_WAIT socket(s) hold port {port} for {:.1} s more: a new \
+                 listener that sets SO_REUSEADDR binds now if the old one set it too (the kernel \
+                 needs both; most servers set it); without it bind() fails with EADDRINUSE until \
+                 then",
+                held.len(),
+                secs(at - now)
+            ));
+        }
     }
     if explanation.is_empty() {
         explanation.push(format!(

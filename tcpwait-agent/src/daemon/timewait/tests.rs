@@ -94,6 +94,50 @@ fn port_report_names_the_dead_listener_and_the_time_left() {
 }
 
 #[test]
+fn port_report_explains_each_namespace_on_its_own() {
+    let t = Tracker::new(TrackerConfig::default());
+    let mut w = PeerWatch::new(&[]);
+    let other = NS + 1;
+    let mut theirs = tw(8080, 40002, 30 * SEC);
+    theirs.netns = other;
+    w.apply_census(Census {
+        taken_ns: 5 * SEC,
+        seconds: 0.1,
+        namespaces: vec![
+            NsCensus {
+                netns: NS,
+                port_range: None,
+                sockets: vec![tw(8080, 40001, 60 * SEC), tw(8080, 40000, 50 * SEC)],
+            },
+            NsCensus {
+                netns: other,
+                port_range: None,
+                sockets: vec![theirs],
+            },
+        ],
+        failed: Vec::new(),
+    });
+    let r = port_report(&t, &w, 8080, 10 * SEC);
+    assert_eq!(r.time_wait_free_in_s, Some(50.0));
+    let tail = "a new listener that sets SO_REUSEADDR binds now if the old one set it too (the \
+                kernel needs both; most servers set it); without it bind() fails with \
+                EADDRINUSE until then";
+    assert_eq!(
+        r.explanation,
+        [
+            format!(
+                "in network namespace {NS}: 2 TIME_WAIT socket(s) hold port 8080 for 50.0 s \
+                 more: {tail}"
+            ),
+            format!(
+                "in network namespace {other}: 1 TIME_WAIT socket(s) hold port 8080 for 20.0 s \
+                 more: {tail}"
+            ),
+        ]
+    );
+}
+
+#[test]
 fn peer_alerts_carry_the_rules_labels_and_the_closers() {
     let rule = Rule::time_wait_pileup();
     let mut w = PeerWatch::new(std::slice::from_ref(&rule));
