@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{tpcount::TracepointCount, *};
 
 #[test]
 #[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
@@ -269,6 +269,7 @@ fn own_edges(
     let mut all = 0;
     let mut last: HashMap<String, (String, String)> = HashMap::new();
     let mut copies = Vec::new();
+    let mut foreign = Vec::new();
     for line in lines {
         all += 1;
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -292,7 +293,20 @@ fn own_edges(
                 v["new"].as_str().expect("new")
             );
             *edges.entry(edge).or_default() += 1;
+        } else {
+            // Another namespace's (other traffic of the host), or one of ours misread: a
+            // shortfall's message shows them.
+            *edges.entry("(other namespaces)".to_owned()).or_default() += 1;
+            if foreign.len() < 3 {
+                foreign.push(line.clone());
+            }
         }
+    }
+    if !foreign.is_empty() {
+        eprintln!(
+            "loss: records of other namespaces, first {}: {foreign:?}",
+            foreign.len()
+        );
     }
     assert!(
         copies.is_empty() || !complete,
@@ -313,13 +327,17 @@ fn check_edges(
     summary: &str,
 ) -> Result<(), String> {
     let expected = expected_edges(n);
-    for (edge, &count) in edges {
+    for (edge, &count) in edges.iter().filter(|(e, _)| *e != "(other namespaces)") {
         let want = expected.get(edge).copied().unwrap_or(0);
         if count > want {
             return Err(format!("{edge}: {count} of {want}; {summary}"));
         }
     }
-    let seen: usize = edges.values().sum();
+    let seen: usize = edges
+        .iter()
+        .filter(|(e, _)| *e != "(other namespaces)")
+        .map(|(_, n)| n)
+        .sum();
     let total: usize = expected.values().sum();
     if seen as u64 + lost < total as u64 {
         return Err(format!(
@@ -361,6 +379,7 @@ fn trace(path: Path, threads: usize) -> Result<(), String> {
     };
     let topo = Arc::new(topo);
     let out = tempfile::NamedTempFile::new().expect("temp file");
+    let mut perf = independent_count();
     let mut child = Command::new(TCPWAIT)
         .args(["trace", "--json"])
         .stdout(Stdio::from(out.reopen().expect("reopen")))
@@ -380,10 +399,12 @@ fn trace(path: Path, threads: usize) -> Result<(), String> {
     // SAFETY: kill our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().expect("wait tcpwait");
+    let fired = perf.as_mut().map(TracepointCount::total);
     assert!(stderr.wait_for("accounting: ", Duration::from_secs(10)));
     let summary = stderr.snapshot().join("\n");
     assert!(status.success(), "{summary}");
     let [hits, seen, _, ring, nested, _] = identity(&summary);
+    let summary = with_perf(&summary, hits, fired);
     let file = std::io::BufReader::new(out.reopen().expect("reopen"));
     let (edges, printed) = own_edges(
         file.lines().map(|l| l.expect("read")),
@@ -399,7 +420,8 @@ fn trace(path: Path, threads: usize) -> Result<(), String> {
     if kernel_counts_recursion() {
         assert_eq!(nested, 0, "{summary}");
     }
-    check_edges(&edges, n, ring + nested, &summary)?;
+    check_edges(&edges, n, ring + nested, &summary)
+        .map_err(|e| silent_loss_or(e, hits, fired, 10 * n as u64 + 2))?;
     eprintln!(
         "trace {path:?}, {threads} client thread(s), {n} connections: {hits} hits; {summary}"
     );
@@ -414,34 +436,86 @@ fn run(path: Path, threads: usize) -> Result<(), String> {
     };
     let topo = Arc::new(topo);
     let socket = api_socket(&format!("loss-{path:?}-{threads}"));
+    let mut perf = independent_count();
     let mut tw = daemon(&socket, &[]);
     let n = connections();
     churn(&topo, n, threads);
     settle(&topo);
     assert_eq!(tw.stop(libc::SIGTERM), 0);
+    let fired = perf.as_mut().map(TracepointCount::total);
     assert!(tw.stderr.wait_for("accounting: ", Duration::from_secs(10)));
     let summary = tw.stderr.snapshot().join("\n");
     let [hits, seen, _, ring, nested, _] = identity(&summary);
+    let summary = with_perf(&summary, hits, fired);
     if kernel_counts_recursion() {
         assert_eq!(nested, 0, "{summary}");
     }
     if seen + ring + nested < 10 * n as u64 + 2 {
-        return Err(format!(
-            "{} transitions seen or counted lost host-wide, the workload made {}; {summary}",
-            seen + ring + nested,
-            10 * n + 2
+        return Err(silent_loss_or(
+            format!(
+                "{} transitions seen or counted lost host-wide, the workload made {}; {summary}",
+                seen + ring + nested,
+                10 * n + 2
+            ),
+            hits,
+            fired,
+            10 * n as u64 + 2,
         ));
     }
     eprintln!("run {path:?}, {threads} client thread(s), {n} connections: {hits} hits; {summary}");
     Ok(())
 }
 
+/// A perf counter on the tracepoint, started before tcpwait (`None`, said once, where the
+/// kernel offers none).
+fn independent_count() -> Option<TracepointCount> {
+    match TracepointCount::start() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("loss: no independent count of tracepoint hits: {e}"));
+            None
+        }
+    }
+}
+
+/// `summary` with perf's count next to tcpwait's. perf counts from before tcpwait attaches to
+/// after it detaches, so it can only count more (other traffic of the host around tcpwait's
+/// window); fewer would mean tcpwait counts hits that never happened.
+fn with_perf(summary: &str, hits: u64, fired: Option<u64>) -> String {
+    let Some(fired) = fired else {
+        return summary.to_owned();
+    };
+    assert!(
+        fired >= hits,
+        "tcpwait counted {hits} hits, perf {fired} over a wider window; {summary}"
+    );
+    format!("{summary}; perf counted {fired} tracepoint hits around it")
+}
+
+/// A shortfall against the workload (`why`) is the known defect only if the tracepoint itself
+/// fired fewer times than the workload makes (perf's count, around tcpwait's window, short
+/// too): then no transition was lost, the kernel made fewer. If perf counted the workload's
+/// transitions and tcpwait's own count of hits did not, transitions were lost without being
+/// counted: that panics at once — where the kernel counts recursion misses; before 5.12 the
+/// hits are a lower bound and nested transitions are lost uncounted by design (README).
+fn silent_loss_or(why: String, hits: u64, fired: Option<u64>, workload: u64) -> String {
+    if let Some(fired) = fired.filter(|_| kernel_counts_recursion()) {
+        assert!(
+            !(fired >= workload && hits < workload),
+            "perf counted {fired} tracepoint hits (the workload made {workload}), tcpwait's \
+             count {hits}: hits lost uncounted; {why}"
+        );
+    }
+    why
+}
+
 /// Runs a loss scenario; if the kernel's count of the workload's transitions falls short of
-/// what the workload made while tcpwait's identity against that count stays exact (about one
-/// run in thirty on 6.18: a socket whose transitions after CLOSE → SYN_SENT neither reach the
-/// output nor the kernel's count; an open defect of issue 13, under investigation), says so on
-/// stderr and runs the scenario once more, which must pass. Any failure of the identity itself
-/// panics at once.
+/// what the workload made while tcpwait's identity against that count stays exact, and perf's
+/// own count of the tracepoint is short too (the tracepoint fired fewer times: seen about once
+/// in 100 runs on 6.18 with the host loaded, by 2; not once in 296 runs with perf beside), says so
+/// on stderr and runs the scenario once more, which must pass. A failure of the identity, or a
+/// shortfall perf does not share (transitions lost uncounted), panics at once.
 fn at_most_one_known_shortfall(name: &str, scenario: impl Fn() -> Result<(), String>) {
     if let Err(first) = scenario() {
         eprintln!(

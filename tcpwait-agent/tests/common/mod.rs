@@ -44,6 +44,7 @@ pub mod kernel;
 pub mod netns;
 mod peers;
 mod pending;
+pub mod tpcount;
 mod tw;
 pub mod webhook;
 
