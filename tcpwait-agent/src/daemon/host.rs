@@ -101,13 +101,8 @@ pub(super) fn alert_line(
             rule.labels(),
             [
                 json!({"state": a.state.name(), "scope": "host"}),
-                super::report::threshold_keys(
-                    a.count,
-                    (age, a.oldest_is_lower_bound),
-                    (a.fired_at_ns, a.resolved_at_ns),
-                    now,
-                    clock,
-                ),
+                super::report::threshold_figures(a.count, (age, a.oldest_is_lower_bound)),
+                super::report::alert_times(a.fired_at_ns, a.resolved_at_ns, now, clock),
             ],
         )
         .to_string();
@@ -271,7 +266,8 @@ mod tests {
             serde_json::json!(super::super::report::ALERT_SCHEMA_VERSION)
         );
         assert_eq!(m.json["alertname"], "TcpSynSentHost");
-        // The same figures and times as a process alert (`report::threshold_keys`).
+        // The same figures and times as a process alert (`report::threshold_figures`,
+        // `report::alert_times`).
         assert_eq!(m.json["resolved_at_ns"], 5_000_000_000u64);
         assert_eq!(
             m.json["resolved_at"],

@@ -279,19 +279,27 @@ pub(crate) fn alert_json(
     v
 }
 
-/// The figures and times of a threshold alert (process or host scope): its count, oldest age,
-/// and when it fired, resolved and was reported, as nanoseconds and wall-clock times.
-pub(super) fn threshold_keys(
+/// The figures of a threshold alert (process or host scope): its count and oldest age.
+pub(super) fn threshold_figures(
     count: u64,
     (oldest_age_s, lower_bound): (Option<f64>, bool),
-    (fired_at_ns, resolved_at_ns): (u64, Option<u64>),
-    now: u64,
-    clock: &Clock,
 ) -> serde_json::Value {
     json!({
         "count": count,
         "oldest_age_s": oldest_age_s,
         "oldest_age_is_lower_bound": lower_bound,
+    })
+}
+
+/// When an alert fired and resolved, and when this change was reported: every `*_ns` with its
+/// wall-clock time by `clock` (README, "JSON schemas"). Process, host and peer alerts alike.
+pub(super) fn alert_times(
+    fired_at_ns: u64,
+    resolved_at_ns: Option<u64>,
+    now: u64,
+    clock: &Clock,
+) -> serde_json::Value {
+    json!({
         "fired_at_ns": fired_at_ns,
         "fired_at": clock.wall(fired_at_ns),
         "resolved_at_ns": resolved_at_ns,
@@ -339,13 +347,8 @@ pub(super) fn alert_line(
                         "sockets": h.count,
                     })).collect::<Vec<_>>(),
                 }),
-                threshold_keys(
-                    a.count.into(),
-                    (Some(age), a.oldest_is_lower_bound),
-                    (a.fired_at_ns, a.resolved_at_ns),
-                    now,
-                    clock,
-                ),
+                threshold_figures(a.count.into(), (Some(age), a.oldest_is_lower_bound)),
+                alert_times(a.fired_at_ns, a.resolved_at_ns, now, clock),
             ],
         )
         .to_string();

@@ -18,7 +18,7 @@ use crate::{
         CloserReport, ListenerReport, PortReport, PortSocket, TimeWaitPeer, TimeWaitReport,
     },
     event::TcpState,
-    output::{endpoint, escape_control},
+    output::{Clock, endpoint, escape_control},
     tracker::{
         Tracker,
         rules::Rule,
@@ -73,11 +73,16 @@ impl Daemon {
             let Some(rule) = rules.iter().find(|r| r.name == a.rule) else {
                 continue;
             };
-            let mut line = alert_line(change, rule, now, self.args.json);
+            let mut line = alert_line(change, rule, now, &self.clock, self.args.json);
             line.push('\n');
             self.sinks.stdout.send(line.into_bytes(), 1);
-            self.delivery
-                .send(&alert_message(change, rule, now, &self.instance));
+            self.delivery.send(&alert_message(
+                change,
+                rule,
+                now,
+                &self.clock,
+                &self.instance,
+            ));
         }
     }
 }
@@ -377,7 +382,13 @@ fn summary(g: &PeerGroup) -> String {
 }
 
 /// One line for a peer alert that fired or resolved: text, or a JSON object.
-pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_json: bool) -> String {
+pub(super) fn alert_line(
+    change: &PeerAlertChange,
+    rule: &Rule,
+    now: u64,
+    clock: &Clock,
+    as_json: bool,
+) -> String {
     let (status, a) = match change {
         PeerAlertChange::Firing(a) => ("firing", a),
         PeerAlertChange::Resolved(a) => ("resolved", a),
@@ -388,7 +399,8 @@ pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_jso
             status,
             &a.rule,
             rule.labels(),
-            [json!({
+            [
+                json!({
                 "state": TcpState::TimeWait.name(),
                 "scope": "peer",
                 "netns": netns_opt(g.key.netns),
@@ -400,10 +412,9 @@ pub(super) fn alert_line(change: &PeerAlertChange, rule: &Rule, now: u64, as_jso
                 "port_range": [g.range.0, g.range.1],
                 "rate_per_s": g.rate_per_s,
                 "closers": closers(&g.closers),
-                "fired_at_ns": a.fired_at_ns,
-                "resolved_at_ns": a.resolved_at_ns,
-                "now_ns": now,
-            })],
+                }),
+                super::report::alert_times(a.fired_at_ns, a.resolved_at_ns, now, clock),
+            ],
         )
         .to_string();
         return crate::output::escape_json(&line).into_owned();
@@ -425,6 +436,7 @@ pub(super) fn alert_message(
     change: &PeerAlertChange,
     rule: &Rule,
     now: u64,
+    clock: &Clock,
     instance: &str,
 ) -> AlertMessage {
     let (firing, a) = match change {
@@ -432,11 +444,6 @@ pub(super) fn alert_message(
         PeerAlertChange::Resolved(a) => (false, a),
     };
     let g = &a.group;
-    let wall = |ns: u64| {
-        let at = i128::from(ns)
-            + (crate::output::clock_ns(libc::CLOCK_REALTIME) as i128 - i128::from(now));
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(at).unwrap_or(0))
-    };
     let mut labels = BTreeMap::from([
         ("alertname".to_owned(), rule.alertname.clone()),
         ("rule".to_owned(), a.rule.clone()),
@@ -473,10 +480,10 @@ pub(super) fn alert_message(
             endpoint(g.key.remote, g.key.port)
         ),
         firing,
-        starts_at: wall(a.fired_at_ns),
+        starts_at: clock.wall(a.fired_at_ns).system_time(),
         labels,
         annotations,
-        json: serde_json::from_str(&alert_line(change, rule, now, true))
+        json: serde_json::from_str(&alert_line(change, rule, now, clock, true))
             .expect("alert_line renders JSON"),
     }
 }

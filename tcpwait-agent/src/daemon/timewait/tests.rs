@@ -156,7 +156,8 @@ fn peer_alerts_carry_the_rules_labels_and_the_closers() {
         panic!("20 of 30 ports: {changes:?}");
     };
     assert_eq!(group.count, 20);
-    let m = alert_message(change, &rule, 5 * SEC, "h1");
+    let clock = Clock::with_offset(0);
+    let m = alert_message(change, &rule, 5 * SEC, &clock, "h1");
     assert_eq!(
         m.key,
         format!("time_wait_pileup/{NS}/10.0.0.1/10.0.0.2:443")
@@ -187,6 +188,20 @@ fn peer_alerts_carry_the_rules_labels_and_the_closers() {
     assert_eq!(m.annotations["remedy"], rule.remedy);
     assert_eq!(m.json["scope"], "peer");
     assert_eq!(m.json["count"], 20);
+    // Every time with its wall-clock form, as in process and host alerts (README).
+    assert_eq!(
+        (&m.json["fired_at_ns"], &m.json["fired_at"], &m.json["time"]),
+        (
+            &serde_json::json!(5 * SEC),
+            &serde_json::json!(clock.wall(5 * SEC)),
+            &serde_json::json!(clock.wall(5 * SEC))
+        )
+    );
+    assert_eq!(
+        (&m.json["resolved_at_ns"], &m.json["resolved_at"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null)
+    );
+    assert_eq!(m.starts_at, clock.wall(5 * SEC).system_time());
     let r = report(&w, 6 * SEC);
     assert_eq!(
         (r.sockets, r.peers_total, r.census_age_s),
