@@ -257,22 +257,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Some(snapshot) = d.resolver.snapshots.recv() => {
                 // Every transition before the dump is applied before it, as the reconciliation
                 // of the two expects: take in what the CPUs have staged.
-                d.probe.flush_now();
-                d.drain();
+                d.take_in_all();
                 d.on_snapshot(snapshot);
             }
             Some(census) = d.census.censuses.recv() => {
                 // A peer's closers are figured as of the census: take in every active close
                 // that made its TIME_WAIT sockets first (CPU stages and the reorder buffer
                 // hold up to a flush interval of them; seen in CI: 2,334 of 3,000 closes).
-                d.probe.flush_now();
-                d.drain();
+                d.take_in_all();
                 d.on_census(census);
             }
             Some(cmd) = cmd_rx.recv() => {
                 // A status answer includes every transition up to the request.
-                d.probe.flush_now();
-                d.drain();
+                d.take_in_all();
                 d.on_command(cmd);
             }
             received = signals.next() => match received {
@@ -345,6 +342,14 @@ impl Daemon {
             at = at.min((Instant::now() + wait).max(rate));
         }
         at
+    }
+
+    /// Takes in every transition up to now: the CPUs' stages flushed whatever the time since
+    /// the last flush, then drained. Before what must see all of them (a snapshot, a census,
+    /// an API answer).
+    fn take_in_all(&mut self) {
+        self.probe.flush_now();
+        self.drain();
     }
 
     fn drain(&mut self) {

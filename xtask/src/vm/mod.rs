@@ -413,7 +413,8 @@ fn read_results(out: &Path, secs: f64) -> Row {
     let (mut passed, mut failed) = (0, Vec::new());
     for log in &logs {
         let t = log.trim_start_matches("tests-").trim_end_matches(".log");
-        for l in read(log).lines() {
+        let text = read(log);
+        for l in text.lines() {
             let Some(rest) = l.strip_prefix("test ") else {
                 continue;
             };
@@ -421,7 +422,7 @@ fn read_results(out: &Path, secs: f64) -> Row {
                 passed += 1;
             } else if rest.ends_with(" ... FAILED") {
                 let name = rest.trim_end_matches(" ... FAILED");
-                failed.push(match panic_message(&read(log), name) {
+                failed.push(match panic_message(&text, name) {
                     Some(why) => format!("{t}::{name}: {why}"),
                     None => format!("{t}::{name}"),
                 });
