@@ -83,18 +83,99 @@ const _: () = assert!(
         == 24 + STAGE_MARKS * core::mem::size_of::<Mark>() + STAGE_EVENTS * TRANSITION_EVENT_SIZE
 );
 
-/// A transition the main program has taken on (pushed at its first instruction); the rescue
+/// A transition the main program has taken on (pushed before it reads the socket); the rescue
 /// program, which runs after it for the same transition, pops it, and records a transition
 /// whose mark it does not find: one the kernel skipped the main program for (tcpwait-ebpf's
 /// `nesting` module says why that is exact).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mark {
     /// The socket's address.
     pub sk: u64,
-    /// Old state in bits 0..16, new state in bits 16..32, bit 63 set.
-    pub states: u64,
+    /// Old state in bits 0..16, new state in bits 16..32, the low 31 bits of the socket's
+    /// `sk_txhash` in bits 32..63, bit 63 set (never 0).
+    pub key: u64,
 }
+
+impl Mark {
+    /// The mark of `sk`'s transition from `oldstate` to `newstate`; `txhash` is the socket's
+    /// `sk_txhash` (0 where unknown). A mark can outlive its transition (one whose rescue run
+    /// the kernel skipped), and the kernel reuses a freed socket's address for the next one:
+    /// without the hash, such a leftover matched the next socket at that address making the
+    /// same transition (every server socket goes FIN_WAIT1 to FIN_WAIT2), which then went
+    /// unrecorded while the live marks above the leftover were popped and their transitions
+    /// recorded twice: a loss and a copy that cancelled in the accounting. The hash is random
+    /// per connection (set at connect and accept, changed only under the socket's lock), so
+    /// it tells two sockets at one address apart; the states tell one socket's transitions
+    /// apart. `CLOSE` to `SYN_SENT` comes before connect sets the hash, but it runs in the
+    /// connecting task, which never interrupts a transition, so it is never looked up nested.
+    #[inline(always)]
+    pub const fn new(sk: u64, oldstate: u64, newstate: u64, txhash: u32) -> Self {
+        Self {
+            sk,
+            key: (1 << 63)
+                | ((txhash as u64 & 0x7fff_ffff) << 32)
+                | ((newstate & 0xffff) << 16)
+                | (oldstate & 0xffff),
+        }
+    }
+}
+
+impl Stage {
+    /// The main program's step: pushes its transition's mark. A full stack is taken for
+    /// leftovers and emptied (tcpwait-ebpf's `nesting` module says why).
+    #[inline(always)]
+    pub fn push_mark(&mut self, mark: Mark) {
+        // SAFETY (the block): plain, volatile loads and stores of this value; volatile so that
+        // an interrupting run on the same CPU (in BPF, where this runs) sees them in order.
+        unsafe {
+            let mut d = core::ptr::read_volatile(&self.marks_len) as usize;
+            if d >= STAGE_MARKS {
+                d = 0;
+            }
+            core::ptr::write_volatile(&mut self.marks_len, d as u32 + 1);
+            if let Some(m) = self.marks.get_mut(d) {
+                core::ptr::write_volatile(&mut m.sk, mark.sk);
+                core::ptr::write_volatile(&mut m.key, mark.key);
+            }
+        }
+    }
+
+    /// The rescue program's test: whether the main program pushed `mark`; if so, pops it and
+    /// everything above it. Unrolled (no loop): older verifiers take it as it is.
+    #[inline(always)]
+    pub fn take_mark(&mut self, mark: Mark) -> bool {
+        // SAFETY (the block): as in `push_mark`.
+        unsafe {
+            let n = core::ptr::read_volatile(&self.marks_len) as usize;
+            macro_rules! at {
+                ($i:literal) => {
+                    if n > $i {
+                        let m = &self.marks[$i];
+                        if core::ptr::read_volatile(&m.sk) == mark.sk
+                            && core::ptr::read_volatile(&m.key) == mark.key
+                        {
+                            core::ptr::write_volatile(&mut self.marks_len, $i);
+                            return true;
+                        }
+                    }
+                };
+            }
+            // From the top: the transition's own mark is the newest one still there.
+            at!(7);
+            at!(6);
+            at!(5);
+            at!(4);
+            at!(3);
+            at!(2);
+            at!(1);
+            at!(0);
+        }
+        false
+    }
+}
+
+const _: () = assert!(STAGE_MARKS == 8, "take_mark is unrolled for 8 marks");
 
 /// Marks a CPU's stack holds: more than transitions can nest (task, softirq, hardirq, NMI),
 /// with room for the rare mark whose rescue run the kernel skipped.
@@ -242,8 +323,11 @@ pub struct SockOffsets {
     /// Nonzero: the rescue program records every transition, not only nested ones (for the
     /// test that compares the programs' decoding).
     pub always: u32,
+    /// `sk_txhash` (u32): part of the main and rescue programs' marks (see [`Mark::new`]).
+    /// 0: not known, the marks carry 0 for it.
+    pub txhash: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 52);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, u32 fields only, no padding (size asserted above).
@@ -257,3 +341,78 @@ unsafe impl aya::Pod for TransitionEvent {}
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integers and `TransitionEvent`s only, no padding (size asserted above).
 unsafe impl aya::Pod for Stage {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage() -> Stage {
+        // SAFETY: integers only; all zeros is an empty stage.
+        unsafe { core::mem::zeroed() }
+    }
+
+    /// FIN_WAIT1 (4) to FIN_WAIT2 (5), the transition every server socket makes in softirq.
+    fn fin_wait2(sk: u64, txhash: u32) -> Mark {
+        Mark::new(sk, 4, 5, txhash)
+    }
+
+    #[test]
+    fn a_nested_transition_finds_no_mark_and_the_outer_one_finds_its_own() {
+        let mut s = stage();
+        let outer = Mark::new(0x1000, 1, 4, 7); // ESTABLISHED to FIN_WAIT1, in a task
+        s.push_mark(outer);
+        // Softirq on the same CPU while the main program runs: the kernel skips the main
+        // program, the rescue program looks.
+        assert!(!s.take_mark(fin_wait2(0x2000, 9)));
+        assert!(s.take_mark(outer));
+        assert_eq!(s.marks_len, 0);
+    }
+
+    #[test]
+    fn a_leftover_mark_does_not_match_the_next_socket_at_its_address() {
+        // What CI caught on 6.1 under emulation (`trace` stress: FIN_WAIT1>FIN_WAIT2 3,999 of
+        // 4,000 and one other transition twice, while the accounting said exact): a leftover
+        // (its rescue run skipped) stays below the next marks; a socket freed and allocated
+        // again at the same address makes the same transition nested in the main program.
+        let mut s = stage();
+        s.push_mark(fin_wait2(0x2000, 0x1234_5678)); // leftover
+        let outer = Mark::new(0x1000, 1, 4, 7);
+        s.push_mark(outer);
+        // The new socket at 0x2000 has its own hash: the rescue program records it...
+        assert!(!s.take_mark(fin_wait2(0x2000, 0x0bad_cafe)));
+        // ...and the outer transition's mark is still there: not recorded twice.
+        assert!(s.take_mark(outer));
+        assert_eq!(s.marks_len, 1, "the leftover stays until the stack fills");
+    }
+
+    #[test]
+    fn without_the_hash_the_leftover_hid_the_transition_and_popped_the_live_mark() {
+        // The same sequence with marks as they were (no hash): shows the test above can fail.
+        let mut s = stage();
+        s.push_mark(fin_wait2(0x2000, 0));
+        let outer = Mark::new(0x1000, 1, 4, 0);
+        s.push_mark(outer);
+        assert!(s.take_mark(fin_wait2(0x2000, 0)), "taken as handled: lost");
+        assert!(
+            !s.take_mark(outer),
+            "its mark popped with the leftover: a copy"
+        );
+    }
+
+    #[test]
+    fn a_full_stack_is_emptied_and_only_the_hash_bits_that_fit_count() {
+        let mut s = stage();
+        for i in 0..STAGE_MARKS as u64 {
+            s.push_mark(fin_wait2(0x3000 + i, 1));
+        }
+        assert_eq!(s.marks_len as usize, STAGE_MARKS);
+        let next = fin_wait2(0x4000, 1);
+        s.push_mark(next);
+        assert_eq!(s.marks_len, 1);
+        assert!(s.take_mark(next));
+        // Bit 31 of the hash would collide with bit 63 (the never-0 bit): dropped.
+        assert_eq!(fin_wait2(1, 0x8000_0001), fin_wait2(1, 1));
+        assert_ne!(fin_wait2(1, 2).key, 0);
+        assert_ne!(fin_wait2(1, 0).key, 0);
+    }
+}

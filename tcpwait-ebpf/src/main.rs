@@ -80,6 +80,7 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     net: 0,
     net_inum: 0,
     always: 0,
+    txhash: 0,
 };
 
 /// Bytes one event takes in the ring: the 8-byte record header plus the event, rounded up to 8.
@@ -97,19 +98,19 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let oldstate: u64 = ctx.arg(1);
     let newstate: u64 = ctx.arg(2);
-    nesting::push(stage, sk, nesting::states(oldstate, newstate));
-    main_run(stage, sk, oldstate, newstate);
+    // SAFETY: reads a read-only global the agent set at load.
+    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+    stage.push_mark(nesting::mark(sk, oldstate, newstate, &off));
+    main_run(stage, sk, oldstate, newstate, &off);
     0
 }
 
 #[inline(always)]
-fn main_run(stage: &mut Stage, sk: u64, oldstate: u64, newstate: u64) {
-    // SAFETY: reads a read-only global the agent set at load.
-    let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
+fn main_run(stage: &mut Stage, sk: u64, oldstate: u64, newstate: u64, off: &SockOffsets) {
     // SAFETY: `sk` is the kernel's BTF-typed `struct sock *`: the verifier checks every direct
     // load against the type and the kernel turns a fault into a zero read.
     let Some(fields) =
-        (unsafe { sock_fields::<Direct>(sk, oldstate as i32, newstate as i32, &off) })
+        (unsafe { sock_fields::<Direct>(sk, oldstate as i32, newstate as i32, off) })
     else {
         bump(counter::NOT_TCP);
         return;
@@ -244,11 +245,7 @@ pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
             return 0;
         };
         // SAFETY: this CPU's stage; only its marks are touched (see `nesting`).
-        if nesting::take(
-            unsafe { &mut *stage },
-            sk,
-            nesting::states(oldstate, newstate),
-        ) {
+        if unsafe { &mut *stage }.take_mark(nesting::mark(sk, oldstate, newstate, &off)) {
             return 0;
         }
     }

@@ -9,8 +9,8 @@
 //! instructions around it. The rescue program runs after the main one for every transition,
 //! and for the nested ones too.
 //!
-//! The main program pushes the transition's mark (socket, old and new state) at its first
-//! instruction; the rescue program searches the stack from the top for the mark of its own
+//! The main program pushes the transition's mark (socket, old and new state, the socket's
+//! `sk_txhash`) before it reads the socket; the rescue program searches the stack from the top for the mark of its own
 //! transition. Found: the main program handled it; the rescue program pops it and everything
 //! above it. Not found: the kernel skipped the main program for it, and the rescue program
 //! records it. Why that is exact:
@@ -29,7 +29,14 @@
 //!   leftovers and emptied: live marks are at most the nesting depth (task, softirq, hardirq,
 //!   NMI), half the stack. Should that ever drop a live mark, its transition is recorded twice,
 //!   which the agent counts (`copies`); a leftover that matched a later nested transition would
-//!   leave it unrecorded, counted as lost to nesting. Neither is silent.
+//!   leave it unrecorded, counted as lost to nesting. Neither is silent, unless both happen
+//!   at once: a leftover below live marks that matched popped them with it, so their
+//!   transitions were recorded twice while the matched one was not, and the counts balanced.
+//!   The kernel reuses a freed socket's address, and every server socket makes the same
+//!   transition (FIN_WAIT1 to FIN_WAIT2, in softirq): CI saw it once in 40,002 transitions
+//!   under emulation. The socket's `sk_txhash`, random per connection, in the mark makes a
+//!   leftover match only its own socket, which never makes the same transition again with the
+//!   same hash (`tcpwait_common::Mark::new`).
 //!
 //! Kernels without the per-program guard run the main program again, nested: it pushes and
 //! its rescue run pops, so nothing is recorded twice there either.
@@ -38,63 +45,21 @@
 //! transition handled (a transition between the two runs of another moved it on: copies), and
 //! a mark in each socket's own storage (exact, but storage allocated for every new socket and
 //! freed in its destructor: twice the BPF cost per transition).
-use tcpwait_common::{STAGE_MARKS, Stage};
+use tcpwait_common::{Mark, SockOffsets};
 
-const _: () = assert!(STAGE_MARKS == 8, "take() is unrolled for 8 marks");
+use crate::sock::{Direct, SockMem};
 
-/// Old and new state in one nonzero word.
+/// The mark of `sk`'s transition, as both programs build it from the tracepoint's arguments
+/// and the socket's `sk_txhash` (a direct load: it lies in `struct sock`; 0 if the agent found
+/// no offset for it).
 #[inline(always)]
-pub(crate) fn states(oldstate: u64, newstate: u64) -> u64 {
-    (1 << 63) | (oldstate & 0xffff) | ((newstate & 0xffff) << 16)
-}
-
-/// The main program's first step: pushes the transition's mark.
-#[inline(always)]
-pub(crate) fn push(stage: &mut Stage, sk: u64, states: u64) {
-    // SAFETY (the block): plain, volatile loads and stores of this CPU's slot.
-    unsafe {
-        let mut d = core::ptr::read_volatile(&stage.marks_len) as usize;
-        if d >= STAGE_MARKS {
-            // Full: leftovers (see the module).
-            d = 0;
-        }
-        core::ptr::write_volatile(&mut stage.marks_len, d as u32 + 1);
-        if let Some(m) = stage.marks.get_mut(d) {
-            core::ptr::write_volatile(&mut m.sk, sk);
-            core::ptr::write_volatile(&mut m.states, states);
-        }
-    }
-}
-
-/// The rescue program's test: whether the main program pushed this transition's mark; if so,
-/// pops it and everything above it. Unrolled (no loop): older verifiers take it as it is.
-#[inline(always)]
-pub(crate) fn take(stage: &mut Stage, sk: u64, states: u64) -> bool {
-    // SAFETY (the block): as in `push`.
-    unsafe {
-        let n = core::ptr::read_volatile(&stage.marks_len) as usize;
-        macro_rules! at {
-            ($i:literal) => {
-                if n > $i {
-                    let m = &stage.marks[$i];
-                    if core::ptr::read_volatile(&m.sk) == sk
-                        && core::ptr::read_volatile(&m.states) == states
-                    {
-                        core::ptr::write_volatile(&mut stage.marks_len, $i);
-                        return true;
-                    }
-                }
-            };
-        }
-        // From the top: the transition's own mark is the newest one still there.
-        at!(7);
-        at!(6);
-        at!(5);
-        at!(4);
-        at!(3);
-        at!(2);
-        at!(1);
-        at!(0);
-    }
-    false
+pub(crate) fn mark(sk: u64, oldstate: u64, newstate: u64, off: &SockOffsets) -> Mark {
+    let txhash = if off.txhash == 0 {
+        0
+    } else {
+        // SAFETY: `sk` is the BTF tracepoint's typed pointer and the offset comes from the
+        // kernel's BTF (see `Direct`).
+        unsafe { Direct::get::<u32>(sk, off.txhash) }.unwrap_or(0)
+    };
+    Mark::new(sk, oldstate, newstate, txhash)
 }

@@ -256,6 +256,10 @@ impl Btf {
             net: 0,
             net_inum: 0,
             always: 0,
+            txhash: match self.member(sock, "sk_txhash") {
+                Some((off, 4)) => off,
+                _ => return Err(BtfError::Missing("sock.sk_txhash of 4 bytes".into())),
+            },
         })
     }
 
@@ -321,6 +325,17 @@ mod tests {
             o.v6_daddr > o.family && o.v6_rcv_saddr == o.v6_daddr + 16,
             "{o:?}"
         );
+        // sk_txhash lies in struct sock, after sock_common and before inet_sock's fields.
+        assert!(
+            o.txhash > o.v6_rcv_saddr && o.txhash < o.sport && o.txhash % 4 == 0,
+            "{o:?}"
+        );
+        if std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .is_ok_and(|r| r.starts_with("6.18."))
+        {
+            // `bpftool btf dump file /sys/kernel/btf/vmlinux`: bits_offset=4512.
+            assert_eq!(o.txhash, 564);
+        }
     }
 
     #[test]

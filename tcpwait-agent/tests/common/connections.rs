@@ -128,7 +128,15 @@ pub fn edges_exact(all: &[Value], n: usize, expected: usize, summary: &str) -> u
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("the summary says how many were rescued");
-    let count = |edge: &str| edges(all).iter().filter(|e| *e == edge).count();
+    let all_edges = edges(all);
+    let count = |edge: &str| all_edges.iter().filter(|e| *e == edge).count();
+    // Every edge seen and how often, for the failure messages: a missing transition and an
+    // extra one elsewhere both show.
+    let mut histogram = std::collections::BTreeMap::<&str, usize>::new();
+    for e in &all_edges {
+        *histogram.entry(e.as_str()).or_default() += 1;
+    }
+    let summary = &format!("edges {histogram:?}; {summary}");
     let mut extra = 0;
     for edge in [
         "CLOSE>SYN_SENT",
