@@ -110,8 +110,16 @@ pub(super) fn print_rows(entries: &[(&str, bool)], all: Vec<Vec<Sample>>) {
         }
         for (i, x) in samples.iter().enumerate() {
             if mode != "none" && x.stats && x.fired != x.captured {
+                // The agent's identity covers its whole life, the bench's read of the kernel's
+                // count only the workload: exact there, the difference is other TCP traffic.
+                let why = if x.summary.contains("(exact)") {
+                    " (the agent's own accounting, over its whole run, is exact: the \
+                     difference is TCP traffic outside the bench's reads of the kernel's count)"
+                } else {
+                    ""
+                };
                 println!(
-                    "  run {i}: the tracepoint fired {} times, tcpwait captured {}; agent: {}",
+                    "  run {i}: the tracepoint fired {} times, tcpwait captured {}{why}; agent: {}",
                     x.fired, x.captured, x.summary
                 );
             }
