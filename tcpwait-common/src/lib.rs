@@ -99,16 +99,20 @@ pub struct Mark {
 
 impl Mark {
     /// The mark of `sk`'s transition from `oldstate` to `newstate`; `txhash` is the socket's
-    /// `sk_txhash` (0 where unknown). A mark can outlive its transition (one whose rescue run
-    /// the kernel skipped), and the kernel reuses a freed socket's address for the next one:
-    /// without the hash, such a leftover matched the next socket at that address making the
-    /// same transition (every server socket goes FIN_WAIT1 to FIN_WAIT2), which then went
-    /// unrecorded while the live marks above the leftover were popped and their transitions
-    /// recorded twice: a loss and a copy that cancelled in the accounting. The hash is random
-    /// per connection (set at connect and accept, changed only under the socket's lock), so
-    /// it tells two sockets at one address apart; the states tell one socket's transitions
-    /// apart. `CLOSE` to `SYN_SENT` comes before connect sets the hash, but it runs in the
-    /// connecting task, which never interrupts a transition, so it is never looked up nested.
+    /// `sk_txhash`. A mark can outlive its transition (one whose rescue run the kernel
+    /// skipped), and the kernel reuses a freed socket's address for the next one. Such a
+    /// leftover matched the next socket at that address making the same transition (every
+    /// server socket goes FIN_WAIT1 to FIN_WAIT2, in softirq), which then went unrecorded while
+    /// the live marks above the leftover were popped and their transitions recorded twice: a
+    /// loss and a copy that cancelled in the accounting. Two guards, each enough for most
+    /// transitions: a socket's transition to CLOSE, which comes before the kernel frees it,
+    /// forgets its leftovers ([`Stage::forget_socket`]); and the hash, random per connection
+    /// (set at connect, and from the request when a child is made; changed only under the
+    /// socket's lock, so equal in one transition's two runs), tells two sockets at one address
+    /// apart where a leftover outlives that (a CLOSE transition's own). The hash is not yet
+    /// set at two transitions: `CLOSE` to `SYN_SENT` (connect sets it after), which runs in
+    /// the connecting task and so never nests, and `LISTEN` to `SYN_RECV` (the child still has
+    /// its listener's), which the CLOSE guard covers.
     #[inline(always)]
     pub const fn new(sk: u64, oldstate: u64, newstate: u64, txhash: u32) -> Self {
         Self {
@@ -121,11 +125,17 @@ impl Mark {
     }
 }
 
+/// The kernel's `TCP_CLOSE` (SCTP's `SCTP_SS_CLOSED` too): the state a socket is in when the
+/// kernel frees it.
+pub const STATE_CLOSE: u64 = 7;
+
 impl Stage {
-    /// The main program's step: pushes its transition's mark. A full stack is taken for
-    /// leftovers and emptied (tcpwait-ebpf's `nesting` module says why).
+    /// The main program's step: pushes its transition's mark; returns the slot it took. A full
+    /// stack is taken for leftovers and emptied (tcpwait-ebpf's `nesting` module says why).
+    /// The slot is written before the length that shows it: a rescue run that interrupts
+    /// this in between must not find the slot's previous mark there.
     #[inline(always)]
-    pub fn push_mark(&mut self, mark: Mark) {
+    pub fn push_mark(&mut self, mark: Mark) -> usize {
         // SAFETY (the block): plain, volatile loads and stores of this value; volatile so that
         // an interrupting run on the same CPU (in BPF, where this runs) sees them in order.
         unsafe {
@@ -133,11 +143,40 @@ impl Stage {
             if d >= STAGE_MARKS {
                 d = 0;
             }
-            core::ptr::write_volatile(&mut self.marks_len, d as u32 + 1);
             if let Some(m) = self.marks.get_mut(d) {
                 core::ptr::write_volatile(&mut m.sk, mark.sk);
                 core::ptr::write_volatile(&mut m.key, mark.key);
             }
+            core::ptr::write_volatile(&mut self.marks_len, d as u32 + 1);
+            d
+        }
+    }
+
+    /// For a transition of `sk` to CLOSE: makes every mark of `sk` but the one in slot `keep`
+    /// (`STAGE_MARKS`: none) match nothing. A live mark of `sk` other than its own
+    /// transition's cannot be there (one socket's transitions never interleave), so these are
+    /// leftovers, which must not outlive the socket: the kernel reuses its address. Key 0 is
+    /// never a mark's ([`Mark::new`] sets bit 63). Only slots change, never the length, so a
+    /// rescue run that interrupts this is not disturbed. Unrolled, as `take_mark`.
+    #[inline(always)]
+    pub fn forget_socket(&mut self, sk: u64, keep: usize) {
+        // SAFETY (the block): as in `push_mark`.
+        unsafe {
+            macro_rules! at {
+                ($i:literal) => {
+                    if $i != keep && core::ptr::read_volatile(&self.marks[$i].sk) == sk {
+                        core::ptr::write_volatile(&mut self.marks[$i].key, 0);
+                    }
+                };
+            }
+            at!(0);
+            at!(1);
+            at!(2);
+            at!(3);
+            at!(4);
+            at!(5);
+            at!(6);
+            at!(7);
         }
     }
 
@@ -175,7 +214,10 @@ impl Stage {
     }
 }
 
-const _: () = assert!(STAGE_MARKS == 8, "take_mark is unrolled for 8 marks");
+const _: () = assert!(
+    STAGE_MARKS == 8,
+    "take_mark and forget_socket are unrolled for 8 marks"
+);
 
 /// Marks a CPU's stack holds: more than transitions can nest (task, softirq, hardirq, NMI),
 /// with room for the rare mark whose rescue run the kernel skipped.
@@ -324,7 +366,6 @@ pub struct SockOffsets {
     /// test that compares the programs' decoding).
     pub always: u32,
     /// `sk_txhash` (u32): part of the main and rescue programs' marks (see [`Mark::new`]).
-    /// 0: not known, the marks carry 0 for it.
     pub txhash: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockOffsets>() == 52);
@@ -397,6 +438,35 @@ mod tests {
             !s.take_mark(outer),
             "its mark popped with the leftover: a copy"
         );
+    }
+
+    #[test]
+    fn a_socket_closing_forgets_its_leftovers_but_not_its_own_mark() {
+        // LISTEN (10) to SYN_RECV (3): the child still has its listener's hash (0 here), so
+        // every child of one listener makes the same mark; only CLOSE guards this one.
+        let child = |sk| Mark::new(sk, 10, 3, 0);
+        let mut s = stage();
+        s.push_mark(child(0x2000)); // leftover: its rescue run was skipped
+        let other = Mark::new(0x3000, 1, 4, 5);
+        s.push_mark(other);
+        // The child's life goes on (its marks pushed and popped) and ends in CLOSE: the main
+        // program pushes that transition and forgets the child's other marks.
+        let close = Mark::new(0x2000, 9, STATE_CLOSE, 77); // LAST_ACK to CLOSE
+        let slot = s.push_mark(close);
+        assert_eq!(slot, 2);
+        s.forget_socket(0x2000, slot);
+        assert!(s.take_mark(close), "its own mark stays");
+        assert!(s.take_mark(other), "another socket's stays");
+        assert_eq!(s.marks_len, 1);
+        // The next child at that address, nested: recorded, and nothing live is popped.
+        let outer = Mark::new(0x1000, 1, 4, 7);
+        s.push_mark(outer);
+        assert!(!s.take_mark(child(0x2000)));
+        assert!(s.take_mark(outer));
+        // A rescue run that records a nested CLOSE forgets them all.
+        s.push_mark(child(0x4000));
+        s.forget_socket(0x4000, STAGE_MARKS);
+        assert!(!s.take_mark(child(0x4000)));
     }
 
     #[test]

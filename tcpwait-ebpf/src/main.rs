@@ -33,8 +33,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use tcpwait_common::{
-    FLUSH_BUSY, FLUSH_DONE, RING_BYTES, STAGE_EVENTS, SockOffsets, Stage, TransitionEvent,
-    WAKEUP_BYTES, counter,
+    FLUSH_BUSY, FLUSH_DONE, RING_BYTES, STAGE_EVENTS, STAGE_MARKS, STATE_CLOSE, SockOffsets, Stage,
+    TransitionEvent, WAKEUP_BYTES, counter,
 };
 
 use sock::{Direct, Fields, sock_fields, write_event};
@@ -100,7 +100,11 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     let newstate: u64 = ctx.arg(2);
     // SAFETY: reads a read-only global the agent set at load.
     let off = unsafe { core::ptr::read_volatile(&SOCK_OFFSETS) };
-    stage.push_mark(nesting::mark(sk, oldstate, newstate, &off));
+    let slot = stage.push_mark(nesting::mark(sk, oldstate, newstate, &off));
+    if newstate == STATE_CLOSE {
+        // The socket's last transition before the kernel may free it (see `nesting`).
+        stage.forget_socket(sk, slot);
+    }
     main_run(stage, sk, oldstate, newstate, &off);
     0
 }
@@ -245,8 +249,13 @@ pub fn inet_sock_set_state_nested(ctx: BtfTracePointContext) -> i32 {
             return 0;
         };
         // SAFETY: this CPU's stage; only its marks are touched (see `nesting`).
-        if unsafe { &mut *stage }.take_mark(nesting::mark(sk, oldstate, newstate, &off)) {
+        let stage = unsafe { &mut *stage };
+        if stage.take_mark(nesting::mark(sk, oldstate, newstate, &off)) {
             return 0;
+        }
+        if newstate == STATE_CLOSE {
+            // Recorded here, not by the main program: forget the socket's leftovers here.
+            stage.forget_socket(sk, STAGE_MARKS);
         }
     }
     // SAFETY: as in the main program.

@@ -10,8 +10,8 @@
 //! and for the nested ones too.
 //!
 //! The main program pushes the transition's mark (socket, old and new state, the socket's
-//! `sk_txhash`) before it reads the socket; the rescue program searches the stack from the top for the mark of its own
-//! transition. Found: the main program handled it; the rescue program pops it and everything
+//! `sk_txhash`) first (the hash is one load before it); the rescue program searches the stack
+//! from the top for the mark of its own transition. Found: the main program handled it; the rescue program pops it and everything
 //! above it. Not found: the kernel skipped the main program for it, and the rescue program
 //! records it. Why that is exact:
 //! - Interrupts on one CPU nest, and each one ends before the code it interrupted goes on.
@@ -34,9 +34,13 @@
 //!   transitions were recorded twice while the matched one was not, and the counts balanced.
 //!   The kernel reuses a freed socket's address, and every server socket makes the same
 //!   transition (FIN_WAIT1 to FIN_WAIT2, in softirq): CI saw it once in 40,002 transitions
-//!   under emulation. The socket's `sk_txhash`, random per connection, in the mark makes a
-//!   leftover match only its own socket, which never makes the same transition again with the
-//!   same hash (`tcpwait_common::Mark::new`).
+//!   under emulation. Two guards now (`tcpwait_common::Mark::new`): a transition to CLOSE,
+//!   which every socket makes before the kernel frees it, forgets the socket's leftovers
+//!   (`Stage::forget_socket`, in whichever program records it), and the socket's
+//!   `sk_txhash`, random per connection, in the mark keeps a CLOSE transition's own leftover
+//!   from matching the next socket at its address.
+//! - A push writes the slot before the length: a rescue run that interrupts it never finds
+//!   the slot's previous mark above the length it reads.
 //!
 //! Kernels without the per-program guard run the main program again, nested: it pushes and
 //! its rescue run pops, so nothing is recorded twice there either.
@@ -50,16 +54,11 @@ use tcpwait_common::{Mark, SockOffsets};
 use crate::sock::{Direct, SockMem};
 
 /// The mark of `sk`'s transition, as both programs build it from the tracepoint's arguments
-/// and the socket's `sk_txhash` (a direct load: it lies in `struct sock`; 0 if the agent found
-/// no offset for it).
+/// and the socket's `sk_txhash` (a direct load: it lies in `struct sock`).
 #[inline(always)]
 pub(crate) fn mark(sk: u64, oldstate: u64, newstate: u64, off: &SockOffsets) -> Mark {
-    let txhash = if off.txhash == 0 {
-        0
-    } else {
-        // SAFETY: `sk` is the BTF tracepoint's typed pointer and the offset comes from the
-        // kernel's BTF (see `Direct`).
-        unsafe { Direct::get::<u32>(sk, off.txhash) }.unwrap_or(0)
-    };
+    // SAFETY: `sk` is the BTF tracepoint's typed pointer and the offset comes from the
+    // kernel's BTF (see `Direct`); the agent loads the BTF programs only with every offset.
+    let txhash = unsafe { Direct::get::<u32>(sk, off.txhash) }.unwrap_or(0);
     Mark::new(sk, oldstate, newstate, txhash)
 }
