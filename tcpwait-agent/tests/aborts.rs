@@ -379,6 +379,16 @@ fn the_daemon_reports_and_alerts_on_aborts() {
         a["count"], 11,
         "fires at the 11th abort within the window: {a}"
     );
+    assert_eq!(
+        a["peers"],
+        serde_json::json!([{"addr": "127.0.0.1", "count": 11}]),
+        "{a}"
+    );
+    // Its times, as every alert's (README, "JSON schemas"): it fired as this change was made.
+    assert_eq!(a["fired_at_ns"], a["now_ns"], "{a}");
+    assert_eq!(a["fired_at"], a["time"], "{a}");
+    assert!(a["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{a}");
+    assert_eq!(a["resolved_at"], Value::Null, "{a}");
     let remedy = a["remedy"].as_str().expect("remedy");
     assert!(
         remedy.contains("shutdown(SHUT_WR), read until EOF, then close()"),

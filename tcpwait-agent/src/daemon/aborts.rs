@@ -12,7 +12,7 @@ use super::delivery::AlertMessage;
 use crate::{
     event::reset::Reset,
     model::ProcessKey,
-    output::{OwnerView, WallTime, clock_ns, escape_control},
+    output::{Clock, OwnerView, WallTime, clock_ns, escape_control},
     owners::procs::start_ticks_before,
     probe::{Probe, resets::ResetCounters},
     resets::{
@@ -156,6 +156,7 @@ pub(super) fn alert(
     a: &AbortAlert,
     rule: &AbortRule,
     instance: &str,
+    (now, clock): (u64, &Clock),
     as_json: bool,
 ) -> (String, AlertMessage) {
     let status = if a.firing { "firing" } else { "resolved" };
@@ -175,17 +176,23 @@ pub(super) fn alert(
         status,
         &rule.name,
         labels,
-        [serde_json::json!({
-            "pid": a.key.pid,
-            "comm": a.comm,
-            "count": a.count,
-            "window_s": rule.window_ns / 1_000_000_000,
-            "aborts_by_reason": a.aborts.by_reason,
-            "unsent_bytes": a.aborts.unsent_bytes,
-            "unread_bytes": a.aborts.unread_bytes,
-            "discarded_bytes": discarded,
-            "peers": a.aborts.top_peers(5),
-        })],
+        [
+            serde_json::json!({
+                "pid": a.key.pid,
+                "comm": a.comm,
+                "count": a.count,
+                "window_s": rule.window_ns / 1_000_000_000,
+                "aborts_by_reason": a.aborts.by_reason,
+                "unsent_bytes": a.aborts.unsent_bytes,
+                "unread_bytes": a.aborts.unread_bytes,
+                "discarded_bytes": discarded,
+                // As in the other alerts (README, "JSON schemas").
+                "peers": a.aborts.top_peers(5).iter()
+                    .map(|(addr, count)| serde_json::json!({"addr": addr, "count": count}))
+                    .collect::<Vec<_>>(),
+            }),
+            super::report::alert_times(a.fired_at_ns, a.resolved_at_ns, now, clock),
+        ],
     );
     let line = if as_json {
         json.to_string()
@@ -228,7 +235,7 @@ pub(super) fn alert(
         // One alert per process, as for the other rules: a reused pid is another process.
         key: format!("{}/{}/{}", rule.name, a.key.pid, a.key.start_ticks),
         firing: a.firing,
-        starts_at: std::time::SystemTime::now(),
+        starts_at: clock.wall(a.fired_at_ns).system_time(),
         labels: labels.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         annotations: annotations
             .into_iter()
@@ -354,7 +361,7 @@ impl super::Daemon {
         let changes = self.aborts.tally.evaluate(now);
         for a in &changes {
             let rule = self.aborts.tally.rule();
-            let (line, msg) = alert(a, rule, &self.instance, self.args.json);
+            let (line, msg) = alert(a, rule, &self.instance, (now, &self.clock), self.args.json);
             let mut line = if self.args.json {
                 crate::output::escape_json(&line).into_owned()
             } else {
@@ -389,11 +396,49 @@ mod tests {
             comm: "login-srv".into(),
             count: 11,
             aborts: ProcessAborts::default(),
+            fired_at_ns: 3 * SEC,
+            resolved_at_ns: None,
         };
-        let (_, first) = alert(&alert_of(500), &rule, "h1:9977", true);
-        let (_, second) = alert(&alert_of(900), &rule, "h1:9977", true);
+        let clock = Clock::with_offset(0);
+        let (_, first) = alert(&alert_of(500), &rule, "h1:9977", (5 * SEC, &clock), true);
+        let (_, second) = alert(&alert_of(900), &rule, "h1:9977", (5 * SEC, &clock), true);
         assert_eq!(first.key, "discard_on_close/7/500");
         assert_eq!(second.key, "discard_on_close/7/900");
         assert_eq!(first.labels["pid"], "7");
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    /// Abort alerts carry their times as the other rules' alerts do (README, "JSON schemas"):
+    /// each `*_ns` with its wall-clock form, and `startsAt` when the alert fired, not when the
+    /// message was made.
+    #[test]
+    fn an_abort_alert_says_when_it_fired_and_resolved() {
+        let rule = AbortRule::discard_on_close();
+        let clock = Clock::with_offset(1_796_508_435_000_000_000);
+        let resolved = AbortAlert {
+            firing: false,
+            key: ProcessKey {
+                pid: 7,
+                start_ticks: 1,
+            },
+            comm: "login-srv".into(),
+            count: 0,
+            aborts: ProcessAborts::default(),
+            fired_at_ns: 3 * SEC,
+            resolved_at_ns: Some(65 * SEC),
+        };
+        let (line, msg) = alert(&resolved, &rule, "h1:9977", (66 * SEC, &clock), true);
+        let j: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(j["alert"], "resolved");
+        assert_eq!(j["fired_at_ns"], 3 * SEC);
+        assert_eq!(j["fired_at"], serde_json::json!(clock.wall(3 * SEC)));
+        assert_eq!(j["resolved_at_ns"], 65 * SEC);
+        assert_eq!(j["resolved_at"], serde_json::json!(clock.wall(65 * SEC)));
+        assert_eq!(j["now_ns"], 66 * SEC);
+        assert_eq!(j["time"], serde_json::json!(clock.wall(66 * SEC)));
+        assert_eq!(msg.json, j);
+        assert_eq!(j["peers"], serde_json::json!([]));
+        assert_eq!(msg.starts_at, clock.wall(3 * SEC).system_time());
     }
 }

@@ -96,6 +96,9 @@ pub struct ProcessAborts {
     recent: VecDeque<u64>,
     #[serde(skip)]
     firing: bool,
+    /// CLOCK_MONOTONIC ns at which its alert last fired.
+    #[serde(skip)]
+    fired_at_ns: u64,
 }
 
 impl ProcessAborts {
@@ -129,6 +132,10 @@ pub struct AbortAlert {
     pub count: u64,
     /// The process's tallies when it changed.
     pub aborts: ProcessAborts,
+    /// CLOCK_MONOTONIC ns at which the alert fired (for a resolution: at which it had fired).
+    pub fired_at_ns: u64,
+    /// CLOCK_MONOTONIC ns at which it resolved; `None` while it fires.
+    pub resolved_at_ns: Option<u64>,
 }
 
 /// Everything tallied.
@@ -256,7 +263,12 @@ impl Tally {
             let n = p.recent.len() as u64;
             if (n > count) != p.firing {
                 p.firing = n > count;
+                if p.firing {
+                    p.fired_at_ns = now_ns;
+                }
                 changes.push(AbortAlert {
+                    fired_at_ns: p.fired_at_ns,
+                    resolved_at_ns: (!p.firing).then_some(now_ns),
                     firing: p.firing,
                     key: ProcessKey {
                         pid: p.pid,

@@ -78,6 +78,7 @@ fn fires_above_the_count_within_the_window_and_resolves_exactly() {
     assert_eq!(fired.len(), 1);
     assert!(fired[0].firing);
     assert_eq!((fired[0].key.pid, fired[0].count), (7, 3));
+    assert_eq!((fired[0].fired_at_ns, fired[0].resolved_at_ns), (300, None));
     assert!(firing(&t, 7, 500));
     // The abort at 100 counts until 1_100, not 1 ns longer.
     assert_eq!(t.next_deadline(), Some(1_100));
@@ -86,6 +87,10 @@ fn fires_above_the_count_within_the_window_and_resolves_exactly() {
     assert_eq!(resolved.len(), 1);
     assert!(!resolved[0].firing);
     assert_eq!(resolved[0].count, 2);
+    assert_eq!(
+        (resolved[0].fired_at_ns, resolved[0].resolved_at_ns),
+        (300, Some(1_100))
+    );
     assert_eq!(t.next_deadline(), None);
 }
 
