@@ -132,8 +132,13 @@ pub const STATE_CLOSE: u64 = 7;
 impl Stage {
     /// The main program's step: pushes its transition's mark; returns the slot it took. A full
     /// stack is taken for leftovers and emptied (tcpwait-ebpf's `nesting` module says why).
-    /// The slot is written before the length that shows it: a rescue run that interrupts
-    /// this in between must not find the slot's previous mark there.
+    ///
+    /// In four stores, each safe to be interrupted after: the slot's key cleared, the slot
+    /// claimed (the length), the socket, the key. Where the kernel guards the main program, an
+    /// interrupting run is a rescue run, which must not find the slot's previous mark once the
+    /// length shows the slot (a cleared key matches nothing); where it does not (5.10 here),
+    /// it is a main run too, which must not take a slot already claimed (until the length is
+    /// written it takes the slot and gives it back before this goes on).
     #[inline(always)]
     pub fn push_mark(&mut self, mark: Mark) -> usize {
         // SAFETY (the block): plain, volatile loads and stores of this value; volatile so that
@@ -144,10 +149,13 @@ impl Stage {
                 d = 0;
             }
             if let Some(m) = self.marks.get_mut(d) {
+                core::ptr::write_volatile(&mut m.key, 0);
+            }
+            core::ptr::write_volatile(&mut self.marks_len, d as u32 + 1);
+            if let Some(m) = self.marks.get_mut(d) {
                 core::ptr::write_volatile(&mut m.sk, mark.sk);
                 core::ptr::write_volatile(&mut m.key, mark.key);
             }
-            core::ptr::write_volatile(&mut self.marks_len, d as u32 + 1);
             d
         }
     }

@@ -39,8 +39,10 @@
 //!   (`Stage::forget_socket`, in whichever program records it), and the socket's
 //!   `sk_txhash`, random per connection, in the mark keeps a CLOSE transition's own leftover
 //!   from matching the next socket at its address.
-//! - A push writes the slot before the length: a rescue run that interrupts it never finds
-//!   the slot's previous mark above the length it reads.
+//! - A push clears the slot's key, claims the slot, then writes the mark
+//!   (`Stage::push_mark`): a rescue run that interrupts it never finds the slot's previous
+//!   mark, and a main run that interrupts it (kernels without the guard) never takes the
+//!   claimed slot.
 //!
 //! Kernels without the per-program guard run the main program again, nested: it pushes and
 //! its rescue run pops, so nothing is recorded twice there either.
