@@ -83,7 +83,7 @@ const _: () = assert!(
         == 24 + STAGE_MARKS * core::mem::size_of::<Mark>() + STAGE_EVENTS * TRANSITION_EVENT_SIZE
 );
 
-/// A transition the main program has taken on (pushed before it reads the socket); the rescue
+/// A transition the main program has taken on (pushed first thing); the rescue
 /// program, which runs after it for the same transition, pops it, and records a transition
 /// whose mark it does not find: one the kernel skipped the main program for (tcpwait-ebpf's
 /// `nesting` module says why that is exact).

@@ -304,6 +304,10 @@ impl Probe {
         let resets =
             resets::Resets::attach_planned(&mut ebpf, reset_plan, kernel_btf.as_ref().ok());
         phase("reset programs loaded and attached");
+        debug!(
+            "start-up: instructions verified: {}",
+            verified_instructions(&ebpf)
+        );
         drop(kernel_btf);
         trim();
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").expect("the object defines EVENTS"))
@@ -477,4 +481,24 @@ impl Probe {
             stats: self.stats.is_some() || self.stopped.is_some_and(|s| s.stats),
         })
     }
+}
+
+/// What the verifier went through for each loaded program (`verified_insns` in its fdinfo,
+/// Linux 5.16 and later; "unknown" before), for the start-up log: where start-up time goes on
+/// older kernels, and how far each program is from the verifier's limit (1,000,000).
+fn verified_instructions(ebpf: &Ebpf) -> String {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut counts: Vec<String> = ebpf
+        .programs()
+        .filter_map(|(name, p)| {
+            let fd = p.fd().ok()?.as_fd().as_raw_fd();
+            let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            Some(match parse_fdinfo(&text).get("verified_insns") {
+                Some(n) => format!("{name} {n}"),
+                None => format!("{name} unknown"),
+            })
+        })
+        .collect();
+    counts.sort();
+    counts.join(", ")
 }

@@ -390,6 +390,13 @@ fn read_results(out: &Path, secs: f64) -> Row {
             (!phases.is_empty())
                 .then(|| format!("start-up phases (ms since start): {}", phases.join(", ")))
         })
+        // What the verifier went through per program (debug line `start-up: instructions
+        // verified: <program> <count>, …`).
+        .chain(startup.lines().find_map(|l| {
+            l.split("start-up: instructions verified: ")
+                .nth(1)
+                .map(|rest| format!("instructions verified: {}", rest.trim()))
+        }))
         // How long `tcpwait trace` took from exec to its "tracing" line (guest uptime).
         .chain(
             read("startup-time")
