@@ -23,9 +23,9 @@ fn workspace(vm: &Path) -> &Path {
 }
 
 /// A guest that has not powered off by then is killed and reported broken. Under TCG on two
-/// shared cores a kernel's tiers take 6–10 minutes on 6.1 and 6.12 and about 20 on 5.10 (11
-/// test files; every agent start there spends 16–40 s verifying the reset programs); the
-/// deadline only catches a guest that hangs.
+/// shared cores a kernel's tiers take 2–3 minutes (11 test files, the three guests side by
+/// side; until d0e90c5 the verifier's walk of the reset programs made it 11–13 minutes on
+/// 5.10 and 6.1); the deadline only catches a guest that hangs.
 const DEADLINE: Duration = Duration::from_secs(2400);
 
 pub(super) fn run(vm: &Path, k: &Kernel, busybox: &Path, script: &str, kvm: bool) -> Result<Row> {
