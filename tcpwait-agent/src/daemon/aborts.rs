@@ -362,17 +362,15 @@ impl super::Daemon {
         for a in &changes {
             let rule = self.aborts.tally.rule();
             let (line, msg) = alert(a, rule, &self.instance, (now, &self.clock), self.args.json);
-            let mut line = if self.args.json {
+            let line = if self.args.json {
                 crate::output::escape_json(&line).into_owned()
             } else {
                 line
             };
-            line.push('\n');
-            self.sinks.stdout.send(line.into_bytes(), 1);
             if a.firing {
                 tracing::info!(pid = a.key.pid, rule = %rule.name, count = a.count, "alert firing");
             }
-            self.delivery.send(&msg);
+            self.announce_one(line, &msg);
         }
     }
 }

@@ -46,16 +46,10 @@ impl Daemon {
             else {
                 continue;
             };
-            let mut line = alert_line(change, rule, now, &self.clock, self.args.json);
-            line.push('\n');
-            self.sinks.stdout.send(line.into_bytes(), 1);
-            self.delivery.send(&alert_message(
-                change,
-                rule,
-                now,
-                &self.clock,
-                &self.instance,
-            ));
+            self.announce_one(
+                alert_line(change, rule, now, &self.clock, self.args.json),
+                &alert_message(change, rule, now, &self.clock, &self.instance),
+            );
         }
     }
 }

@@ -569,26 +569,33 @@ impl Daemon {
                 .or_else(|| self.tracker.rule(&a.rule))
                 .expect("an alert's rule is one of the tracker's, or one a reload replaced");
             let line = report::alert_line(change, rule, now, &self.clock, self.args.json);
-            let mut line = if self.args.json {
+            let line = if self.args.json {
                 crate::output::escape_json(&line).into_owned()
             } else {
                 line
             };
-            line.push('\n');
-            // Never waits for stdout: a full queue drops the line and counts it. One line at a
-            // time, so a burst drops only what does not fit.
-            self.sinks.stdout.send(line.into_bytes(), 1);
             if let AlertChange::Firing(a) = change {
                 info!(pid = a.process.key.pid, rule = %a.rule, count = a.count, "alert firing");
             }
-            self.deliver(change, rule, now);
+            let message = report::alert_message(change, rule, now, &self.clock, &self.instance);
+            self.announce_one(line, &message);
         }
     }
 
-    /// Hands an alert change to the delivery sinks.
+    /// Announces one alert change of any rule: its line on stdout and its message to the
+    /// delivery sinks. Never waits for stdout: a full queue drops the line and counts it. One
+    /// line at a time, so a burst drops only what does not fit.
+    /// Hands a process alert change to the delivery sinks only, without a stdout line (a
+    /// reload sends again what still fires).
     fn deliver(&self, change: &AlertChange, rule: &Rule, now: u64) {
         let message = report::alert_message(change, rule, now, &self.clock, &self.instance);
         self.delivery.send(&message);
+    }
+
+    fn announce_one(&self, mut line: String, message: &delivery::AlertMessage) {
+        line.push('\n');
+        self.sinks.stdout.send(line.into_bytes(), 1);
+        self.delivery.send(message);
     }
 
     fn summary(&self) -> String {

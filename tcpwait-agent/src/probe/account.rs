@@ -210,6 +210,26 @@ pub fn parse_fdinfo(text: &str) -> HashMap<&str, u64> {
         .collect()
 }
 
+/// What the verifier went through for each loaded program (`verified_insns` in its fdinfo,
+/// Linux 5.16 and later; "unknown" before), for the start-up log: where start-up time goes on
+/// older kernels, and how far each program is from the verifier's limit (1,000,000).
+pub(super) fn verified_instructions(ebpf: &aya::Ebpf) -> String {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut counts: Vec<String> = ebpf
+        .programs()
+        .filter_map(|(name, p)| {
+            let fd = p.fd().ok()?.as_fd().as_raw_fd();
+            let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            Some(match parse_fdinfo(&text).get("verified_insns") {
+                Some(n) => format!("{name} {n}"),
+                None => format!("{name} unknown"),
+            })
+        })
+        .collect();
+    counts.sort();
+    counts.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

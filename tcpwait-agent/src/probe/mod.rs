@@ -6,7 +6,7 @@
 use std::io;
 
 pub use account::{KernelCounters, count_or_unknown, parse_fdinfo};
-use account::{ProgStats, kernel_version};
+use account::{ProgStats, kernel_version, verified_instructions};
 pub use attach::ProbeError;
 use attach::{check_layout, ensure_tracefs, parse_format, raise_memlock};
 use aya::{
@@ -481,24 +481,4 @@ impl Probe {
             stats: self.stats.is_some() || self.stopped.is_some_and(|s| s.stats),
         })
     }
-}
-
-/// What the verifier went through for each loaded program (`verified_insns` in its fdinfo,
-/// Linux 5.16 and later; "unknown" before), for the start-up log: where start-up time goes on
-/// older kernels, and how far each program is from the verifier's limit (1,000,000).
-fn verified_instructions(ebpf: &Ebpf) -> String {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let mut counts: Vec<String> = ebpf
-        .programs()
-        .filter_map(|(name, p)| {
-            let fd = p.fd().ok()?.as_fd().as_raw_fd();
-            let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-            Some(match parse_fdinfo(&text).get("verified_insns") {
-                Some(n) => format!("{name} {n}"),
-                None => format!("{name} unknown"),
-            })
-        })
-        .collect();
-    counts.sort();
-    counts.join(", ")
 }
