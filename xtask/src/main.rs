@@ -229,6 +229,7 @@ fn run() -> Result<()> {
             fuzz::fuzz(&root, &targets, seconds)
         }
         Cmd::Test { no_vm, args } => {
+            setup::ensure_free_space(&root, TEST_FREE_BYTES, "cargo xtask test")?;
             setup::setup(&root)?;
             setup::install_test_packages()?;
             // Privileged tests are `#[ignore]`d so a plain `cargo test` (no root) runs the unit
@@ -271,6 +272,11 @@ fn run() -> Result<()> {
         }
     }
 }
+
+/// Free space `cargo xtask test` needs on a fresh clone: every tier's build (debug, release,
+/// the fuzz targets' sanitizer build) came to 5.0 GiB, and the compilers' temporary files,
+/// the kernel images and the container image need room beside it.
+const TEST_FREE_BYTES: u64 = 7 << 30;
 
 /// Seconds each fuzz target runs in `cargo xtask test` (5 targets: under 2 minutes, plus the
 /// targets' first build).

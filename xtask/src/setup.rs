@@ -109,6 +109,37 @@ fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
         .current_dir(root))
 }
 
+/// Refuses to start when the file system holding `root` has less than `need` bytes free: a
+/// build that runs out of space part-way fails deep inside a compiler (`No space left on
+/// device` from `cc`, say), many minutes in, and leaves a half-written target directory.
+/// `what` names the command for the error.
+pub fn ensure_free_space(root: &Path, need: u64, what: &str) -> Result<()> {
+    let free = free_bytes(root).with_context(|| format!("statvfs {}", root.display()))?;
+    if free < need {
+        bail!(
+            "{what} needs about {} GiB free on the file system of {}, which has {:.1} GiB: \
+             free some (old clones, `cargo clean`, /tmp) and run it again",
+            need >> 30,
+            root.display(),
+            free as f64 / f64::from(1u32 << 30)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer, both live for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail * st.f_frsize)
+}
+
 /// Installs the Debian packages the privileged tests use, when a command is missing.
 pub fn install_test_packages() -> Result<()> {
     let mut missing: Vec<&str> = TEST_PACKAGES
@@ -152,4 +183,28 @@ pub fn output(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_little_free_space_is_one_line_that_says_what_to_do() {
+        let err = ensure_free_space(Path::new("/"), u64::MAX, "cargo xtask test")
+            .expect_err("no file system has 16 EiB free");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("cargo xtask test needs about 17179869183 GiB free on the file system of /, which has ")
+                && msg.ends_with(" GiB: free some (old clones, `cargo clean`, /tmp) and run it again")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+        ensure_free_space(Path::new("/"), 0, "cargo xtask test").expect("0 bytes are always free");
+        let err = ensure_free_space(Path::new("/no/such/dir"), 0, "x").expect_err("no such path");
+        assert_eq!(
+            format!("{err:#}"),
+            "statvfs /no/such/dir: No such file or directory (os error 2)"
+        );
+    }
 }
