@@ -8,19 +8,18 @@ use std::{
 };
 
 use common::{
-    alertmanager::{Neighbour, alertmanager, require},
+    alertmanager::{alertmanager, require},
     *,
 };
+use neighbours::{am_alerts, am_alerts_of, close_wait_query, get, prometheus, ready_alertmanager};
+
+#[path = "monitoring/neighbours.rs"]
+mod neighbours;
 
 #[test]
 #[ignore = "entry point of the peer processes this file's tests spawn, not a test"]
 fn common_role_entry() {
     role_main();
-}
-
-/// GET `url`, body as text (None when unreachable).
-fn get(url: &str) -> Option<String> {
-    ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
 }
 
 /// `tcpwait run` serving its API on a socket of its own (`name`), with `args`.
@@ -46,79 +45,6 @@ fn alerting(name: &str, metrics: &str, am_port: u16) -> Tcpwait {
             &url,
         ],
     )
-}
-
-/// Prometheus scraping the agent at `127.0.0.1:target_port` with the bundled scrape
-/// configuration (`deploy/prometheus/scrape-config.yml`), its port and interval (1 s) aside.
-fn prometheus(dir: &std::path::Path, target_port: u16) -> (Neighbour, u16) {
-    require("prometheus");
-    let port = free_port();
-    let config = dir.join("prometheus.yml");
-    let bundled = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/prometheus/scrape-config.yml"
-    ))
-    .expect("bundled scrape config");
-    let scrape = bundled
-        .replace("'127.0.0.1:9977'", &format!("'127.0.0.1:{target_port}'"))
-        .replace("scrape_interval: 15s", "scrape_interval: 1s");
-    assert!(
-        scrape.contains(&format!("'127.0.0.1:{target_port}'"))
-            && scrape.contains("scrape_interval: 1s"),
-        "the bundled scrape config changed shape: {bundled}"
-    );
-    std::fs::write(&config, format!("global:\n  scrape_interval: 1s\n{scrape}"))
-        .expect("write prometheus.yml");
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start prometheus");
-    (Neighbour(child), port)
-}
-
-/// The PromQL query URL of Prometheus on `port` for `pid`'s CLOSE_WAIT sockets.
-fn close_wait_query(port: u16, pid: u32) -> String {
-    format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=tcpwait_process_close_wait_sockets%7Bpid%3D%22{pid}%22%7D"
-    )
-}
-
-/// Alertmanager on a free port, its files in `dir`, once it answers `/-/ready`.
-fn ready_alertmanager(dir: &std::path::Path) -> (Neighbour, u16) {
-    let port = free_port();
-    let am = alertmanager(dir, port, None);
-    assert!(
-        wait_until(Duration::from_secs(20), || get(&format!(
-            "http://127.0.0.1:{port}/-/ready"
-        ))
-        .is_some()),
-        "Alertmanager never became ready"
-    );
-    (am, port)
-}
-
-/// Alerts Alertmanager on `port` holds (active ones: resolved alerts are not listed) that
-/// `keep` keeps.
-fn am_active(port: u16, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let Some(body) = get(&format!("http://127.0.0.1:{port}/api/v2/alerts")) else {
-        return vec![];
-    };
-    let all: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
-    all.into_iter().filter(|a| keep(a)).collect()
-}
-
-/// Alerts Alertmanager holds for `pid`.
-fn am_alerts(port: u16, pid: u32) -> Vec<Value> {
-    am_active(port, |a| {
-        a["labels"]["pid"].as_str() == Some(pid.to_string().as_str())
-    })
 }
 
 #[test]
@@ -374,13 +300,6 @@ fn webhook_receives_firing_and_resolved_alerts() {
         2,
         "one firing, one resolved: {all:?}"
     );
-}
-
-/// Alerts Alertmanager holds with label `rule` = `rule` and `netns` = `netns`.
-fn am_alerts_of(port: u16, rule: &str, netns: u64) -> Vec<Value> {
-    am_active(port, |a| {
-        a["labels"]["rule"] == rule && a["labels"]["netns"] == netns.to_string().as_str()
-    })
 }
 
 /// Each rule's own alertname, severity and remedy arrive in Alertmanager: a held FIN_WAIT2

@@ -12,22 +12,20 @@
 //! Estimate at 1,000,000 sockets (hashbrown rounds buckets up to a power of two at 7/8 load,
 //! i.e. 2^21 buckets here, the worst case): slab 64 B × 1.05 + by-id 17 B × 2.1 + by-tuple
 //! 17 B × 2.1 ≈ 138 B per socket. [`Table::approx_heap_bytes`] computes it from capacities.
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, BuildHasherDefault, Hasher},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::HashMap, hash::BuildHasher};
 
 // foldhash, not std's SipHash: the per-transition lookups are the agent's hot path, and
 // SipHash took as much CPU as the rest of the tracker (profile at 140k transitions/s). It is
 // seeded per table, so which tuples collide is not predictable from outside.
 use foldhash::fast::RandomState;
 
+mod tuple;
+
+pub(super) use tuple::CompactTuple;
+use tuple::TupleIndex;
+
 use super::host::AgeIndex;
-use crate::{
-    event::{SocketId, TcpState},
-    model::Tuple,
-};
+use crate::event::{SocketId, TcpState};
 
 /// `Slot::owner` when no owner is known.
 pub(super) const NO_OWNER: u32 = u32::MAX;
@@ -45,94 +43,6 @@ const FLAG_HINT: u8 = 4;
 /// Index of a state in per-state arrays (`TcpState` discriminants are 1..=12).
 pub(super) fn state_index(state: TcpState) -> usize {
     state as usize - 1
-}
-
-/// A network namespace inode and a 4-tuple, stored flat (44 bytes, no enum padding): the same
-/// 4-tuple can live in two namespaces at once (each has its own 127.0.0.1). IPv4 addresses are
-/// stored IPv4-mapped and flagged, so an IPv4 socket and a dual-stack IPv6 socket with a mapped
-/// address differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(super) struct CompactTuple {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    /// Network namespace inode (0: unknown).
-    pub(super) netns: u32,
-    sport: u16,
-    dport: u16,
-    v4: bool,
-}
-
-impl CompactTuple {
-    pub(super) fn new(netns: u32, saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Self {
-        let flat = |a: IpAddr| match a {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        };
-        Self {
-            saddr: flat(saddr),
-            daddr: flat(daddr),
-            netns,
-            sport,
-            dport,
-            v4: saddr.is_ipv4(),
-        }
-    }
-
-    pub(super) fn from_tuple(netns: u32, t: &Tuple) -> Self {
-        Self::new(netns, t.saddr, t.sport, t.daddr, t.dport)
-    }
-
-    /// The local port (listeners are found by namespace and port).
-    pub(super) fn local_port(&self) -> u16 {
-        self.sport
-    }
-
-    fn addr(&self, octets: [u8; 16]) -> IpAddr {
-        let v6 = Ipv6Addr::from(octets);
-        match (self.v4, v6.to_ipv4_mapped()) {
-            (true, Some(v4)) => IpAddr::V4(v4),
-            (true, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            (false, _) => IpAddr::V6(v6),
-        }
-    }
-
-    /// The remote address (the "peer" of per-process aggregates).
-    pub(super) fn peer(&self) -> IpAddr {
-        self.addr(self.daddr)
-    }
-
-    pub(super) fn to_tuple(self) -> Tuple {
-        Tuple {
-            saddr: self.addr(self.saddr),
-            sport: self.sport,
-            daddr: self.addr(self.daddr),
-            dport: self.dport,
-        }
-    }
-
-    /// The same connection seen from the other end, in the same namespace: the peer's socket
-    /// when both ends are on this host (loopback, or two local addresses).
-    pub(super) fn reversed(self) -> Self {
-        Self {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            ..self
-        }
-    }
-
-    /// The tuple with local port 0: what a connecting socket's CLOSE→SYN_SENT transition
-    /// carries, before `inet_hash_connect` picks its port.
-    pub(super) fn portless(self) -> Self {
-        Self { sport: 0, ..self }
-    }
-
-    /// Only connected sockets are indexed: a listener has dport 0, and a connecting socket has
-    /// sport 0 until `inet_hash_connect` picks a port, after CLOSE→SYN_SENT.
-    pub(super) fn indexable(&self) -> bool {
-        self.sport != 0 && self.dport != 0
-    }
 }
 
 /// One tracked socket. 72 bytes; see the module comment.
@@ -160,87 +70,6 @@ impl Slot {
 
     pub(super) fn recv_q(&self) -> Option<u32> {
         (self.recv_q != RECV_Q_UNKNOWN).then_some(self.recv_q)
-    }
-}
-
-/// Hasher for keys that already are uniform 64-bit hashes: passes them through.
-#[derive(Default)]
-pub(super) struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-/// Tuple → slot, keyed by a keyed 64-bit hash of the tuple. Generic over the hasher so a test
-/// can force collisions.
-pub(super) struct TupleIndex<S = RandomState> {
-    hasher: S,
-    main: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
-    /// Tuples whose hash slot in `main` holds another tuple (≈ n²/2⁶⁵ of them: none in practice).
-    spill: HashMap<CompactTuple, u32>,
-}
-
-impl<S: BuildHasher> TupleIndex<S> {
-    pub(super) fn with_hasher(hasher: S) -> Self {
-        Self {
-            hasher,
-            main: HashMap::default(),
-            spill: HashMap::new(),
-        }
-    }
-
-    pub(super) fn get(&self, slots: &[Slot], t: &CompactTuple) -> Option<u32> {
-        let h = self.hasher.hash_one(t);
-        if let Some(&s) = self.main.get(&h)
-            && slots[s as usize].tuple == *t
-        {
-            return Some(s);
-        }
-        self.spill.get(t).copied()
-    }
-
-    /// Indexes `t` → `slot`; returns the slot that was indexed under the same tuple before (a
-    /// duplicate tuple: another network namespace, or a missed CLOSE). The newer one wins.
-    pub(super) fn insert(&mut self, slots: &[Slot], t: CompactTuple, slot: u32) -> Option<u32> {
-        let h = self.hasher.hash_one(t);
-        match self.main.get_mut(&h) {
-            None => {
-                self.main.insert(h, slot);
-                self.spill.remove(&t)
-            }
-            Some(s) if slots[*s as usize].tuple == t => Some(std::mem::replace(s, slot)),
-            Some(_) => self.spill.insert(t, slot),
-        }
-    }
-
-    /// Removes `t` → `slot` if that is what is indexed (a duplicate may have replaced it).
-    pub(super) fn remove(&mut self, t: &CompactTuple, slot: u32) {
-        let h = self.hasher.hash_one(t);
-        if self.main.get(&h) == Some(&slot) {
-            self.main.remove(&h);
-        } else if self.spill.get(t) == Some(&slot) {
-            self.spill.remove(t);
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.main.len() + self.spill.len()
-    }
-
-    #[cfg(test)]
-    fn approx_heap_bytes(&self) -> usize {
-        bucket_bytes(self.main.capacity(), 16) + bucket_bytes(self.spill.capacity(), 48)
     }
 }
 
