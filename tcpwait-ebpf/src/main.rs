@@ -81,6 +81,7 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     net_inum: 0,
     always: 0,
     txhash: 0,
+    cookie: 0,
 };
 
 /// Bytes one event takes in the ring: the 8-byte record header plus the event, rounded up to 8.

@@ -38,7 +38,9 @@
 //!   which every socket makes before the kernel frees it, forgets the socket's leftovers
 //!   (`Stage::forget_socket`, in whichever program records it), and the socket's
 //!   `sk_txhash`, random per connection, in the mark keeps a CLOSE transition's own leftover
-//!   from matching the next socket at its address.
+//!   from matching the next socket at its address. A new child's first transition (from
+//!   LISTEN) has its listener's hash, so its mark carries the socket's cookie instead, which
+//!   the kernel never gives two sockets (Linux ≥ 5.12; before that, the CLOSE guard alone).
 //! - A push clears the slot's key, claims the slot, then writes the mark
 //!   (`Stage::push_mark`): a rescue run that interrupts it never finds the slot's previous
 //!   mark, and a main run that interrupts it (kernels without the guard) never takes the
@@ -51,16 +53,25 @@
 //! transition handled (a transition between the two runs of another moved it on: copies), and
 //! a mark in each socket's own storage (exact, but storage allocated for every new socket and
 //! freed in its destructor: twice the BPF cost per transition).
-use tcpwait_common::{Mark, SockOffsets};
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_get_socket_cookie};
+use tcpwait_common::{Mark, STATE_LISTEN, SockOffsets};
 
 use crate::sock::{Direct, SockMem};
 
 /// The mark of `sk`'s transition, as both programs build it from the tracepoint's arguments
-/// and the socket's `sk_txhash` (a direct load: it lies in `struct sock`).
+/// and the socket's `sk_txhash` (a direct load: it lies in `struct sock`), or, for a new
+/// child's first transition (from LISTEN) where the kernel allows it, the socket's cookie
+/// (see `Mark::new`).
 #[inline(always)]
 pub(crate) fn mark(sk: u64, oldstate: u64, newstate: u64, off: &SockOffsets) -> Mark {
-    // SAFETY: `sk` is the BTF tracepoint's typed pointer and the offset comes from the
-    // kernel's BTF (see `Direct`); the agent loads the BTF programs only with every offset.
-    let txhash = unsafe { Direct::get::<u32>(sk, off.txhash) }.unwrap_or(0);
-    Mark::new(sk, oldstate, newstate, txhash)
+    let id = if off.cookie != 0 && oldstate == STATE_LISTEN {
+        // SAFETY: `sk` is the BTF tracepoint's typed `struct sock *`, which the helper takes
+        // (it gives the socket a cookie if it has none yet, as inet_diag would).
+        unsafe { bpf_get_socket_cookie(sk as *mut c_void) as u32 }
+    } else {
+        // SAFETY: `sk` is the BTF tracepoint's typed pointer and the offset comes from the
+        // kernel's BTF (see `Direct`); the agent loads the BTF programs only with every offset.
+        unsafe { Direct::get::<u32>(sk, off.txhash) }.unwrap_or(0)
+    };
+    Mark::new(sk, oldstate, newstate, id)
 }

@@ -260,7 +260,16 @@ impl Btf {
                 Some((off, 4)) => off,
                 _ => return Err(BtfError::Missing("sock.sk_txhash of 4 bytes".into())),
             },
+            // The helper's tracing variant (Linux 5.12), which a BTF tracepoint may call.
+            cookie: u32::from(self.has_func("bpf_get_socket_ptr_cookie")),
         })
+    }
+
+    /// Whether the kernel has a function of this name (a `FUNC` record, kind 12).
+    fn has_func(&self, name: &str) -> bool {
+        self.types
+            .iter()
+            .any(|t| t.kind == 12 && self.name(t.name_off) == name)
     }
 
     /// Where the socket's network namespace inode number is: `(net, net_inum)`, the offset of
@@ -330,6 +339,9 @@ mod tests {
             o.txhash > o.v6_rcv_saddr && o.txhash < o.sport && o.txhash % 4 == 0,
             "{o:?}"
         );
+        // Every kernel since 5.12 lets tracing programs ask for a socket's cookie.
+        let (major, minor) = crate::probe::account::kernel_version();
+        assert_eq!(o.cookie, u32::from((major, minor) >= (5, 12)), "{o:?}");
     }
 
     #[test]
