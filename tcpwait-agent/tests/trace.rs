@@ -368,22 +368,39 @@ fn without_kernel_btf_the_classic_tracepoint_captures_every_transition() {
     );
     // The classic tracepoint's guard counts what it skips from Linux 6.7 (dd8657894c11):
     // before, the count is unknown, not 0. Without the rescue program a transition nested in
-    // the program on its CPU is skipped (rarely on the host, more under emulation): counted,
-    // printed + counted == expected exactly; where it cannot be counted, nothing may be missed.
+    // the program on its CPU is skipped (rarely on the host, often under emulation): counted,
+    // printed + counted == expected exactly (host 6.18 and 6.12 in the matrix).
     let counted = kernel_version() >= (6, 7);
     let printed = tw.json().len();
-    let misses: usize = if counted {
-        // The transitions' line (the resets' line before it has counts of its own).
-        summary
-            .lines()
-            .find(|l| l.contains(" transitions seen"))
-            .and_then(|l| l.split("kernel recursion misses: ").nth(1))
-            .and_then(|s| s.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .expect("the summary counts recursion misses")
-    } else {
-        0
-    };
+    if !counted {
+        // Skipped and uncounted: CI saw 24 and 22 of 1,002 on 5.10 and 6.1 under emulation
+        // with three guests side by side, and none on their own. Before 6.7 the classic
+        // tracepoint also skips its program while any BPF syscall on that CPU holds the
+        // kernel's `bpf_prog_active` (the agent's own reads of its counters among them). What is printed is what the
+        // agent saw, nothing is printed twice or beyond the workload's, and the summary says
+        // that nested transitions go uncounted; a fallback that dropped whole kinds of
+        // transitions (a family, a state) would still fail the bound.
+        assert!(
+            printed <= expected && printed * 10 >= expected * 9,
+            "printed {printed} of {expected}; {summary}"
+        );
+        assert!(
+            summary.contains(&format!(
+                "tcpwait: {printed} transitions seen, {printed} printed, at least 0 lost \
+                 (ring buffer full: 0, kernel recursion misses: unknown, malformed: 0)"
+            )) && summary.contains("nested transitions lost uncounted"),
+            "{summary}"
+        );
+        return;
+    }
+    // The transitions' line (the resets' line before it has counts of its own).
+    let misses: usize = summary
+        .lines()
+        .find(|l| l.contains(" transitions seen"))
+        .and_then(|l| l.split("kernel recursion misses: ").nth(1))
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary counts recursion misses");
     assert!(
         all_seen || misses > 0,
         "saw {}; {summary}",
